@@ -1,0 +1,229 @@
+"""Preference losses on per-sequence log-probabilities (pure math, no torch.distributed).
+
+Notation (DESIGN section 2): for sequence k, ``delta_k = policy_logp_k - ref_logp_k`` is its
+log-ratio; chosen rows i = 1..M, rejected columns j = 1..N; ``w`` are the contrast weights of
+:mod:`megatron_rpo.loss.contrast`.
+
+* RPO: ``L_RPO = -(1/(M N)) sum_ij log sigmoid(beta * w_ij * (delta_c_i - delta_r_j))``.
+* DPO: ``-(1/M) sum_i log sigmoid(beta * (delta_c_i - delta_r_i))`` (paired).
+* IPO: ``(1/M) sum_i ((delta_c_i - delta_r_i) - 1/(2 beta))^2`` (paired).
+* SimPO (reference-free): rewards ``r_k = beta / |y_k| * policy_logp_k``;
+  ``-(1/M) sum_i log sigmoid(r_c_i - r_r_i - gamma)`` (paired).
+* SimPO + RPO: the contrast matrix over SimPO rewards,
+  ``-(1/(M N)) sum_ij log sigmoid(w_ij * (r_c_i - r_r_j - gamma))``; with weight 1 on a
+  single pair it is SimPO.
+
+Every loss is computed in float32 (float64 for float64 inputs) whatever the input dtype and
+returns a 0-dim tensor. An empty side (M = 0 or N = 0) has no cell to contrast: the loss is
+0, still attached to the inputs so that ``backward()`` works and gives zero gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_rpo.loss.contrast import check_logratios, compute_dtype, contrast_weights
+
+__all__ = ["rpo_loss", "dpo_loss", "ipo_loss", "simpo_rewards", "simpo_loss", "simpo_rpo_loss"]
+
+
+def _check_beta(beta: float) -> None:
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+
+
+def _check_paired(chosen: torch.Tensor, rejected: torch.Tensor, loss: str) -> None:
+    if chosen.shape != rejected.shape:
+        raise ValueError(
+            f"{loss} needs paired data: chosen and rejected of the same shape [M], "
+            f"got {tuple(chosen.shape)} and {tuple(rejected.shape)}"
+        )
+
+
+def _empty_loss(*tensors: torch.Tensor) -> torch.Tensor:
+    # Zero, but part of the graph: a rank whose matrix is empty still runs backward.
+    return sum(t.sum() * 0.0 for t in tensors).to(compute_dtype(*tensors))
+
+
+def _contrast_loss(chosen_scores, rejected_scores, weights, margin=0.0) -> torch.Tensor:
+    """``-mean_ij log sigmoid(w_ij * (c_i - r_j - margin))`` over the [M, N] matrix."""
+    logits = chosen_scores[:, None] - rejected_scores[None, :] - margin  # [M], [N] -> [M, N]
+    return -F.logsigmoid(weights * logits).mean()
+
+
+def rpo_loss(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    chosen_prompt_emb: torch.Tensor | None = None,
+    rejected_prompt_emb: torch.Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    weighting: str = "embedding",
+    tau: float = 0.5,
+    alpha: float = 0.8,
+    row_normalization: str = "sum",
+) -> torch.Tensor:
+    """Relative Preference Optimization loss over the M x N contrast matrix.
+
+    ``L = -(1/(M N)) sum_ij log sigmoid(beta * w_ij * (delta_c_i - delta_r_j))``.
+
+    Args:
+        chosen_logratios: [M] policy minus reference log-prob of each chosen sequence.
+        rejected_logratios: [N] the same for each rejected sequence.
+        chosen_prompt_emb: [M, D] prompt embeddings of the chosen rows (``embedding`` weighting).
+        rejected_prompt_emb: [N, D] prompt embeddings of the rejected columns.
+        beta: inverse temperature, > 0.
+        weighting: ``embedding``, ``uniform`` or ``diagonal`` (paired, M == N).
+        tau: temperature of the embedding softmax, > 0.
+        alpha: diagonal weight of ``diagonal`` weighting, in [0, 1].
+        row_normalization: ``sum`` (paper: rows sum to 1) or ``mean`` (rows average 1).
+
+    Returns:
+        0-dim float32 (float64 for float64 inputs) loss; 0 when M or N is 0.
+
+    Raises:
+        ValueError: on any input that :func:`contrast_weights` rejects, non-1-D log-ratios,
+            or beta <= 0.
+    """
+    check_logratios(chosen_logratios, rejected_logratios)
+    _check_beta(beta)
+    dtype = compute_dtype(chosen_logratios, rejected_logratios, chosen_prompt_emb, rejected_prompt_emb)
+    weights = contrast_weights(
+        chosen_prompt_emb,
+        rejected_prompt_emb,
+        chosen_logratios.shape[0],
+        rejected_logratios.shape[0],
+        weighting=weighting,
+        tau=tau,
+        alpha=alpha,
+        row_normalization=row_normalization,
+        dtype=dtype,
+    )
+    if weights.numel() == 0:
+        return _empty_loss(chosen_logratios, rejected_logratios)
+    return _contrast_loss(beta * chosen_logratios.to(dtype), beta * rejected_logratios.to(dtype), weights)
+
+
+def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
+    """Direct Preference Optimization: ``-(1/M) sum_i log sigmoid(beta * (delta_c_i - delta_r_i))``.
+
+    Args:
+        chosen_logratios: [M] policy minus reference log-prob of each chosen sequence.
+        rejected_logratios: [M] the same for the rejected sequence of the same prompt.
+        beta: inverse temperature, > 0.
+    """
+    check_logratios(chosen_logratios, rejected_logratios)
+    _check_paired(chosen_logratios, rejected_logratios, "dpo_loss")
+    _check_beta(beta)
+    if chosen_logratios.numel() == 0:
+        return _empty_loss(chosen_logratios, rejected_logratios)
+    dtype = compute_dtype(chosen_logratios, rejected_logratios)
+    return -F.logsigmoid(beta * (chosen_logratios.to(dtype) - rejected_logratios.to(dtype))).mean()
+
+
+def ipo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
+    """Identity Preference Optimization: ``(1/M) sum_i ((delta_c_i - delta_r_i) - 1/(2 beta))^2``.
+
+    Args:
+        chosen_logratios: [M] policy minus reference log-prob of each chosen sequence.
+        rejected_logratios: [M] the same for the rejected sequence of the same prompt.
+        beta: regularisation strength, > 0 (the target margin is ``1 / (2 beta)``).
+    """
+    check_logratios(chosen_logratios, rejected_logratios)
+    _check_paired(chosen_logratios, rejected_logratios, "ipo_loss")
+    _check_beta(beta)
+    if chosen_logratios.numel() == 0:
+        return _empty_loss(chosen_logratios, rejected_logratios)
+    dtype = compute_dtype(chosen_logratios, rejected_logratios)
+    margin = chosen_logratios.to(dtype) - rejected_logratios.to(dtype)
+    return ((margin - 1.0 / (2.0 * beta)) ** 2).mean()
+
+
+def simpo_rewards(policy_logps: torch.Tensor, lengths: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """SimPO's reference-free reward ``beta / |y| * policy_logp`` per sequence.
+
+    Args:
+        policy_logps: [K] summed response-token log-probs.
+        lengths: [K] response token counts, all > 0.
+        beta: reward scale, > 0.
+    """
+    if lengths.shape != policy_logps.shape:
+        raise ValueError(
+            f"lengths must match policy_logps in shape, got {tuple(lengths.shape)} and {tuple(policy_logps.shape)}"
+        )
+    if (lengths <= 0).any():
+        bad = (lengths <= 0).nonzero().flatten().tolist()
+        raise ValueError(f"response lengths must be > 0, got {lengths[bad].tolist()} at positions {bad[:10]}")
+    dtype = compute_dtype(policy_logps)
+    return beta * policy_logps.to(dtype) / lengths.to(dtype)
+
+
+def simpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+) -> torch.Tensor:
+    """SimPO: ``-(1/M) sum_i log sigmoid(r_c_i - r_r_i - gamma)``, ``r = beta / |y| * policy_logp``.
+
+    Args:
+        chosen_logps: [M] policy log-probs (summed over response tokens) of the chosen sequences.
+        rejected_logps: [M] the same for the rejected sequence of the same prompt.
+        chosen_lengths: [M] response token counts of the chosen sequences.
+        rejected_lengths: [M] response token counts of the rejected sequences.
+        beta: reward scale, > 0.
+        gamma: target reward margin.
+    """
+    check_logratios(chosen_logps, rejected_logps, ("chosen_logps", "rejected_logps"))
+    _check_paired(chosen_logps, rejected_logps, "simpo_loss")
+    _check_beta(beta)
+    rc = simpo_rewards(chosen_logps, chosen_lengths, beta=beta)
+    rr = simpo_rewards(rejected_logps, rejected_lengths, beta=beta)
+    if rc.numel() == 0:
+        return _empty_loss(chosen_logps, rejected_logps)
+    return -F.logsigmoid(rc - rr - gamma).mean()
+
+
+def simpo_rpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    chosen_prompt_emb: torch.Tensor | None = None,
+    rejected_prompt_emb: torch.Tensor | None = None,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    weighting: str = "embedding",
+    tau: float = 0.5,
+    alpha: float = 0.8,
+    row_normalization: str = "sum",
+) -> torch.Tensor:
+    """SimPO + RPO: ``-(1/(M N)) sum_ij log sigmoid(w_ij * (r_c_i - r_r_j - gamma))``.
+
+    The contrast matrix of :func:`rpo_loss` over SimPO's reference-free rewards
+    ``r = beta / |y| * policy_logp`` (appendix B of the ICLR version of the RPO paper).
+    Arguments are those of :func:`simpo_loss` and :func:`rpo_loss`; M and N may differ.
+    """
+    check_logratios(chosen_logps, rejected_logps, ("chosen_logps", "rejected_logps"))
+    _check_beta(beta)
+    rc = simpo_rewards(chosen_logps, chosen_lengths, beta=beta)
+    rr = simpo_rewards(rejected_logps, rejected_lengths, beta=beta)
+    weights = contrast_weights(
+        chosen_prompt_emb,
+        rejected_prompt_emb,
+        rc.shape[0],
+        rr.shape[0],
+        weighting=weighting,
+        tau=tau,
+        alpha=alpha,
+        row_normalization=row_normalization,
+        dtype=compute_dtype(rc, chosen_prompt_emb, rejected_prompt_emb),
+    )
+    if weights.numel() == 0:
+        return _empty_loss(chosen_logps, rejected_logps)
+    return _contrast_loss(rc.to(weights.dtype), rr.to(weights.dtype), weights, gamma)

@@ -1,0 +1,70 @@
+"""An independent float64 transcription of DESIGN section 2, in plain Python loops.
+
+Nothing here calls torch: it is what the package's loss is checked against.
+"""
+
+import math
+
+
+def log_sigmoid(x: float) -> float:
+    # log(1 / (1 + e^-x)), stable for large |x|.
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def cosine(a, b) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def weights(chosen_emb, rejected_emb, M, N, weighting, tau, alpha, row_normalization):
+    w = [[0.0] * N for _ in range(M)]
+    for i in range(M):
+        if weighting == "embedding":
+            logits = [-(1.0 - cosine(chosen_emb[i], rejected_emb[j])) / tau for j in range(N)]
+            top = max(logits)
+            exps = [math.exp(v - top) for v in logits]
+            w[i] = [e / sum(exps) for e in exps]
+        elif weighting == "uniform":
+            w[i] = [1.0 / N] * N
+        else:  # diagonal
+            for j in range(N):
+                w[i][j] = (1.0 if M == 1 else alpha) if i == j else (1.0 - alpha) / (M - 1)
+        if row_normalization == "mean":
+            w[i] = [v * N for v in w[i]]
+    return w
+
+
+def rpo(chosen, rejected, chosen_emb, rejected_emb, beta, weighting, tau, alpha, row_normalization):
+    M, N = len(chosen), len(rejected)
+    w = weights(chosen_emb, rejected_emb, M, N, weighting, tau, alpha, row_normalization)
+    total = 0.0
+    for i in range(M):
+        for j in range(N):
+            total += log_sigmoid(beta * w[i][j] * (chosen[i] - rejected[j]))
+    return -total / (M * N)
+
+
+def dpo(chosen, rejected, beta):
+    return -sum(log_sigmoid(beta * (c - r)) for c, r in zip(chosen, rejected)) / len(chosen)
+
+
+def ipo(chosen, rejected, beta):
+    return sum(((c - r) - 1.0 / (2.0 * beta)) ** 2 for c, r in zip(chosen, rejected)) / len(chosen)
+
+
+def simpo_rpo(chosen_logps, rejected_logps, chosen_len, rejected_len, chosen_emb, rejected_emb,
+              beta, gamma, weighting, tau, alpha, row_normalization):
+    rc = [beta * lp / n for lp, n in zip(chosen_logps, chosen_len)]
+    rr = [beta * lp / n for lp, n in zip(rejected_logps, rejected_len)]
+    M, N = len(rc), len(rr)
+    w = weights(chosen_emb, rejected_emb, M, N, weighting, tau, alpha, row_normalization)
+    total = sum(log_sigmoid(w[i][j] * (rc[i] - rr[j] - gamma)) for i in range(M) for j in range(N))
+    return -total / (M * N)
+
+
+def simpo(chosen_logps, rejected_logps, chosen_len, rejected_len, beta, gamma):
+    terms = [
+        log_sigmoid(beta * c / lc - beta * r / lr - gamma)
+        for c, r, lc, lr in zip(chosen_logps, rejected_logps, chosen_len, rejected_len)
+    ]
+    return -sum(terms) / len(terms)
