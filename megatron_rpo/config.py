@@ -1,0 +1,548 @@
+"""The run configuration: dataclasses with a docstring under each field, and their YAML loader.
+
+This module is the only schema. Defaults live in the dataclasses and nowhere else; a YAML
+recipe holds only what differs from them::
+
+    defaults: base.yaml          # optional, one level: base.yaml may not have its own defaults
+    model:
+      num_layers: 2
+    loss:
+      beta: 0.1
+
+and the command line adds dotted overrides: ``loss.beta=0.2 train.micro_batch_size=4``.
+Unknown sections or keys, wrong types and conflicting values raise ``ValueError`` naming the
+key and the values. :func:`dump_config` writes the resolved config, which
+:func:`load_config` reads back unchanged.
+
+Batch sizes (``train.micro_batch_size``, ``train.global_batch_size``) count **pairs** for
+paired data (``data.paired: true``; each pair is two sequences) and **items** (one prompt with
+one labelled response) for unpaired data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+__all__ = [
+    "ModelConfig",
+    "ParallelConfig",
+    "LossConfig",
+    "DataConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "Config",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+]
+
+
+def _check_type(where: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` checked (and int -> float widened) against a field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(where, value, option)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {options}")
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r} ({type(value).__name__})")
+        return [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if annotation in (bool, str):
+        if not isinstance(value, annotation):
+            raise ValueError(f"{where} must be a {annotation.__name__}, got {value!r} ({type(value).__name__})")
+        return value
+    raise TypeError(f"{where}: unsupported annotation {annotation!r}")  # a bug in this module
+
+
+class _Section:
+    """Type-checks every field on construction, then runs the section's own ``validate``."""
+
+    _section: str = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            where = f"{self._section}.{f.name}"
+            object.__setattr__(self, f.name, _check_type(where, getattr(self, f.name), hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError for values that are well-typed but wrong."""
+
+    def _positive(self, *names: str, allow_zero: bool = False) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and (value < 0 if allow_zero else value <= 0):
+                bound = ">= 0" if allow_zero else "> 0"
+                raise ValueError(f"{self._section}.{name} must be {bound}, got {value}")
+
+
+@dataclass
+class ModelConfig(_Section):
+    """A Llama/Mistral/Qwen2-family decoder. The defaults are Llama-2-7B's shape."""
+
+    _section = "model"
+
+    num_layers: int = 32
+    """Transformer layers."""
+    hidden_size: int = 4096
+    """Width of the residual stream."""
+    ffn_hidden_size: int = 11008
+    """Width of the SwiGLU MLP (each of gate and up)."""
+    num_attention_heads: int = 32
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means one per query head."""
+    vocab_size: int = 32000
+    """Tokenizer vocabulary; padded to a multiple of ``make_vocab_size_divisible_by * TP``."""
+    make_vocab_size_divisible_by: int = 128
+    """Vocabulary padding multiple (before multiplying by the tensor-parallel size)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is built for."""
+    rotary_base: float = 10000.0
+    """RoPE theta (Llama-2: 1e4, Llama-3: 5e5, Mistral: 1e6 for v0.2+)."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    untie_embeddings_and_output_weights: bool = True
+    """False ties the output layer to the input embedding (e.g. small Qwen2 models)."""
+    add_qkv_bias: bool = False
+    """Bias on the query/key/value projection (Qwen2)."""
+
+    def validate(self) -> None:
+        self._positive("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                       "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "rotary_base",
+                       "norm_epsilon")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) is not divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.num_attention_heads ({self.num_attention_heads}) is not divisible by "
+                f"model.num_query_groups ({self.num_query_groups})"
+            )
+
+
+@dataclass
+class ParallelConfig(_Section):
+    """How the model and the batch are split over ranks (Megatron's names and meanings)."""
+
+    _section = "parallel"
+
+    tensor_model_parallel_size: int = 1
+    """Intra-layer model parallelism. Splits tensors across ranks."""
+    pipeline_model_parallel_size: int = 1
+    """Inter-layer model parallelism. Splits the layers into stages across ranks."""
+    context_parallel_size: int = 1
+    """Splits each sequence across ranks (needs transformer-engine, so GPU only)."""
+    sequence_parallel: bool = False
+    """Split layer norms and dropout along the sequence over the tensor-parallel ranks (TP > 1)."""
+    distributed_timeout_minutes: float = 10.0
+    """Collective timeout: a dead rank makes the others fail after this long instead of hanging."""
+
+    def validate(self) -> None:
+        self._positive("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                       "distributed_timeout_minutes")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError(
+                "parallel.sequence_parallel=True needs parallel.tensor_model_parallel_size > 1, "
+                f"got {self.tensor_model_parallel_size}"
+            )
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one copy of the model: TP x PP x CP."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel replicas in a world of ``world_size`` ranks.
+
+        Raises:
+            ValueError: if ``world_size`` is not a multiple of TP x PP x CP.
+        """
+        if world_size <= 0 or world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size "
+                f"({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
+                f"({self.pipeline_model_parallel_size}) x context_parallel_size ({self.context_parallel_size})"
+            )
+        return world_size // self.model_parallel_size
+
+
+@dataclass
+class LossConfig(_Section):
+    """The preference objective (DESIGN section 2)."""
+
+    _section = "loss"
+
+    loss_type: Literal["rpo", "dpo", "ipo", "simpo", "simpo_rpo"] = "rpo"
+    """rpo (the contrast matrix), dpo, ipo, simpo (reference-free) or simpo_rpo (matrix over SimPO rewards)."""
+    beta: float = 0.1
+    """Inverse temperature of the rewards (paper: 0.1; SimPO uses about 2.0)."""
+    weighting: Literal["embedding", "uniform", "diagonal"] = "embedding"
+    """Contrast weights: prompt-embedding similarity, uniform 1/N, or diagonal emphasis (paired only)."""
+    tau: float = 0.5
+    """Temperature of the embedding-similarity softmax (paper: 0.5 paired, 0.75 unpaired)."""
+    alpha: float = 0.8
+    """Diagonal weight of ``weighting: diagonal``; the rest of a row shares 1 - alpha."""
+    row_normalization: Literal["sum", "mean"] = "sum"
+    """sum: each row of weights sums to 1 (paper). mean: rows average 1, so a larger matrix does
+    not shrink the effective beta."""
+    gamma: float = 0.5
+    """SimPO target reward margin (simpo, simpo_rpo)."""
+    contrast_scope: Literal["local", "data_parallel", "global_batch"] = "data_parallel"
+    """Span of the matrix: each rank's microbatch, the microbatch over all data-parallel ranks,
+    or the whole global batch (gradient caching, one extra forward pass)."""
+    reference: Literal["precomputed", "online"] = "precomputed"
+    """Reference log-probs read from the dataset, or computed by a frozen copy of the model.
+    Ignored by the reference-free simpo and simpo_rpo."""
+
+    def validate(self) -> None:
+        self._positive("beta", "tau")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"loss.alpha must be in [0, 1], got {self.alpha}")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss needs reference log-probs."""
+        return self.loss_type not in ("simpo", "simpo_rpo")
+
+    @property
+    def uses_matrix(self) -> bool:
+        """Whether the loss contrasts every chosen with every rejected sequence."""
+        return self.loss_type in ("rpo", "simpo_rpo")
+
+
+@dataclass
+class DataConfig(_Section):
+    """Preprocessed datasets (tools/preprocess_preference_data.py and friends)."""
+
+    _section = "data"
+
+    train_data_prefix: Optional[str] = None
+    """Prefix of the tokenised training set (``PREFIX.bin``/``.idx`` and its manifest)."""
+    valid_data_prefix: Optional[str] = None
+    """Prefix of the held-out set used for evaluation; None disables evaluation."""
+    paired: bool = True
+    """True: batches hold (chosen, rejected) pairs of one prompt. False: unpaired items, each one
+    prompt with one labelled response (paired data is split and shuffled, as in the paper)."""
+    max_prompt_length: int = 256
+    """Longest prompt in tokens; longer prompts keep their end."""
+    max_length: int = 512
+    """Longest prompt + response in tokens; longer responses are cut."""
+    seed: int = 1234
+    """Seed of the shuffling samplers."""
+
+    def validate(self) -> None:
+        self._positive("max_prompt_length", "max_length")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be less than "
+                f"data.max_length ({self.max_length}) to leave room for the response"
+            )
+
+
+@dataclass
+class OptimizerConfig(_Section):
+    """Optimizer and learning-rate schedule."""
+
+    _section = "optimizer"
+
+    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
+    """rmsprop (the paper) or adam (AdamW-style decoupled weight decay)."""
+    lr: float = 5e-7
+    """Peak learning rate (paper: 5e-7)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of a decaying schedule."""
+    lr_warmup_iters: int = 0
+    """Linear warmup steps from 0 to ``lr``."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule after warmup."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam first-moment decay."""
+    adam_beta2: float = 0.999
+    """Adam second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam denominator epsilon (also RMSprop's)."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    bf16: bool = True
+    """bf16 mixed precision on GPU (fp32 master weights); CPU always runs fp32."""
+
+    def validate(self) -> None:
+        self._positive("lr")
+        self._positive("min_lr", "lr_warmup_iters", "weight_decay", "clip_grad", allow_zero=True)
+        if self.min_lr > self.lr:
+            raise ValueError(f"optimizer.min_lr ({self.min_lr}) exceeds optimizer.lr ({self.lr})")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig(_Section):
+    """The training loop."""
+
+    _section = "train"
+
+    micro_batch_size: int = 1
+    """Pairs (paired) or items (unpaired) per data-parallel rank per forward pass."""
+    global_batch_size: int = 64
+    """Pairs or items per optimizer step over all ranks (paper: 64)."""
+    train_iters: Optional[int] = None
+    """Optimizer steps; None means one epoch over the training set."""
+    log_interval: int = 1
+    """Steps between log lines."""
+    eval_interval: Optional[int] = None
+    """Steps between evaluations on ``data.valid_data_prefix``; None evaluates only at the end."""
+    eval_iters: Optional[int] = None
+    """Batches per evaluation; None means the whole held-out set."""
+    save: Optional[str] = None
+    """Directory for checkpoints; None saves nothing."""
+    save_interval: Optional[int] = None
+    """Steps between checkpoints (one is always written at the end when ``save`` is set)."""
+    keep_last: int = 2
+    """Checkpoints kept in ``save``; older ones are deleted."""
+    load: Optional[str] = None
+    """Converted model checkpoint to start from (or a ``save`` directory to resume)."""
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard event directory; None uses ``<save>/tensorboard`` when ``save`` is set."""
+    seed: int = 1234
+    """Seed of model initialisation and dropout."""
+
+    def validate(self) -> None:
+        self._positive("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval",
+                       "eval_iters", "save_interval", "keep_last")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) is not divisible by "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+
+
+@dataclass
+class Config:
+    """A whole run: one field per section, each a dataclass above."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How it is split over ranks."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The preference objective."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The datasets."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop."""
+
+    def __post_init__(self) -> None:
+        if self.loss.weighting == "diagonal" and self.loss.uses_matrix and not self.data.paired:
+            raise ValueError(
+                "loss.weighting='diagonal' needs paired data (the diagonal is each prompt's own pair), "
+                "but data.paired=False"
+            )
+        if self.loss.loss_type in ("dpo", "ipo", "simpo") and not self.data.paired:
+            raise ValueError(
+                f"loss.loss_type={self.loss.loss_type!r} contrasts each prompt's own pair and needs "
+                "data.paired=True; use rpo or simpo_rpo for unpaired data"
+            )
+        if self.loss.contrast_scope == "global_batch" and not self.loss.uses_matrix:
+            raise ValueError(
+                f"loss.contrast_scope='global_batch' only changes matrix losses (rpo, simpo_rpo), "
+                f"got loss.loss_type={self.loss.loss_type!r}"
+            )
+        if self.data.max_length > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.max_length ({self.data.max_length}) exceeds "
+                f"model.max_position_embeddings ({self.model.max_position_embeddings})"
+            )
+        tp = self.parallel.tensor_model_parallel_size
+        if self.model.num_attention_heads % tp:
+            raise ValueError(
+                f"model.num_attention_heads ({self.model.num_attention_heads}) is not divisible by "
+                f"parallel.tensor_model_parallel_size ({tp})"
+            )
+        groups = self.model.num_query_groups or self.model.num_attention_heads
+        if groups % tp:
+            raise ValueError(
+                f"model.num_query_groups ({groups}) is not divisible by parallel.tensor_model_parallel_size ({tp})"
+            )
+        pp = self.parallel.pipeline_model_parallel_size
+        if self.model.num_layers % pp:
+            raise ValueError(
+                f"model.num_layers ({self.model.num_layers}) is not divisible by "
+                f"parallel.pipeline_model_parallel_size ({pp})"
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel size for ``world_size`` ranks, checking that the batch sizes fit it.
+
+        Raises:
+            ValueError: world size not a multiple of TP x PP x CP, or a global batch that is
+                not a multiple of micro batch x data-parallel size.
+        """
+        dp = self.parallel.data_parallel_size(world_size)
+        step = self.train.micro_batch_size * dp
+        if self.train.global_batch_size % step:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) is not divisible by "
+                f"train.micro_batch_size ({self.train.micro_batch_size}) x data-parallel size ({dp})"
+            )
+        return dp
+
+
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a :class:`Config` from ``{section: {key: value}}``; ``source`` names it in errors."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {}
+    for name, values in raw.items():
+        if name not in _SECTIONS:
+            raise ValueError(f"{source}: unknown section {name!r}; expected one of {sorted(_SECTIONS)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: section {name!r} must be a mapping, got {values!r}")
+        cls = _SECTIONS[name]
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ValueError(f"{source}: unknown key {name}.{key}; {name} has {sorted(known)}")
+        try:
+            sections[name] = cls(**values)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    try:
+        return Config(**sections)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def config_to_dict(config: Config) -> dict:
+    """``{section: {key: value}}`` with every field, the inverse of :func:`config_from_dict`."""
+    return dataclasses.asdict(config)
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {e}") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in top.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ValueError(f"override {override!r} must look like section.key=value (e.g. loss.beta=0.2)")
+    section, name = parts
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {override!r}: cannot parse value {text!r}: {e}") from e
+    section_values = raw.setdefault(section, {})
+    if not isinstance(section_values, dict):
+        raise ValueError(f"override {override!r}: section {section!r} is not a mapping")
+    section_values[name] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML recipe (with at most one level of ``defaults:``) and apply dotted overrides.
+
+    Args:
+        path: the recipe; None starts from the dataclass defaults.
+        overrides: ``section.key=value`` strings; values are parsed as YAML scalars.
+
+    Raises:
+        ValueError: unreadable file, nested ``defaults``, unknown section/key, wrong type, or
+            conflicting values.
+    """
+    raw: dict = {}
+    source = "command line"
+    if path is not None:
+        raw = _read_yaml(path)
+        source = path
+        parent = raw.pop("defaults", None)
+        if parent is not None:
+            if not isinstance(parent, str):
+                raise ValueError(f"{path}: defaults must be one file name, got {parent!r}")
+            parent_path = os.path.join(os.path.dirname(os.path.abspath(path)), parent)
+            base = _read_yaml(parent_path)
+            if "defaults" in base:
+                raise ValueError(
+                    f"{path}: its defaults file {parent_path} has defaults of its own; "
+                    "only one level of defaults is allowed"
+                )
+            raw = _merge(base, raw)
+    for override in overrides:
+        _apply_override(raw, override)
+        source = f"{source} + overrides"
+    return config_from_dict(raw, source)
+
+
+def dump_config(config: Config, path: str) -> None:
+    """Write the resolved config as YAML (atomically: a temporary file renamed into place)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+    os.replace(tmp, path)
