@@ -1,0 +1,105 @@
+"""One entry point from per-sequence log-probs to the configured preference loss and its metrics.
+
+``preference_loss(config, chosen, rejected)`` dispatches on ``config.loss_type`` through a table
+(no string if/elif), computes the rewards the loss works on, and reports the metrics of
+:func:`~megatron_rpo.loss.metrics.preference_metrics`. Pure math: the distributed all-gather
+lives elsewhere and calls this on the gathered tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megatron_rpo.config import LossConfig
+from megatron_rpo.loss.contrast import contrast_weights
+from megatron_rpo.loss.losses import dpo_loss, ipo_loss, rpo_loss, simpo_loss, simpo_rewards, simpo_rpo_loss
+from megatron_rpo.loss.metrics import preference_metrics
+
+__all__ = ["Sequences", "preference_loss", "LOSS_TYPES"]
+
+
+@dataclass
+class Sequences:
+    """One side of the matrix (the chosen rows or the rejected columns)."""
+
+    policy_logps: torch.Tensor
+    """[K] policy log-prob summed over response tokens."""
+    lengths: torch.Tensor
+    """[K] response token counts."""
+    ref_logps: torch.Tensor | None = None
+    """[K] reference log-probs (reference-based losses)."""
+    prompt_emb: torch.Tensor | None = None
+    """[K, D] prompt embeddings (``weighting: embedding``)."""
+
+    def logratios(self) -> torch.Tensor:
+        if self.ref_logps is None:
+            raise ValueError("this loss needs reference log-probs (batch key 'ref_logps'), got none")
+        if self.ref_logps.shape != self.policy_logps.shape:
+            raise ValueError(
+                f"ref_logps shape {tuple(self.ref_logps.shape)} does not match policy_logps "
+                f"{tuple(self.policy_logps.shape)}"
+            )
+        return self.policy_logps - self.ref_logps.to(self.policy_logps.dtype)
+
+
+def _weighting_kwargs(c: LossConfig) -> dict:
+    return dict(weighting=c.weighting, tau=c.tau, alpha=c.alpha, row_normalization=c.row_normalization)
+
+
+def _rpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
+    lc, lr = chosen.logratios(), rejected.logratios()
+    loss = rpo_loss(lc, lr, chosen.prompt_emb, rejected.prompt_emb, beta=c.beta, **_weighting_kwargs(c))
+    return loss, c.beta * lc, c.beta * lr, True
+
+
+def _dpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
+    lc, lr = chosen.logratios(), rejected.logratios()
+    return dpo_loss(lc, lr, beta=c.beta), c.beta * lc, c.beta * lr, False
+
+
+def _ipo(c: LossConfig, chosen: Sequences, rejected: Sequences):
+    lc, lr = chosen.logratios(), rejected.logratios()
+    return ipo_loss(lc, lr, beta=c.beta), c.beta * lc, c.beta * lr, False
+
+
+def _simpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
+    loss = simpo_loss(chosen.policy_logps, rejected.policy_logps, chosen.lengths, rejected.lengths,
+                      beta=c.beta, gamma=c.gamma)
+    rc = simpo_rewards(chosen.policy_logps, chosen.lengths, beta=c.beta)
+    rr = simpo_rewards(rejected.policy_logps, rejected.lengths, beta=c.beta)
+    return loss, rc, rr, False
+
+
+def _simpo_rpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
+    loss = simpo_rpo_loss(chosen.policy_logps, rejected.policy_logps, chosen.lengths, rejected.lengths,
+                          chosen.prompt_emb, rejected.prompt_emb, beta=c.beta, gamma=c.gamma, **_weighting_kwargs(c))
+    rc = simpo_rewards(chosen.policy_logps, chosen.lengths, beta=c.beta)
+    rr = simpo_rewards(rejected.policy_logps, rejected.lengths, beta=c.beta)
+    return loss, rc, rr, True
+
+
+LOSS_TYPES: dict[str, Callable] = {"rpo": _rpo, "dpo": _dpo, "ipo": _ipo, "simpo": _simpo, "simpo_rpo": _simpo_rpo}
+"""loss_type -> fn(config, chosen, rejected) -> (loss, chosen_rewards, rejected_rewards, uses_matrix)."""
+
+
+def preference_loss(
+    config: LossConfig, chosen: Sequences, rejected: Sequences
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The configured loss over chosen rows and rejected columns, and its metrics.
+
+    Returns:
+        (0-dim loss, metrics): rewards are ``beta * (policy - reference)`` for reference-based
+        losses and SimPO's ``beta / |y| * policy_logp`` for reference-free ones.
+    """
+    loss, chosen_rewards, rejected_rewards, uses_matrix = LOSS_TYPES[config.loss_type](config, chosen, rejected)
+    weights = None
+    if uses_matrix:
+        with torch.no_grad():
+            weights = contrast_weights(
+                chosen.prompt_emb, rejected.prompt_emb, chosen_rewards.shape[0], rejected_rewards.shape[0],
+                **_weighting_kwargs(config),
+            )
+    return loss, preference_metrics(chosen_rewards, rejected_rewards, weights)

@@ -1,0 +1,11 @@
+"""The model provider: ModelConfig -> TransformerConfig -> GPTModel (Llama/Mistral/Qwen2 family)."""
+
+from megatron_rpo.models.provider import (
+    layer_spec,
+    model_provider,
+    padded_vocab_size,
+    transformer_config,
+    use_transformer_engine,
+)
+
+__all__ = ["layer_spec", "model_provider", "padded_vocab_size", "transformer_config", "use_transformer_engine"]

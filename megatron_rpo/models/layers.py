@@ -1,0 +1,91 @@
+"""The two modules our local (transformer-engine-free) layer spec uses instead of megatron's.
+
+* :class:`RMSNorm`: megatron's torch-norm wrapper refuses sequence parallelism; this one marks
+  its weight ``sequence_parallel`` so that megatron's ``finalize_model_grads`` all-reduces the
+  weight's gradient over the tensor-parallel group, as it does for transformer-engine norms.
+  The arithmetic is Hugging Face Llama's (normalise in float32, cast back, then scale).
+* :class:`SDPAttention`: megatron's ``DotProductAttention`` with the core computation done by
+  ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on
+  GPU, no materialised [b, n, s, s] score tensor) for the case it covers exactly: causal
+  self-attention with no explicit mask, bias, window, packed sequences or softmax offset.
+  Anything else falls back to megatron's own implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+__all__ = ["RMSNorm", "SDPAttention"]
+
+
+class RMSNorm(torch.nn.Module):
+    """``weight * (x / sqrt(mean(x^2) + eps))``, normalised in float32."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.config = config
+        self.eps = eps
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+        # Read by megatron's finalize_model_grads: with sequence parallelism each tensor-parallel
+        # rank sees a slice of the sequence, so the weight's gradient must be summed over them.
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        dtype = hidden.dtype
+        h = hidden.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class SDPAttention(DotProductAttention):
+    """Causal core attention through ``scaled_dot_product_attention``; megatron's otherwise."""
+
+    def _sdpa_applies(self, attention_mask, attn_mask_type, attention_bias, packed_seq_params) -> bool:
+        return (
+            attention_mask is None
+            and (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+            and attention_bias is None
+            and packed_seq_params is None
+            and self.softmax_offset is None
+            and not self.config.apply_query_key_layer_scaling
+            and self.config.window_size is None
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if not self._sdpa_applies(attention_mask, attn_mask_type, attention_bias, packed_seq_params):
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        sq, b = query.shape[0], query.shape[1]
+        # [s, b, heads, hn] -> [b, heads, s, hn]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        dropout = self.attention_dropout.p if self.training else 0.0
+        # Dropout in tensor-parallel regions draws from the tensor-parallel RNG stream, as megatron does.
+        forked = dropout and not self.config.sequence_parallel
+        with tensor_parallel.get_cuda_rng_tracker().fork() if forked else contextlib.nullcontext():
+            context = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                dropout_p=dropout,
+                is_causal=True,
+                scale=self.softmax_scale,
+                enable_gqa=self.num_attention_heads_per_partition != self.num_query_groups_per_partition,
+            )
+        # [b, heads, s, hn] -> [s, b, heads * hn]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)

@@ -1,0 +1,149 @@
+"""ModelConfig -> megatron TransformerConfig -> GPTModel, for the Llama/Mistral/Qwen2 family.
+
+RMSNorm, SwiGLU, RoPE, grouped-query attention, optional QKV bias, tied or untied embeddings.
+:func:`layer_spec` is the one place a layer spec is chosen: transformer-engine's when it
+imports and CUDA is present, otherwise megatron's local spec with our :class:`RMSNorm`
+(sequence-parallel aware) and :class:`SDPAttention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_rpo.config import Config, ModelConfig, ParallelConfig
+from megatron_rpo.models.layers import RMSNorm, SDPAttention
+
+__all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "model_provider", "use_transformer_engine"]
+
+
+def use_transformer_engine() -> bool:
+    """Whether the transformer-engine layer spec is used: CUDA present and transformer_engine imports."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Round the vocabulary up to a multiple of ``make_vocab_size_divisible_by * TP`` (Megatron-LM's rule).
+
+    The extra rows exist only so the embedding and output layer split evenly over
+    tensor-parallel ranks; log-probs never give them probability mass
+    (see :func:`megatron_rpo.logprobs.token_logprobs`).
+    """
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool | None = None) -> TransformerConfig:
+    """Megatron's TransformerConfig for our model and parallel layout.
+
+    Args:
+        model: the architecture.
+        parallel: the parallel layout.
+        bf16: bf16 parameters and compute; default: on GPU, never on CPU.
+    """
+    on_gpu = torch.cuda.is_available()
+    bf16 = on_gpu if bf16 is None else bf16
+    if bf16 and not on_gpu:
+        raise ValueError("bf16=True needs a GPU; CPU runs are fp32")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups or model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        # Fine-tuning: no dropout (Llama, Mistral and Qwen2 checkpoints are trained without it).
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        autocast_dtype=dtype,
+        # On CPU the full weights are drawn and then split, so every parallel layout of one
+        # pipeline stage starts from the same model; on GPU each rank draws its own shard (fast).
+        use_cpu_initialization=not on_gpu,
+    )
+
+
+def layer_spec(config: TransformerConfig, vp_stage: int | None = None):
+    """The decoder spec: transformer-engine's layer on GPU when available, our local one otherwise."""
+    if use_transformer_engine():
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    norm = ModuleSpec(module=RMSNorm)
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    # The block spec names the final norm too; a bare layer spec would get megatron's torch
+    # norm there, which refuses sequence parallelism.
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm)
+
+
+def model_provider(
+    config: Config,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    *,
+    bf16: bool | None = None,
+) -> GPTModel:
+    """Build this rank's part of the GPTModel (Megatron's provider signature plus our config).
+
+    Args:
+        config: the run config (``model`` and ``parallel`` are read).
+        pre_process: whether this stage holds the embedding; default: first pipeline stage.
+        post_process: whether it holds the output layer; default: last pipeline stage.
+        vp_stage: virtual pipeline stage (interleaved schedules).
+        bf16: see :func:`transformer_config`.
+
+    megatron's parallel state must be initialised first (:func:`megatron_rpo.parallel.initialize`).
+    """
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    tconfig = transformer_config(config.model, config.parallel, bf16=bf16)
+    m = config.model
+    return GPTModel(
+        config=tconfig,
+        transformer_layer_spec=layer_spec(tconfig, vp_stage),
+        vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
+                                     config.parallel.tensor_model_parallel_size),
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=m.rotary_base,
+        vp_stage=vp_stage,
+    )
