@@ -8,7 +8,9 @@ assertion in gradient clipping that gradients are ``torch.cuda.FloatTensor``.
 
 * a :class:`~torch.overrides.TorchFunctionMode` maps every CUDA device argument
   (``"cuda"``, ``"cuda:N"``, ``torch.device("cuda")``, a bare device index) to
-  the CPU, drops ``pin_memory``, and turns ``Tensor.cuda()`` into a no-op;
+  the CPU, drops ``pin_memory``, and turns ``Tensor.cuda()`` into a no-op; it is
+  also entered around the backward of custom autograd Functions, which the
+  autograd engine runs without the caller's modes;
 * ``torch.cuda.current_device``/``synchronize``/``current_stream`` get CPU answers;
 * megatron's RNG tracker keeps CPU generator states instead of CUDA ones, so
   ``get_cuda_rng_tracker().fork()`` still gives tensor-parallel ranks their own
@@ -17,8 +19,8 @@ assertion in gradient clipping that gradients are ``torch.cuda.FloatTensor``.
   which is what megatron's optimizers and gradient clipping dispatch on.
 
 This is the only module in the package that patches megatron or torch. It is a
-no-op when CUDA is available, and it is activated by
-:func:`megatron_rpo.parallel.initialize` on CPU.
+no-op when CUDA is available, and :func:`megatron_rpo.parallel.connect` activates
+it on CPU.
 """
 
 from __future__ import annotations
@@ -104,6 +106,21 @@ def _patch_megatron() -> None:
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
+def _patch_autograd_backward() -> None:
+    # Torch-function modes are thread-local and the autograd engine does not carry them into
+    # the backward of custom autograd Functions, where megatron's tensor-parallel layers also
+    # allocate on "cuda". The engine calls ``BackwardCFunction.apply`` for every such backward.
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        with _CudaToCpuMode():
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
 def _patch_torch_cuda() -> None:
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda device=None: None
@@ -121,6 +138,7 @@ def activate() -> bool:
     with _lock:
         if _mode is None:
             _patch_torch_cuda()
+            _patch_autograd_backward()
             _patch_megatron()
             _mode = _CudaToCpuMode()
             _mode.__enter__()

@@ -64,7 +64,8 @@ def loss_func(batch: dict, loss_config: LossConfig | None, token_logps: torch.Te
         return token_logps.sum() * 0.0, {"logps": policy_logps.detach(), "lengths": lengths}
     chosen, rejected = split_sides(batch, policy_logps, lengths)
     loss, metrics = preference_loss(loss_config, chosen, rejected)
-    return loss, {"loss": loss.detach().float(), **metrics}
+    # A copy: the schedule divides the returned loss by the number of microbatches in place.
+    return loss, {"loss": loss.detach().clone(), **metrics}
 
 
 def forward_step(data_iterator, model, *, vocab_size: int, loss_config: LossConfig | None = None):

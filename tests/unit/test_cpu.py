@@ -247,3 +247,23 @@ def test_cuda_device_arguments_land_on_cpu():
     assert torch.tensor([1.0], device=torch.device("cuda"), pin_memory=True).device.type == "cpu"
     assert torch.ones(1).type() == "torch.cuda.FloatTensor"
     torch.cuda.synchronize()
+
+
+class _AllocatesOnCudaInBackward(torch.autograd.Function):
+    # megatron's tensor-parallel linear layers allocate buffers on "cuda" in their backward.
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2 + torch.zeros(grad.shape, device=torch.cuda.current_device())
+
+
+def test_custom_function_backward_allocating_on_cuda_runs_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("the CPU shim is inactive where CUDA exists")
+    cpu.activate()
+    x = torch.ones(3, requires_grad=True)
+    _AllocatesOnCudaInBackward.apply(x).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))

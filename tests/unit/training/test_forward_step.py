@@ -1,0 +1,137 @@
+"""forward_step + loss_func through megatron's schedules: every TP/PP layout gives the same loss
+and the same parameter gradients as one process holding the whole model."""
+
+import math
+from functools import partial
+
+import pytest
+import torch
+
+from tests.multiprocess import run_ranks
+from tests.unit.megatron_helpers import SEQ, VOCAB, fill_by_name, full_grads, make_batch, tiny_config
+
+PROMPTS = [4, 6, 3, 4, 6, 3]
+RESPONSES = [8, 5, 11, 10, 3, 6]
+
+
+def _microbatches(n=2):
+    return [make_batch(PROMPTS, RESPONSES, SEQ, VOCAB, seed=10 + i) for i in range(n)]
+
+
+def _step(tp, pp, sp, loss, microbatches):
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_rpo import parallel
+    from megatron_rpo.models import model_provider
+    from megatron_rpo.training.forward_step import forward_step
+
+    config = tiny_config(tp=tp, pp=pp, sp=sp, **loss)
+    parallel.initialize(config.parallel)
+    model = model_provider(config)
+    fill_by_name(model, VOCAB)
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, vocab_size=VOCAB, loss_config=config.loss),
+        data_iterator=iter(microbatches), model=[model], num_microbatches=len(microbatches),
+        seq_length=SEQ, micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=False,
+    )
+    grads = full_grads(model, VOCAB)
+    return {
+        "reports": reports if ps.is_pipeline_last_stage() else None,
+        "grads": grads if ps.get_tensor_model_parallel_rank() == 0 else None,
+    }
+
+
+def _compare(ranks, single):
+    last = [r["reports"] for r in ranks if r["reports"] is not None]
+    assert last, "no rank reported a loss"
+    for reports in last:
+        for got, want in zip(reports, single["reports"], strict=True):
+            for key in ("loss", "chosen_reward", "rejected_reward", "accuracy"):
+                torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    merged = {}
+    for r in ranks:
+        merged.update(r["grads"] or {})
+    assert merged.keys() == single["grads"].keys()
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in single["grads"].values()))
+    for name, want in single["grads"].items():
+        # 1e-5 of the whole gradient's norm: fp32 sums in another order, nothing more.
+        assert (merged[name] - want).norm() <= 1e-5 * norm, name
+
+
+LOSSES = {
+    "rpo": dict(loss_type="rpo", weighting="embedding"),
+    "dpo": dict(loss_type="dpo"),
+    "simpo_rpo": dict(loss_type="simpo_rpo", beta=2.0, weighting="uniform", row_normalization="mean"),
+}
+_single_cache = {}
+
+
+def _single(loss_name):
+    if loss_name not in _single_cache:
+        (_single_cache[loss_name],) = run_ranks(_step, 1, 1, 1, False, LOSSES[loss_name], _microbatches())
+    return _single_cache[loss_name]
+
+
+@pytest.mark.parametrize("tp,pp,sp,loss_name", [
+    (2, 1, False, "rpo"),
+    (2, 1, True, "dpo"),
+    (1, 2, False, "rpo"),
+    (1, 2, False, "simpo_rpo"),
+    (2, 2, True, "rpo"),
+])
+def test_loss_and_grads_match_one_process(tp, pp, sp, loss_name):
+    single = _single(loss_name)
+    assert single["reports"][0]["loss"] > 0
+    ranks = run_ranks(_step, tp * pp, tp, pp, sp, LOSSES[loss_name], _microbatches(), timeout=240)
+    _compare(ranks, single)
+
+
+def _policy_vs_reference(tp, pp, microbatches):
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_rpo import parallel
+    from megatron_rpo.models import model_provider
+    from megatron_rpo.training.forward_step import forward_step, sequence_logps
+
+    config = tiny_config(tp=tp, pp=pp, loss_type="rpo")
+    parallel.initialize(config.parallel)
+    policy, reference = model_provider(config), model_provider(config)
+    fill_by_name(policy, VOCAB)
+    fill_by_name(reference, VOCAB)
+    ref_logps = sequence_logps(reference, microbatches, vocab_size=VOCAB)
+    if ref_logps is not None:
+        for mb, logps in zip(microbatches, ref_logps):
+            mb["ref_logps"] = logps
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, vocab_size=VOCAB, loss_config=config.loss),
+        data_iterator=iter(microbatches), model=[policy], num_microbatches=len(microbatches),
+        seq_length=SEQ, micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=True,
+    )
+    return {"ref_logps": ref_logps, "reports": reports if ps.is_pipeline_last_stage() else None}
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_policy_equal_to_reference_gives_zero_logratios_and_log2(tp, pp):
+    ranks = run_ranks(_policy_vs_reference, tp * pp, tp, pp, _microbatches(), timeout=240)
+    last = [r for r in ranks if r["reports"] is not None]
+    assert len(last) == tp
+    for r in last:
+        assert all(lp.shape == (len(PROMPTS),) and torch.isfinite(lp).all() and (lp < 0).all() for lp in r["ref_logps"])
+        for report in r["reports"]:
+            assert report["chosen_reward"].item() == 0.0 and report["rejected_reward"].item() == 0.0
+            assert report["loss"].item() == pytest.approx(math.log(2.0), abs=1e-7)
+
+
+def test_missing_reference_logps_is_a_clear_error():
+    from megatron_rpo.config import LossConfig
+    from megatron_rpo.training.forward_step import loss_func
+
+    batch = make_batch(PROMPTS, RESPONSES, SEQ, VOCAB)
+    del batch["ref_logps"]
+    with pytest.raises(ValueError, match="needs reference log-probs \\(batch key 'ref_logps'\\)"):
+        loss_func(batch, LossConfig(), torch.zeros(len(PROMPTS), SEQ))
+    # Reference-free losses do not need them.
+    loss, report = loss_func(batch, LossConfig(loss_type="simpo", beta=2.0), -torch.ones(len(PROMPTS), SEQ))
+    assert torch.isfinite(loss) and report["accuracy"].item() == 0.0
