@@ -18,7 +18,7 @@ from megatron_rpo.loss.contrast import contrast_weights
 from megatron_rpo.loss.losses import dpo_loss, ipo_loss, rpo_loss, simpo_loss, simpo_rewards, simpo_rpo_loss
 from megatron_rpo.loss.metrics import preference_metrics
 
-__all__ = ["Sequences", "preference_loss", "LOSS_TYPES"]
+__all__ = ["Sequences", "sides_from_batch", "concat_sequences", "preference_loss", "LOSS_TYPES"]
 
 
 @dataclass
@@ -43,6 +43,37 @@ class Sequences:
                 f"{tuple(self.policy_logps.shape)}"
             )
         return self.policy_logps - self.ref_logps.to(self.policy_logps.dtype)
+
+
+def sides_from_batch(batch: dict, policy_logps: torch.Tensor, lengths: torch.Tensor) -> tuple[Sequences, Sequences]:
+    """Chosen rows and rejected columns of a microbatch (batch contract keys), in batch order.
+
+    Paired microbatches hold the chosen rows first and the rejected second, in the same pair
+    order, so chosen i and rejected i share a prompt.
+    """
+    is_chosen = batch["is_chosen"].bool()
+    ref, emb = batch.get("ref_logps"), batch.get("prompt_embedding")
+
+    def side(mask):
+        return Sequences(
+            policy_logps=policy_logps[mask],
+            lengths=lengths[mask],
+            ref_logps=None if ref is None else ref[mask],
+            prompt_emb=None if emb is None else emb[mask],
+        )
+
+    return side(is_chosen), side(~is_chosen)
+
+
+def concat_sequences(parts: list[Sequences]) -> Sequences:
+    """One side made of several (e.g. the microbatches of a global batch), in order."""
+
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    return Sequences(policy_logps=cat("policy_logps"), lengths=cat("lengths"), ref_logps=cat("ref_logps"),
+                     prompt_emb=cat("prompt_emb"))
 
 
 def _weighting_kwargs(c: LossConfig) -> dict:

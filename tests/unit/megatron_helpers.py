@@ -78,8 +78,11 @@ def fill_by_name(model, vocab_size: int, padding_value: float = 3.0) -> None:
             p.copy_(shard(full, p))
 
 
-def full_grads(model, vocab_size: int) -> dict[str, torch.Tensor]:
-    """``{global name: whole gradient}`` for this pipeline stage, vocabulary padding rows dropped."""
+def full_grads(model, vocab_size: int, finalized: bool = False) -> dict[str, torch.Tensor]:
+    """``{global name: whole gradient}`` for this pipeline stage, vocabulary padding rows dropped.
+
+    ``finalized``: megatron's ``finalize_model_grads`` already summed sequence-parallel grads.
+    """
     from megatron.core import parallel_state as ps
 
     group = ps.get_tensor_model_parallel_group()
@@ -87,7 +90,7 @@ def full_grads(model, vocab_size: int) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         grad = p.main_grad if hasattr(p, "main_grad") else p.grad
         grad = grad.detach().clone()
-        if getattr(p, "sequence_parallel", False):
+        if getattr(p, "sequence_parallel", False) and not finalized:
             # Each rank saw a slice of the sequence (megatron's finalize_model_grads does this sum).
             dist.all_reduce(grad, group=group)
         if _is_split(p):

@@ -2,7 +2,6 @@
 and the same parameter gradients as one process holding the whole model."""
 
 import math
-from functools import partial
 
 import pytest
 import torch
@@ -20,21 +19,16 @@ def _microbatches(n=2):
 
 def _step(tp, pp, sp, loss, microbatches):
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rpo import parallel
     from megatron_rpo.models import model_provider
-    from megatron_rpo.training.forward_step import forward_step
+    from megatron_rpo.training.step import forward_backward
 
     config = tiny_config(tp=tp, pp=pp, sp=sp, **loss)
     parallel.initialize(config.parallel)
     model = model_provider(config)
     fill_by_name(model, VOCAB)
-    reports = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, vocab_size=VOCAB, loss_config=config.loss),
-        data_iterator=iter(microbatches), model=[model], num_microbatches=len(microbatches),
-        seq_length=SEQ, micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=False,
-    )
+    reports = forward_backward(model, microbatches, config.loss, vocab_size=VOCAB)
     grads = full_grads(model, VOCAB)
     return {
         "reports": reports if ps.is_pipeline_last_stage() else None,
@@ -89,27 +83,23 @@ def test_loss_and_grads_match_one_process(tp, pp, sp, loss_name):
 
 def _policy_vs_reference(tp, pp, microbatches):
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rpo import parallel
     from megatron_rpo.models import model_provider
-    from megatron_rpo.training.forward_step import forward_step, sequence_logps
+    from megatron_rpo.training.step import forward_backward
 
-    config = tiny_config(tp=tp, pp=pp, loss_type="rpo")
+    config = tiny_config(tp=tp, pp=pp, loss_type="rpo", reference="online")
     parallel.initialize(config.parallel)
     policy, reference = model_provider(config), model_provider(config)
     fill_by_name(policy, VOCAB)
     fill_by_name(reference, VOCAB)
-    ref_logps = sequence_logps(reference, microbatches, vocab_size=VOCAB)
-    if ref_logps is not None:
-        for mb, logps in zip(microbatches, ref_logps):
-            mb["ref_logps"] = logps
-    reports = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, vocab_size=VOCAB, loss_config=config.loss),
-        data_iterator=iter(microbatches), model=[policy], num_microbatches=len(microbatches),
-        seq_length=SEQ, micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=True,
-    )
-    return {"ref_logps": ref_logps, "reports": reports if ps.is_pipeline_last_stage() else None}
+    for mb in microbatches:
+        del mb["ref_logps"]  # computed online
+    reports = forward_backward(policy, microbatches, config.loss, vocab_size=VOCAB, reference=reference,
+                               forward_only=True)
+    last = ps.is_pipeline_last_stage()
+    return {"ref_logps": [mb["ref_logps"] for mb in microbatches] if last else None,
+            "reports": reports if last else None}
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
@@ -126,12 +116,13 @@ def test_policy_equal_to_reference_gives_zero_logratios_and_log2(tp, pp):
 
 def test_missing_reference_logps_is_a_clear_error():
     from megatron_rpo.config import LossConfig
-    from megatron_rpo.training.forward_step import loss_func
+    from megatron_rpo.training.forward_step import preference_loss_func
 
     batch = make_batch(PROMPTS, RESPONSES, SEQ, VOCAB)
     del batch["ref_logps"]
     with pytest.raises(ValueError, match="needs reference log-probs \\(batch key 'ref_logps'\\)"):
-        loss_func(batch, LossConfig(), torch.zeros(len(PROMPTS), SEQ))
+        preference_loss_func(LossConfig(), None, batch, torch.zeros(len(PROMPTS), SEQ))
     # Reference-free losses do not need them.
-    loss, report = loss_func(batch, LossConfig(loss_type="simpo", beta=2.0), -torch.ones(len(PROMPTS), SEQ))
+    loss, report = preference_loss_func(LossConfig(loss_type="simpo", beta=2.0), None, batch,
+                                        -torch.ones(len(PROMPTS), SEQ))
     assert torch.isfinite(loss) and report["accuracy"].item() == 0.0

@@ -1,0 +1,122 @@
+"""One forward-backward over a step's microbatches, for every ``contrast_scope`` and reference.
+
+The optimizer step is the trainer's; this module only produces gradients (and reports):
+
+* ``reference: online``: the frozen reference runs first, forward only, through the same
+  :func:`~megatron_rpo.training.forward_step.forward_step`; its log-probs become the batch's
+  ``ref_logps``.
+* ``contrast_scope: local`` / ``data_parallel``: one schedule run; the matrix spans the
+  microbatch on this rank / on every data-parallel rank.
+* ``contrast_scope: global_batch``: gradient caching (:mod:`megatron_rpo.loss.gradcache`):
+  a forward-only pass, the global loss, then forward-backward with the surrogate loss.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_rpo.config import LossConfig
+from megatron_rpo.loss.gradcache import cached_logp_gradients
+from megatron_rpo.training.forward_step import (
+    forward_step,
+    logps_loss_func,
+    preference_loss_func,
+    surrogate_loss_func,
+)
+
+__all__ = ["run_schedule", "sequence_logps", "forward_backward"]
+
+
+def run_schedule(model, microbatches: list[dict], loss_fn, *, vocab_size: int, forward_only: bool) -> list[dict]:
+    """megatron's pipeline schedule over ``microbatches`` with :func:`forward_step` and ``loss_fn``.
+
+    Every microbatch must have the same [B, S] shape (pipeline stages exchange fixed shapes).
+    Returns the per-microbatch reports on the last pipeline stage, [] elsewhere.
+    """
+    rows, seq = microbatches[0]["tokens"].shape
+    models = model if isinstance(model, list) else [model]
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, vocab_size=vocab_size, loss_fn=loss_fn),
+        data_iterator=iter(microbatches),
+        model=models,
+        num_microbatches=len(microbatches),
+        seq_length=seq,
+        micro_batch_size=rows,
+        forward_only=forward_only,
+    )
+
+
+@torch.no_grad()
+def sequence_logps(model, microbatches: list[dict], *, vocab_size: int):
+    """Per-sequence response log-probs and lengths of ``model``, forward only.
+
+    Returns:
+        On the last pipeline stage, ``([B] float32 log-probs, [B] lengths)`` per microbatch;
+        None on other stages.
+    """
+    reports = run_schedule(model, microbatches, logps_loss_func, vocab_size=vocab_size, forward_only=True)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return [(r["logps"], r["lengths"]) for r in reports]
+
+
+def _data_parallel_group(loss: LossConfig):
+    if loss.contrast_scope == "local":
+        return None
+    return parallel_state.get_data_parallel_group()
+
+
+def forward_backward(
+    model,
+    microbatches: list[dict],
+    loss: LossConfig,
+    *,
+    vocab_size: int,
+    reference=None,
+    forward_only: bool = False,
+) -> list[dict]:
+    """Accumulate this step's parameter gradients (unless ``forward_only``) and return reports.
+
+    Args:
+        model: the policy (a module or megatron's list of model chunks; DDP-wrapped to train).
+        microbatches: this rank's microbatches for the step; modified in place (``ref_logps``,
+            ``logp_grads``).
+        loss: the loss config (type, ``contrast_scope``, ``reference``).
+        vocab_size: the real (unpadded) vocabulary.
+        reference: the frozen reference model for ``loss.reference == "online"``.
+        forward_only: evaluate without gradients.
+
+    Returns:
+        Per-microbatch reports on the last pipeline stage ([] elsewhere). Under
+        ``global_batch`` one report, for the whole global batch.
+    """
+    if loss.uses_reference and loss.reference == "online":
+        if reference is None:
+            raise ValueError("loss.reference='online' needs a reference model")
+        ref = sequence_logps(reference, microbatches, vocab_size=vocab_size)
+        for mb, (logps, _) in zip(microbatches, ref or []):
+            mb["ref_logps"] = logps
+    group = _data_parallel_group(loss)
+    if loss.contrast_scope != "global_batch" or forward_only:
+        # Evaluation of a global-batch run still builds one matrix per microbatch over all ranks.
+        loss_fn = partial(preference_loss_func, loss, group)
+        return run_schedule(model, microbatches, loss_fn, vocab_size=vocab_size, forward_only=forward_only)
+
+    # Pass 1: forward only; keep per-sequence log-probs (last pipeline stage).
+    first = sequence_logps(model, microbatches, vocab_size=vocab_size)
+    report = []
+    if first is not None:
+        grads, value, metrics = cached_logp_gradients(
+            loss, microbatches, [lp for lp, _ in first], [n for _, n in first], group
+        )
+        for mb, g in zip(microbatches, grads):
+            mb["logp_grads"] = g
+        report = [{"loss": value, **metrics}]
+    # Pass 2: forward-backward with the surrogate; other stages only relay activations.
+    scale = float(len(microbatches))
+    run_schedule(model, microbatches, partial(surrogate_loss_func, scale), vocab_size=vocab_size, forward_only=False)
+    return report
