@@ -167,7 +167,8 @@ class ParallelConfig(_Section):
     pipeline_model_parallel_size: int = 1
     """Inter-layer model parallelism. Splits the layers into stages across ranks."""
     context_parallel_size: int = 1
-    """Splits each sequence across ranks (needs transformer-engine, so GPU only)."""
+    """Splits each sequence across ranks (needs transformer-engine, so GPU only). Not supported
+    yet: per-sequence log-probs would have to be summed over the context-parallel group first."""
     sequence_parallel: bool = False
     """Split layer norms and dropout along the sequence over the tensor-parallel ranks (TP > 1)."""
     distributed_timeout_minutes: float = 10.0
@@ -176,6 +177,11 @@ class ParallelConfig(_Section):
     def validate(self) -> None:
         self._positive("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                        "distributed_timeout_minutes")
+        if self.context_parallel_size != 1:
+            raise ValueError(
+                f"parallel.context_parallel_size={self.context_parallel_size} is not supported yet "
+                "(per-sequence log-probs are not summed over context-parallel ranks); use 1"
+            )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError(
                 "parallel.sequence_parallel=True needs parallel.tensor_model_parallel_size > 1, "

@@ -1,8 +1,8 @@
 """All-gather over the data-parallel group with autograd: one contrast matrix for all ranks.
 
-Every data-parallel rank gathers the chosen and rejected sides of its microbatch (log-probs,
-reference log-probs, lengths, prompt embeddings) from all ranks in rank order, so each rank
-computes the same global loss ``L``. The backward of the gather sums, over ranks, each rank's
+Every data-parallel rank gathers the per-sequence rows of its microbatch (policy and reference
+log-probs, lengths, chosen/rejected labels, prompt embeddings) from all ranks in rank order, in
+one collective, so each rank computes the same global loss ``L``. The backward of the gather sums, over ranks, each rank's
 gradient with respect to the slice a rank owns (a reduce-scatter; done here as an all-reduce
 and a slice, because the slices may differ in size): rank r receives ``R * dL/dx_r``. Megatron
 DDP then *averages* parameter gradients over the R ranks, which gives exactly ``dL/dtheta``, so
@@ -13,14 +13,10 @@ Ranks may hold different numbers of sequences, including none on one side (unpai
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.distributed as dist
 
-from megatron_rpo.loss.objective import Sequences
-
-__all__ = ["all_gather_with_grad", "gather_sequences"]
+__all__ = ["all_gather_with_grad", "gather_rows"]
 
 
 def _sizes(n: int, group) -> list[int]:
@@ -64,19 +60,31 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return _AllGather.apply(tensor, group)
 
 
-def gather_sequences(side: Sequences, group) -> Sequences:
-    """Every rank's chosen (or rejected) sequences, concatenated in rank order.
+def gather_rows(rows: dict[str, torch.Tensor | None], group) -> dict[str, torch.Tensor | None]:
+    """Every rank's per-sequence rows, concatenated in rank order, in one collective.
 
-    Only ``policy_logps`` carries a gradient; the reference log-probs, lengths and prompt
-    embeddings are data.
+    Args:
+        rows: tensors whose first dimension is this rank's B sequences (e.g. ``policy_logps``,
+            ``lengths``, ``is_chosen``, ``ref_logps``, ``prompt_embedding``); None values stay None.
+            Gradients flow back to every tensor that requires them.
+        group: the data-parallel group.
+
+    Returns:
+        The same keys with each tensor's first dimension the sum of all ranks' B, dtypes kept.
     """
-    def gather_data(t):
-        return None if t is None else all_gather_with_grad(t.detach(), group)
-
-    return dataclasses.replace(
-        side,
-        policy_logps=all_gather_with_grad(side.policy_logps, group),
-        lengths=gather_data(side.lengths),
-        ref_logps=gather_data(side.ref_logps),
-        prompt_emb=gather_data(side.prompt_emb),
-    )
+    present = {k: v for k, v in rows.items() if v is not None}
+    if group is None or dist.get_world_size(group) == 1 or not present:
+        return dict(rows)
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in present.values()) else torch.float32
+    # [B] or [B, D] columns -> one [B, C] tensor, so one all-gather carries them all.
+    columns = [v.reshape(v.shape[0], -1) for v in present.values()]
+    packed = torch.cat([c.to(dtype) for c in columns], dim=1)
+    gathered = all_gather_with_grad(packed, group)
+    out: dict[str, torch.Tensor | None] = {k: None for k in rows}
+    start = 0
+    for (key, value), column in zip(present.items(), columns):
+        width = column.shape[1]
+        piece = gathered[:, start : start + width].reshape((-1,) + tuple(value.shape[1:]))
+        out[key] = piece if value.is_floating_point() else piece.round().to(value.dtype)
+        start += width
+    return out

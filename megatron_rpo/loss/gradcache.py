@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from megatron_rpo.config import LossConfig
-from megatron_rpo.loss.distributed import gather_sequences
-from megatron_rpo.loss.objective import concat_sequences, preference_loss, sides_from_batch
+from megatron_rpo.loss.distributed import gather_rows
+from megatron_rpo.loss.objective import preference_loss, sequence_rows, sides_from_batch
 
 __all__ = ["cached_logp_gradients"]
 
@@ -45,12 +45,12 @@ def cached_logp_gradients(
         DDP's average over ranks gives ``dL/dtheta``.
     """
     leaves = [lp.detach().float().requires_grad_() for lp in policy_logps]
-    sides = [sides_from_batch(mb, leaf, n) for mb, leaf, n in zip(microbatches, leaves, lengths)]
-    chosen = concat_sequences([c for c, _ in sides])
-    rejected = concat_sequences([r for _, r in sides])
-    if group is not None:
-        chosen, rejected = gather_sequences(chosen, group), gather_sequences(rejected, group)
     with torch.enable_grad():
+        # This rank's rows of every microbatch, in order, then every rank's in rank order.
+        parts = [sequence_rows(mb, leaf, n) for mb, leaf, n in zip(microbatches, leaves, lengths)]
+        local = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in parts[0]}
+        rows = gather_rows(local, group)
+        chosen, rejected = sides_from_batch(rows, rows["policy_logps"], rows["lengths"])
         loss, metrics = preference_loss(config, chosen, rejected)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]

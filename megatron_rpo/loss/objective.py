@@ -18,7 +18,7 @@ from megatron_rpo.loss.contrast import contrast_weights
 from megatron_rpo.loss.losses import dpo_loss, ipo_loss, rpo_loss, simpo_loss, simpo_rewards, simpo_rpo_loss
 from megatron_rpo.loss.metrics import preference_metrics
 
-__all__ = ["Sequences", "sides_from_batch", "concat_sequences", "preference_loss", "LOSS_TYPES"]
+__all__ = ["Sequences", "sequence_rows", "sides_from_batch", "preference_loss", "LOSS_TYPES"]
 
 
 @dataclass
@@ -45,6 +45,17 @@ class Sequences:
         return self.policy_logps - self.ref_logps.to(self.policy_logps.dtype)
 
 
+def sequence_rows(batch: dict, policy_logps: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """The per-sequence rows of a microbatch that the loss reads (what crosses data-parallel ranks)."""
+    return {
+        "policy_logps": policy_logps,
+        "lengths": lengths,
+        "is_chosen": batch["is_chosen"],
+        "ref_logps": batch.get("ref_logps"),
+        "prompt_embedding": batch.get("prompt_embedding"),
+    }
+
+
 def sides_from_batch(batch: dict, policy_logps: torch.Tensor, lengths: torch.Tensor) -> tuple[Sequences, Sequences]:
     """Chosen rows and rejected columns of a microbatch (batch contract keys), in batch order.
 
@@ -63,17 +74,6 @@ def sides_from_batch(batch: dict, policy_logps: torch.Tensor, lengths: torch.Ten
         )
 
     return side(is_chosen), side(~is_chosen)
-
-
-def concat_sequences(parts: list[Sequences]) -> Sequences:
-    """One side made of several (e.g. the microbatches of a global batch), in order."""
-
-    def cat(name):
-        values = [getattr(p, name) for p in parts]
-        return None if any(v is None for v in values) else torch.cat(values)
-
-    return Sequences(policy_logps=cat("policy_logps"), lengths=cat("lengths"), ref_logps=cat("ref_logps"),
-                     prompt_emb=cat("prompt_emb"))
 
 
 def _weighting_kwargs(c: LossConfig) -> dict:

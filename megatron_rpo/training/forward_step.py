@@ -27,8 +27,8 @@ from megatron.core import parallel_state
 
 from megatron_rpo.config import LossConfig
 from megatron_rpo.logprobs import sequence_logprobs, token_logprobs
-from megatron_rpo.loss.distributed import gather_sequences
-from megatron_rpo.loss.objective import preference_loss, sides_from_batch
+from megatron_rpo.loss.distributed import gather_rows
+from megatron_rpo.loss.objective import preference_loss, sequence_rows, sides_from_batch
 
 __all__ = ["forward_step", "preference_loss_func", "logps_loss_func", "surrogate_loss_func"]
 
@@ -49,9 +49,8 @@ def preference_loss_func(loss_config: LossConfig, group, batch: dict, token_logp
         ``(loss, report)``; the schedule divides the loss by the number of microbatches.
     """
     policy_logps, lengths = sequence_logprobs(token_logps, batch["loss_mask"])
-    chosen, rejected = sides_from_batch(batch, policy_logps, lengths)
-    if group is not None:
-        chosen, rejected = gather_sequences(chosen, group), gather_sequences(rejected, group)
+    rows = gather_rows(sequence_rows(batch, policy_logps, lengths), group)
+    chosen, rejected = sides_from_batch(rows, rows["policy_logps"], rows["lengths"])
     loss, metrics = preference_loss(loss_config, chosen, rejected)
     # A copy: the schedule divides the returned loss by the number of microbatches in place.
     return loss, {"loss": loss.detach().clone(), **metrics}

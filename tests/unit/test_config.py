@@ -79,6 +79,7 @@ def test_dump_and_load_round_trip(tmp_path):
     (["loss.weighting=diagonal", "data.paired=false"], r"weighting='diagonal' needs paired data.*data.paired=False"),
     (["loss.loss_type=dpo", "data.paired=false"], r"loss_type='dpo'.*needs data.paired=True"),
     (["loss.loss_type=dpo", "loss.contrast_scope=global_batch"], r"global_batch.*loss_type='dpo'"),
+    (["parallel.context_parallel_size=2"], r"context_parallel_size=2 is not supported yet"),
     (["parallel.sequence_parallel=true"], r"sequence_parallel=True needs.*tensor_model_parallel_size > 1, got 1"),
     (["parallel.tensor_model_parallel_size=3"], r"num_attention_heads \(32\) is not divisible by.*\(3\)"),
     (["parallel.pipeline_model_parallel_size=5"], r"num_layers \(32\) is not divisible by.*\(5\)"),
