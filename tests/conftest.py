@@ -1,5 +1,11 @@
+import json
+import os
+
 import pytest
 import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HH_SLICE = os.path.join(REPO, "data", "hh_harmless_slice.jsonl")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -9,3 +15,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hh_slice() -> str:
+    """The bundled 243-pair HH-RLHF slice (data/README.md)."""
+    return HH_SLICE
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(tmp_path_factory) -> str:
+    """A sentencepiece model trained on the bundled slice (nothing is downloaded)."""
+    from megatron_rpo.data.tokenizer import train_sentencepiece
+
+    texts = []
+    with open(HH_SLICE) as f:
+        for line in f:
+            row = json.loads(line)
+            texts += [row["chosen"], row["rejected"]]
+    return train_sentencepiece(texts, str(tmp_path_factory.mktemp("tok") / "sp"), vocab_size=800)

@@ -1,0 +1,2 @@
+"""Preference data: input formats, tokenizers, preprocessing into Megatron IndexedDatasets,
+prompt embeddings, the dataset, samplers and collate."""

@@ -1,0 +1,212 @@
+"""Preference rows -> tokenised Megatron IndexedDataset + per-sequence metadata + manifest.
+
+For a prefix P the outputs are:
+
+* ``P.bin`` / ``P.idx``: megatron-core IndexedDataset, one item per sequence (prompt + response
+  tokens, ``bos`` first and ``eos`` last when the tokenizer has them). Pairs are stored as
+  chosen then rejected.
+* ``P.meta.npy``: a structured array with one record per sequence: ``prompt_length``,
+  ``is_chosen``, ``pair_id`` (-1 for unpaired items) and ``prompt_id``.
+* ``P.prompts.jsonl``: the distinct prompt texts, line ``prompt_id`` (what embeddings are made of).
+* ``P.manifest.json``: counts, the tokenizer, source file hashes, truncation counts, every
+  skipped row (file, line, field, reason) and the size and hash of each output file.
+
+Truncation follows the paper (256 / 512 by default): keep the end of the prompt, then cut the
+response to fit the total length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megatron_rpo.data.files import StagedOutputs
+from megatron_rpo.data.formats import BadRow, Example, read_examples
+from megatron_rpo.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
+
+__all__ = ["META_DTYPE", "PreprocessResult", "preprocess", "MANIFEST_KIND"]
+
+MANIFEST_KIND = "preference_tokens"
+META_DTYPE = np.dtype([("prompt_length", np.int32), ("is_chosen", np.bool_), ("pair_id", np.int64),
+                       ("prompt_id", np.int64)])
+
+
+@dataclass
+class PreprocessResult:
+    prefix: str
+    manifest: dict
+
+
+class _Encoder:
+    """Render and tokenise prompts and responses with the length limits."""
+
+    def __init__(self, tokenizer: Tokenizer, max_prompt_length: int, max_length: int):
+        self.tok, self.max_prompt, self.max_length = tokenizer, max_prompt_length, max_length
+        self.truncated_prompts = 0
+        self.truncated_responses = 0
+
+    def prompt_text(self, prompt) -> str:
+        return prompt if isinstance(prompt, str) else self.tok.render(prompt, add_generation_prompt=True)
+
+    def response_text(self, prompt, response) -> str:
+        if isinstance(response, str):
+            return response
+        # A message list: the chat-rendered conversation minus the rendered prompt.
+        prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        head = self.tok.render(prompt_messages, add_generation_prompt=True)
+        full = self.tok.render(prompt_messages + response, add_generation_prompt=False)
+        if not full.startswith(head):
+            raise ValueError("the chat template renders the prompt differently inside the conversation")
+        return full[len(head):]
+
+    def prompt_ids(self, text: str) -> list[int]:
+        ids = self.tok.encode(text)
+        room = self.max_prompt - (self.tok.bos_id is not None)
+        if len(ids) > room:
+            ids = ids[-room:]  # keep the end of the prompt: the turn being answered
+            self.truncated_prompts += 1
+        return ([self.tok.bos_id] if self.tok.bos_id is not None else []) + ids
+
+    def response_ids(self, body: list[int], prompt_length: int) -> list[int]:
+        ids = body + [self.tok.eos_id]
+        room = self.max_length - prompt_length
+        if len(ids) > room:
+            ids = ids[:room]
+            self.truncated_responses += 1
+        return ids
+
+
+def _sources(paths: list[str]) -> list[dict]:
+    out = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"input file {path} does not exist")
+        out.append({"path": os.path.abspath(path), "sha256": file_sha256(path)})
+    return out
+
+
+def preprocess(
+    inputs: list[str],
+    fmt: str,
+    tokenizer: str | Tokenizer,
+    output_prefix: str,
+    *,
+    max_prompt_length: int = 256,
+    max_length: int = 512,
+    strict: bool = False,
+    progress: bool = True,
+) -> PreprocessResult:
+    """Tokenise preference rows into an IndexedDataset (see the module docstring for the files).
+
+    Args:
+        inputs: ``.jsonl`` / ``.jsonl.gz`` files, read in order.
+        fmt: ``hh``, ``pairs`` or ``unpaired``.
+        tokenizer: a sentencepiece ``.model`` file, a Hugging Face tokenizer directory, or a loaded one.
+        output_prefix: where the outputs go (``PREFIX.bin`` etc.).
+        max_prompt_length: prompt tokens kept (from the end), ``bos`` included.
+        max_length: prompt + response tokens kept.
+        strict: the first bad row is an error instead of a skipped row.
+        progress: show a progress bar with rows/s.
+
+    Raises:
+        ValueError: bad options or inputs, a bad row under ``strict`` (naming file:line:field),
+            or no usable row at all. Nothing is left at ``output_prefix`` then.
+    """
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(
+            f"need 0 < max_prompt_length < max_length to leave room for a response, "
+            f"got max_prompt_length={max_prompt_length}, max_length={max_length}"
+        )
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    sources = _sources(inputs)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    encoder = _Encoder(tok, max_prompt_length, max_length)
+    paired = fmt != "unpaired"
+    token_dtype = DType.optimal_dtype(tok.vocab_size)
+    prompt_ids: dict[str, int] = {}
+    meta: list[tuple] = []
+    skipped: list[dict] = []
+    rows = 0
+    with StagedOutputs() as staged:
+        bin_path, idx_path = f"{output_prefix}.bin", f"{output_prefix}.idx"
+        builder = IndexedDatasetBuilder(staged.path(bin_path), dtype=token_dtype)
+        prompts_path = f"{output_prefix}.prompts.jsonl"
+        with open(staged.path(prompts_path), "w") as prompts_file:
+            bar = tqdm(read_examples(inputs, fmt), unit=" rows", desc="preprocess", disable=not progress)
+            for item in bar:
+                rows += 1
+                try:
+                    if isinstance(item, BadRow):
+                        raise item
+                    sequences = _encode_example(item, encoder)
+                except BadRow as bad:
+                    if strict:
+                        raise ValueError(f"bad row (--strict): {bad}") from None
+                    skipped.append(bad.as_dict())
+                    continue
+                prompt_text = sequences[0][0]
+                if prompt_text not in prompt_ids:
+                    prompt_ids[prompt_text] = len(prompt_ids)
+                    prompts_file.write(json.dumps(prompt_text) + "\n")
+                pair_id = len(meta) // 2 if paired else -1
+                for _, ids, prompt_length, is_chosen in sequences:
+                    builder.add_item(torch.tensor(ids, dtype=torch.int64))
+                    builder.end_document()
+                    meta.append((prompt_length, is_chosen, pair_id, prompt_ids[prompt_text]))
+            bar.close()
+        if not meta:
+            raise ValueError(f"no usable row in {inputs} ({len(skipped)} skipped; first: {skipped[:1]})")
+        builder.finalize(staged.path(idx_path))
+        meta_path = f"{output_prefix}.meta.npy"
+        with open(staged.path(meta_path), "wb") as f:
+            np.save(f, np.array(meta, dtype=META_DTYPE))
+        manifest = {
+            "kind": MANIFEST_KIND,
+            "version": 1,
+            "format": fmt,
+            "paired": paired,
+            "num_rows": rows,
+            "num_sequences": len(meta),
+            "num_pairs": len(meta) // 2 if paired else 0,
+            "num_prompts": len(prompt_ids),
+            "num_skipped": len(skipped),
+            "truncated_prompts": encoder.truncated_prompts,
+            "truncated_responses": encoder.truncated_responses,
+            "max_prompt_length": max_prompt_length,
+            "max_length": max_length,
+            "token_dtype": np.dtype(token_dtype).name,
+            "tokenizer": tok.identity(),
+            "sources": sources,
+            "files": [staged.describe(p) for p in (bin_path, idx_path, meta_path, prompts_path)],
+            "skipped": skipped,
+        }
+        staged.write_manifest(output_prefix, manifest)
+    return PreprocessResult(output_prefix, manifest)
+
+
+def _encode_example(example: Example, encoder: _Encoder) -> list[tuple[str, list[int], int, bool]]:
+    """``[(prompt text, token ids, prompt length, is_chosen)]``: the chosen first for pairs."""
+    try:
+        prompt_text = encoder.prompt_text(example.prompt)
+    except (ValueError, TypeError, KeyError) as e:
+        raise BadRow(example.file, example.line, "prompt", f"cannot render: {e}") from None
+    prompt = encoder.prompt_ids(prompt_text)
+    out = []
+    for field, response, is_chosen in (("chosen", example.chosen, True), ("rejected", example.rejected, False)):
+        if response is None:
+            continue
+        try:
+            text = encoder.response_text(example.prompt, response)
+        except (ValueError, TypeError, KeyError) as e:
+            raise BadRow(example.file, example.line, field, f"cannot render: {e}") from None
+        body = encoder.tok.encode(text)
+        if not body:
+            raise BadRow(example.file, example.line, field, "the response has no tokens")
+        out.append((prompt_text, prompt + encoder.response_ids(body, len(prompt)), len(prompt), is_chosen))
+    return out

@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Tokenise preference data (JSONL) into a Megatron IndexedDataset with metadata and a manifest.
+
+    python tools/preprocess_preference_data.py --input data/hh_harmless_slice.jsonl --format hh \\
+        --tokenizer tokenizer.model --output-prefix out/hh_train
+
+Bad rows are skipped and listed in PREFIX.manifest.json (file, line, field, reason); with
+--strict the first one is an error. See megatron_rpo/data/preprocess.py for the outputs.
+"""
+
+import argparse
+import sys
+
+from megatron_rpo.data.formats import FORMATS
+from megatron_rpo.data.preprocess import preprocess
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help=".jsonl or .jsonl.gz files, read in order")
+    p.add_argument("--format", choices=FORMATS, required=True,
+                   help="hh: {chosen, rejected} dialogues; pairs: {prompt, chosen, rejected}; "
+                        "unpaired: {prompt, completion, label}")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file or Hugging Face tokenizer directory")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.npy/.prompts.jsonl/.manifest.json")
+    p.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept, from the end (default 256)")
+    p.add_argument("--max-length", type=int, default=512, help="prompt + response tokens kept (default 512)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    try:
+        m = preprocess(a.input, a.format, a.tokenizer, a.output_prefix, max_prompt_length=a.max_prompt_length,
+                       max_length=a.max_length, strict=a.strict, progress=not a.no_progress).manifest
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{m['num_sequences']} sequences ({m['num_pairs']} pairs, {m['num_prompts']} prompts) from {m['num_rows']} "
+          f"rows; {m['num_skipped']} skipped, {m['truncated_prompts']} prompts and {m['truncated_responses']} "
+          f"responses truncated -> {a.output_prefix}.{{bin,idx,meta.npy,prompts.jsonl,manifest.json}}")
+    for s in m["skipped"][:10]:
+        print(f"  skipped {s['file']}:{s['line']}: {s['field']}: {s['reason']}")
+    if m["num_skipped"] > 10:
+        print(f"  ... {m['num_skipped'] - 10} more in the manifest")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
