@@ -1,0 +1,176 @@
+"""PreferenceDataset, the paired and unpaired samplers, and collate into the batch contract.
+
+Samplers are deterministic given their seed and the number of samples already consumed, so a
+resumed run sees exactly the batches the uninterrupted run would have; each data-parallel rank
+takes its own slice of every global batch. A sample is a pair (paired) or an item (unpaired).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_rpo.data.embeddings import load_prompt_embeddings
+from megatron_rpo.data.files import read_manifest
+from megatron_rpo.data.preprocess import MANIFEST_KIND
+from megatron_rpo.data.reference_logps import load_reference_logps
+
+__all__ = ["PreferenceDataset", "PairedSampler", "UnpairedSampler", "collate"]
+
+
+class PreferenceDataset:
+    """A preprocessed dataset with, as asked, its prompt embeddings and reference log-probs.
+
+    Args:
+        data_prefix: the prefix given to the preprocessing tool.
+        embeddings: load ``PREFIX.emb`` (needed by ``weighting: embedding``).
+        reference_logps: load ``PREFIX.ref`` (needed by ``reference: precomputed``).
+    """
+
+    def __init__(self, data_prefix: str, *, embeddings: bool = False, reference_logps: bool = False):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = data_prefix
+        self.manifest = read_manifest(data_prefix, MANIFEST_KIND)
+        self.tokens = IndexedDataset(data_prefix)
+        self.meta = np.load(f"{data_prefix}.meta.npy")
+        if not len(self.tokens) == len(self.meta) == self.manifest["num_sequences"]:
+            raise ValueError(f"{data_prefix}: token, metadata and manifest counts disagree")
+        self.embeddings = self.embedding_manifest = None
+        if embeddings:
+            self.embeddings, self.embedding_manifest = load_prompt_embeddings(data_prefix)
+        self.ref_logps = load_reference_logps(data_prefix, len(self.meta)) if reference_logps else None
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.manifest["paired"])
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    @property
+    def chosen_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.meta["is_chosen"])
+
+    @property
+    def rejected_indices(self) -> np.ndarray:
+        return np.flatnonzero(~self.meta["is_chosen"])
+
+
+@dataclass
+class _Sampler:
+    micro_batch_size: int
+    """Samples (pairs or items) per microbatch per rank."""
+    data_parallel_rank: int
+    data_parallel_size: int
+    seed: int
+    consumed_samples: int = 0
+    """Samples of all ranks consumed before this sampler starts (resume)."""
+
+    @property
+    def global_chunk(self) -> int:
+        return self.micro_batch_size * self.data_parallel_size
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def samples_per_epoch(self) -> int:
+        return len(self._epoch_order(0)) * self.micro_batch_size
+
+    def __iter__(self):
+        """This rank's microbatches (lists of sequence indices), from ``consumed_samples`` on, forever."""
+        per_epoch = self.samples_per_epoch()
+        if per_epoch == 0:
+            raise ValueError("the dataset is smaller than one global microbatch")
+        consumed = self.consumed_samples
+        while True:
+            epoch, offset = divmod(consumed, per_epoch)
+            order = self._epoch_order(epoch)
+            start = offset // self.micro_batch_size + self.data_parallel_rank
+            for i in range(start, len(order) - self.data_parallel_size + 1 + self.data_parallel_rank,
+                           self.data_parallel_size):
+                yield order[i]
+            consumed = (epoch + 1) * per_epoch
+
+
+@dataclass
+class PairedSampler(_Sampler):
+    """Microbatches of ``micro_batch_size`` pairs: their chosen sequences, then their rejected ones."""
+
+    num_pairs: int = 0
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        g = np.random.default_rng([self.seed, epoch])
+        pairs = g.permutation(self.num_pairs)
+        n = len(pairs) // self.global_chunk * self.global_chunk  # whole global steps only
+        out = []
+        for k in range(0, n, self.micro_batch_size):
+            chunk = pairs[k : k + self.micro_batch_size]
+            out.append([int(2 * p) for p in chunk] + [int(2 * p + 1) for p in chunk])
+        return out
+
+
+@dataclass
+class UnpairedSampler(_Sampler):
+    """Microbatches of ``micro_batch_size`` items, each holding chosen and rejected items.
+
+    Chosen and rejected items are shuffled separately (pairs of a paired dataset are split, as in
+    the paper) and every microbatch takes the same number of each kind, in proportion to their
+    counts in the dataset.
+    """
+
+    chosen: np.ndarray | None = None
+    rejected: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 2:
+            raise ValueError(f"unpaired microbatches need room for a chosen and a rejected item: "
+                             f"micro_batch_size must be >= 2, got {self.micro_batch_size}")
+        nc, nr = len(self.chosen), len(self.rejected)
+        if nc == 0 or nr == 0:
+            raise ValueError(f"unpaired training needs chosen and rejected items, got {nc} chosen and {nr} rejected")
+        self.per_chosen = min(self.micro_batch_size - 1, max(1, round(self.micro_batch_size * nc / (nc + nr))))
+        self.per_rejected = self.micro_batch_size - self.per_chosen
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        g = np.random.default_rng([self.seed, epoch])
+        chosen, rejected = g.permutation(self.chosen), g.permutation(self.rejected)
+        count = min(len(chosen) // self.per_chosen, len(rejected) // self.per_rejected)
+        count = count // self.data_parallel_size * self.data_parallel_size  # whole global steps only
+        return [
+            [int(i) for i in chosen[k * self.per_chosen : (k + 1) * self.per_chosen]]
+            + [int(i) for i in rejected[k * self.per_rejected : (k + 1) * self.per_rejected]]
+            for k in range(count)
+        ]
+
+
+def collate(dataset: PreferenceDataset, indices: list[int], seq_length: int, pad_id: int = 0) -> dict:
+    """The batch contract for ``indices`` (chosen sequences first for paired microbatches).
+
+    Every row is right-padded (or cut) to ``seq_length``, so all microbatches have one shape,
+    as pipeline stages need.
+    """
+    rows = len(indices)
+    tokens = torch.full((rows, seq_length), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(rows, seq_length)
+    meta = dataset.meta[indices]
+    for b, index in enumerate(indices):
+        ids = torch.from_numpy(dataset.tokens[index].astype(np.int64))[:seq_length]
+        tokens[b, : len(ids)] = ids
+        # labels[t] = tokens[t + 1]: position t is scored when token t + 1 is a response token.
+        loss_mask[b, int(meta["prompt_length"][b]) - 1 : len(ids) - 1] = 1.0
+    batch = {
+        "tokens": tokens,
+        "position_ids": torch.arange(seq_length).expand(rows, seq_length).clone(),
+        "labels": torch.roll(tokens, -1, dims=1),
+        "loss_mask": loss_mask,
+        "is_chosen": torch.from_numpy(meta["is_chosen"].copy()),
+        "pair_id": torch.from_numpy(meta["pair_id"].copy()),
+    }
+    if dataset.embeddings is not None:
+        batch["prompt_embedding"] = torch.from_numpy(dataset.embeddings[meta["prompt_id"]])
+    if dataset.ref_logps is not None:
+        batch["ref_logps"] = torch.from_numpy(dataset.ref_logps[indices].copy())
+    return batch
