@@ -1,0 +1,79 @@
+"""Hugging Face ``config.json`` <-> :class:`~megatron_rpo.config.ModelConfig` for the Llama family."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from megatron_rpo.config import ModelConfig
+
+__all__ = ["ARCHITECTURES", "read_hf_config", "model_config_from_hf", "hf_config_from_model"]
+
+# architecture -> (model_type, QKV bias by default)
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", False),
+    "MistralForCausalLM": ("mistral", False),
+    "Qwen2ForCausalLM": ("qwen2", True),
+}
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{hf_dir} is not a Hugging Face model directory: no config.json") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+
+
+def _rope(cfg: dict) -> tuple[float, str]:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type") or "default"
+    return float(theta), kind
+
+
+def model_config_from_hf(cfg: dict, source: str = "config.json") -> tuple[ModelConfig, str]:
+    """``(ModelConfig, architecture)`` from a config.json dict.
+
+    Raises:
+        ValueError: an architecture or feature we do not convert (named), or missing fields.
+    """
+    archs = cfg.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ValueError(f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                         f"supported: {sorted(ARCHITECTURES)}")
+    theta, rope_type = _rope(cfg)
+    if rope_type != "default":
+        raise ValueError(f"{source}: RoPE scaling {rope_type!r} is not supported yet (only plain RoPE)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    if cfg.get("mlp_bias"):
+        raise ValueError(f"{source}: mlp_bias=true is not supported")
+    if cfg.get("use_sliding_window"):
+        raise ValueError(f"{source}: use_sliding_window=true is not supported (full causal attention only)")
+    try:
+        heads = cfg["num_attention_heads"]
+        model = ModelConfig(
+            num_layers=cfg["num_hidden_layers"],
+            hidden_size=cfg["hidden_size"],
+            ffn_hidden_size=cfg["intermediate_size"],
+            num_attention_heads=heads,
+            num_query_groups=cfg.get("num_key_value_heads") or heads,
+            vocab_size=cfg["vocab_size"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            rotary_base=theta,
+            norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+            untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
+            add_qkv_bias=bool(cfg.get("attention_bias", ARCHITECTURES[arch][1])),
+        )
+    except KeyError as e:
+        raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and head_dim != model.hidden_size // heads:
+        raise ValueError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads is not supported")
+    return model, arch

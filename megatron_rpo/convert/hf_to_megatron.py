@@ -1,0 +1,110 @@
+"""Hugging Face (Llama 2/3, Mistral, Qwen2) -> our converted Megatron checkpoint, one layer at a time.
+
+Every source tensor must be consumed and every target must have its expected shape; the error
+names the tensor otherwise. Nothing is left at the output path when conversion fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tqdm import tqdm
+
+from megatron_rpo.config import ModelConfig, ParallelConfig, config_from_dict
+from megatron_rpo.convert.files import MARKER, HFWeights, StagedDirectory, copy_tokenizer, save_tensors
+from megatron_rpo.convert.hf_config import model_config_from_hf, read_hf_config
+from megatron_rpo.convert.layout import FUSE, GLOBAL_MAP, IGNORED_SUFFIXES, LAYER_MAP, expected_shapes
+
+__all__ = ["convert_hf_to_megatron"]
+
+
+def _convert(weights: HFWeights, model: ModelConfig, hf_names: list[str], transform: str | None, target: str,
+             expected: tuple[int, ...], consumed: set[str]):
+    tensors = [weights.get(n) for n in hf_names]
+    consumed.update(hf_names)
+    out = FUSE[transform](*tensors, model) if transform else tensors[0]
+    if tuple(out.shape) != tuple(expected):
+        raise ValueError(f"{target} (from {', '.join(hf_names)}): shape {tuple(out.shape)}, "
+                         f"expected {tuple(expected)} for this config")
+    return out
+
+
+def convert_hf_to_megatron(
+    hf_dir: str,
+    output_dir: str,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Convert a Hugging Face checkpoint; returns the checkpoint's metadata.
+
+    The output holds whole tensors, so it loads at any tensor/pipeline split; the split given
+    here is checked against the model (heads, query groups and layers must divide) and recorded.
+
+    Raises:
+        ValueError: unsupported architecture, malformed directory, a missing, unused or
+            mis-shaped tensor (named), or a split that does not fit the model.
+    """
+    hf_config = read_hf_config(hf_dir)
+    model, arch = model_config_from_hf(hf_config, os.path.join(hf_dir, "config.json"))
+    parallel = ParallelConfig(tensor_model_parallel_size=tensor_model_parallel_size,
+                              pipeline_model_parallel_size=pipeline_model_parallel_size)
+    # The cross-checks of a whole config (heads and layers divisible by the split).
+    config_from_dict({"model": vars(model), "parallel": vars(parallel),
+                      "data": {"max_length": min(512, model.max_position_embeddings),
+                               "max_prompt_length": min(256, model.max_position_embeddings - 1)}},
+                     source=f"converting {hf_dir}")
+    weights = HFWeights(hf_dir)
+    shapes = expected_shapes(model)
+    consumed: set[str] = set()
+    index: dict[str, str] = {}
+    dtype = None
+    with StagedDirectory(output_dir) as tmp:
+        groups = [("embedding", {"embedding.word_embeddings.weight": GLOBAL_MAP["embedding.word_embeddings.weight"]})]
+        groups += [(f"layer_{i:05d}", None) for i in range(model.num_layers)]
+        final = {"decoder.final_layernorm.weight": GLOBAL_MAP["decoder.final_layernorm.weight"]}
+        if model.untie_embeddings_and_output_weights:
+            final["output_layer.weight"] = GLOBAL_MAP["output_layer.weight"]
+        groups.append(("final", final))
+        for group, mapping in tqdm(groups, desc="convert", unit=" layers", disable=not progress):
+            tensors = {}
+            if mapping is None:  # a transformer layer
+                layer = int(group.split("_")[1])
+                for key, (hf_keys, transform) in LAYER_MAP.items():
+                    if key not in shapes:
+                        continue  # e.g. no QKV bias
+                    target = f"decoder.layers.{layer}.{key}"
+                    tensors[target] = _convert(weights, model, [f"model.layers.{layer}.{k}" for k in hf_keys],
+                                               transform, target, shapes[key], consumed)
+            else:
+                for target, (hf_keys, transform) in mapping.items():
+                    tensors[target] = _convert(weights, model, hf_keys, transform, target, shapes[target], consumed)
+            dtype = dtype or str(next(iter(tensors.values())).dtype).replace("torch.", "")
+            path = os.path.join("weights", f"{group}.safetensors")
+            save_tensors(tensors, os.path.join(tmp, path))
+            index.update({name: path for name in tensors})
+        unused = sorted(n for n in weights.names() - consumed if not n.endswith(IGNORED_SUFFIXES)
+                        and not (n == "lm_head.weight" and not model.untie_embeddings_and_output_weights))
+        if unused:
+            raise ValueError(f"{hf_dir}: tensors not consumed by the conversion: {unused[:10]}"
+                             f"{' ...' if len(unused) > 10 else ''}")
+        with open(os.path.join(tmp, "hf_config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        tokenizer = copy_tokenizer(hf_dir, os.path.join(tmp, "tokenizer"))
+        meta = {
+            "kind": "converted",
+            "version": 1,
+            "architecture": arch,
+            "model": vars(model),
+            "dtype": dtype,
+            "source": os.path.abspath(hf_dir),
+            "planned_split": {"tensor_model_parallel_size": tensor_model_parallel_size,
+                              "pipeline_model_parallel_size": pipeline_model_parallel_size},
+            "tokenizer_files": tokenizer,
+            "index": index,
+        }
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump(meta, f, indent=2)
+    return meta

@@ -1,0 +1,76 @@
+"""Load a converted checkpoint into this rank's part of a GPTModel, at any tensor/pipeline split.
+
+Each parameter reads only its own slice from the files: the rows (or columns) this
+tensor-parallel rank holds, honouring megatron's partition stride (``[gate; up]`` splits each
+half), for the layers of this pipeline stage. The vocabulary is padded with zero rows, which the
+log-probs mask out. Shapes are checked and a missing tensor is named.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_rpo.convert.files import ConvertedCheckpoint
+
+__all__ = ["load_converted", "canonical_name", "VOCAB_TENSORS"]
+
+VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# transformer-engine's layer spec fuses the norms into the following linear layer.
+_TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def canonical_name(model, name: str) -> str:
+    """A local parameter name -> the checkpoint's name (global layer number, local-spec names)."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+        rest = ".".join(parts[3:])
+        if rest in _TE_ALIASES:
+            return ".".join(parts[:3] + [_TE_ALIASES[rest]])
+    return ".".join(parts)
+
+
+def _tp_ranges(param, full: int) -> list[tuple[int, int]]:
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    stride = getattr(param, "partition_stride", 1)
+    chunk = full // (size * stride)
+    return [((k * size + rank) * chunk, (k * size + rank + 1) * chunk) for k in range(stride)]
+
+
+@torch.no_grad()
+def load_converted(model, path: str) -> None:
+    """Copy the checkpoint's weights into ``model`` (this rank's GPTModel, not DDP-wrapped).
+
+    Raises:
+        ValueError: a tensor is missing, or a slice does not match the parameter's shape.
+    """
+    ckpt = ConvertedCheckpoint(path)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    for local, param in model.named_parameters():
+        name = canonical_name(model, local)
+        if name == "output_layer.weight" and name not in ckpt.index:
+            name = "embedding.word_embeddings.weight"  # tied embeddings: the last stage holds a copy
+        shape = ckpt.shape(name)
+        split = getattr(param, "tensor_model_parallel", False) and tp > 1
+        dim = param.partition_dim if split else 0
+        if name in VOCAB_TENSORS:
+            # Rows [start, start + rows) of the padded vocabulary; rows past the real ones stay 0.
+            rows = param.shape[0]
+            start = parallel_state.get_tensor_model_parallel_rank() * rows if split else 0
+            real = max(0, min(rows, shape[0] - start))
+            value = torch.zeros(param.shape, dtype=param.dtype)
+            if real:
+                value[:real] = ckpt.rows(name, 0, [(start, start + real)])
+        elif split:
+            value = ckpt.rows(name, dim, _tp_ranges(param, shape[dim]))
+        else:
+            value = ckpt.get(name)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{path}: {name} gives shape {tuple(value.shape)} on this rank, the model's "
+                             f"{local} is {tuple(param.shape)}: does the checkpoint match the model config?")
+        param.copy_(value.to(param.dtype))
