@@ -1,0 +1,68 @@
+"""Reference log-probs for every sequence of a dataset, computed once (any TP/PP/DP layout).
+
+The frozen model runs forward only through :func:`megatron_rpo.training.step.sequence_logps`,
+the same path as training's online reference, over the dataset in order; microbatches are dealt
+round-robin to data-parallel ranks; global rank 0 gathers and writes ``PREFIX.ref``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from megatron_rpo.data.dataset import PreferenceDataset, collate
+from megatron_rpo.data.reference_logps import write_reference_logps
+from megatron_rpo.training.step import sequence_logps
+
+__all__ = ["compute_reference_logps"]
+
+
+@torch.no_grad()
+def compute_reference_logps(model, data_prefix: str, *, vocab_size: int, micro_batch_size: int = 8,
+                            checkpoint: str | None = None, progress: bool = True) -> np.ndarray | None:
+    """Compute and write ``PREFIX.ref``; returns the [num_sequences] array on global rank 0, else None.
+
+    Args:
+        model: the reference model (this rank's part), weights loaded, parallel state initialised.
+        data_prefix: the preprocessed dataset.
+        vocab_size: the real (unpadded) vocabulary.
+        micro_batch_size: sequences per forward pass per data-parallel rank.
+        checkpoint: recorded in the manifest.
+    """
+    dataset = PreferenceDataset(data_prefix)
+    seq_length = dataset.manifest["max_length"]
+    n = len(dataset)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    chunks = [list(range(k, min(k + micro_batch_size, n))) for k in range(0, n, micro_batch_size)]
+    mine = chunks[dp_rank::dp_size]
+    # Every rank runs the same number of passes; the last microbatch is topped up with sequence 0
+    # so all have one shape (pipeline stages exchange fixed shapes).
+    rounds = -(-len(chunks) // dp_size)
+    results: dict[int, float] = {}
+    model.eval()
+    bar = tqdm(total=n, unit=" seq", desc="reference log-probs", disable=not progress or dist.get_rank() != 0)
+    for r in range(rounds):
+        indices = mine[r] if r < len(mine) else []
+        padded = indices + [0] * (micro_batch_size - len(indices))
+        out = sequence_logps(model, [collate(dataset, padded, seq_length)], vocab_size=vocab_size)
+        if out is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+            logps = out[0][0].tolist()
+            results.update({i: logps[j] for j, i in enumerate(indices)})
+        bar.update(micro_batch_size * dp_size)
+    bar.close()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() != 0:
+        return None
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    if len(merged) != n:
+        raise RuntimeError(f"reference log-probs for {n - len(merged)} of {n} sequences are missing")
+    logps = np.array([merged[i] for i in range(n)], dtype=np.float32)
+    write_reference_logps(data_prefix, logps, checkpoint=checkpoint)
+    return logps

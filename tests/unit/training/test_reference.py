@@ -1,0 +1,70 @@
+"""Precomputed reference log-probs (the tool, under TP or DP) equal online ones computed in one process."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.multiprocess import run_ranks
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, hh_slice, sp_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_rpo.convert import convert_hf_to_megatron
+    from megatron_rpo.data.preprocess import preprocess
+    from megatron_rpo.data.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("ref")
+    vocab = load_tokenizer(sp_tokenizer).vocab_size
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 initializer_range=0.1)).save_pretrained(root / "hf")
+    convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), progress=False)
+    prefix = str(root / "hh")
+    preprocess([hh_slice], "hh", sp_tokenizer, prefix, max_prompt_length=64, max_length=128, progress=False)
+    return str(root / "ckpt"), prefix
+
+
+def _tool(argv):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools", "precompute_reference_logps.py")
+    spec = importlib.util.spec_from_file_location("reference_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.main(argv)
+
+
+def _online(ckpt, prefix, indices):
+    from megatron_rpo import parallel
+    from megatron_rpo.config import Config, DataConfig
+    from megatron_rpo.data.dataset import PreferenceDataset, collate
+    from megatron_rpo.models import model_provider
+    from megatron_rpo.training.checkpointing import checkpoint_model_config, load_weights
+    from megatron_rpo.training.step import sequence_logps
+
+    config = Config(model=checkpoint_model_config(ckpt), data=DataConfig(max_prompt_length=64, max_length=128))
+    parallel.initialize(config.parallel)
+    model = model_provider(config)
+    load_weights(model, ckpt)
+    ds = PreferenceDataset(prefix)
+    ((logps, _),) = sequence_logps(model, [collate(ds, indices, 128)], vocab_size=config.model.vocab_size)
+    return logps
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_precomputed_equal_online(setup, tp):
+    from megatron_rpo.data.dataset import PreferenceDataset
+
+    ckpt, prefix = setup
+    results = run_ranks(_tool, 2, ["--load", ckpt, "--data-prefix", prefix, "--micro-batch-size", "7",
+                                   "--tensor-model-parallel-size", str(tp), "--no-progress"], timeout=300)
+    assert results == [0, 0]
+    ds = PreferenceDataset(prefix, reference_logps=True)
+    assert ds.ref_logps.shape == (480,) and np.isfinite(ds.ref_logps).all() and (ds.ref_logps < 0).all()
+    indices = [0, 1, 57, 200, 479]  # 479 sits in the last, topped-up microbatch
+    (online,) = run_ranks(_online, 1, ckpt, prefix, indices)
+    np.testing.assert_allclose(ds.ref_logps[indices], online.numpy(), rtol=1e-5)

@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Reference log-probs for every sequence of a preprocessed dataset, through training's own code path.
+
+    torchrun --nproc-per-node 8 tools/precompute_reference_logps.py --load ckpt/mistral7b \\
+        --data-prefix out/hh_train --tensor-model-parallel-size 2 --micro-batch-size 8
+
+Writes PREFIX.ref.{npy,manifest.json}; training with loss.reference=precomputed reads them and
+never builds the reference model. Runs on CPU (gloo) too.
+"""
+
+import argparse
+import sys
+
+from megatron_rpo import parallel
+from megatron_rpo.config import Config, DataConfig, ParallelConfig
+from megatron_rpo.data.files import read_manifest
+from megatron_rpo.data.preprocess import MANIFEST_KIND
+from megatron_rpo.models import model_provider
+from megatron_rpo.training.checkpointing import checkpoint_model_config, load_weights
+from megatron_rpo.training.reference import compute_reference_logps
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="the reference model's checkpoint (usually the converted one)")
+    p.add_argument("--data-prefix", required=True)
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass per rank")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        dataset = read_manifest(a.data_prefix, MANIFEST_KIND)
+        config = Config(
+            model=checkpoint_model_config(a.load),
+            parallel=ParallelConfig(tensor_model_parallel_size=a.tensor_model_parallel_size,
+                                    pipeline_model_parallel_size=a.pipeline_model_parallel_size),
+            data=DataConfig(max_prompt_length=dataset["max_prompt_length"], max_length=dataset["max_length"]),
+        )
+        parallel.initialize(config.parallel)
+        model = model_provider(config)
+        load_weights(model, a.load)
+        logps = compute_reference_logps(model, a.data_prefix, vocab_size=config.model.vocab_size,
+                                        micro_batch_size=a.micro_batch_size, checkpoint=a.load,
+                                        progress=not a.no_progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        parallel.destroy()
+    if logps is not None:
+        print(f"{len(logps)} reference log-probs (mean {logps.mean():.2f}) -> {a.data_prefix}.ref.{{npy,manifest.json}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
