@@ -27,6 +27,8 @@ setup(
         "safetensors>=0.4",
         "tensorboard>=2.15",
         "tqdm>=4.66",
+        # megatron's dist_checkpointing writer needs it (not declared by megatron-core).
+        "psutil",
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-timeout>=2.3"],

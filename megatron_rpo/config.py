@@ -214,8 +214,9 @@ class LossConfig(_Section):
 
     _section = "loss"
 
-    loss_type: Literal["rpo", "dpo", "ipo", "simpo", "simpo_rpo"] = "rpo"
-    """rpo (the contrast matrix), dpo, ipo, simpo (reference-free) or simpo_rpo (matrix over SimPO rewards)."""
+    loss_type: Literal["rpo", "dpo", "ipo", "simpo", "simpo_rpo", "sft"] = "rpo"
+    """rpo (the contrast matrix), dpo, ipo, simpo (reference-free), simpo_rpo (matrix over SimPO
+    rewards), or sft (supervised warm-up: token-mean negative log-likelihood of the chosen responses)."""
     beta: float = 0.1
     """Inverse temperature of the rewards (paper: 0.1; SimPO uses about 2.0)."""
     weighting: Literal["embedding", "uniform", "diagonal"] = "embedding"
@@ -244,7 +245,7 @@ class LossConfig(_Section):
     @property
     def uses_reference(self) -> bool:
         """Whether the loss needs reference log-probs."""
-        return self.loss_type not in ("simpo", "simpo_rpo")
+        return self.loss_type not in ("simpo", "simpo_rpo", "sft")
 
     @property
     def uses_matrix(self) -> bool:
@@ -336,6 +337,9 @@ class TrainConfig(_Section):
     """Optimizer steps; None means one epoch over the training set."""
     log_interval: int = 1
     """Steps between log lines."""
+    exit_interval: Optional[int] = None
+    """Stop (after saving a checkpoint) once the step count is a multiple of this; running the same
+    command again resumes. For jobs with a time limit, and for testing resumption."""
     eval_interval: Optional[int] = None
     """Steps between evaluations on ``data.valid_data_prefix``; None evaluates only at the end."""
     eval_iters: Optional[int] = None
@@ -346,15 +350,20 @@ class TrainConfig(_Section):
     """Steps between checkpoints (one is always written at the end when ``save`` is set)."""
     keep_last: int = 2
     """Checkpoints kept in ``save``; older ones are deleted."""
+    export: bool = True
+    """At the end, also write the final weights as a converted checkpoint in ``<save>/export``
+    (what tools/convert_megatron_to_hf.py reads and ``train.load`` accepts)."""
     load: Optional[str] = None
-    """Converted model checkpoint to start from (or a ``save`` directory to resume)."""
+    """Converted checkpoint to start from (tools/convert_hf_to_megatron.py, or another run's
+    ``<save>/export``). A run whose ``save`` directory already holds a checkpoint resumes from it."""
     tensorboard_dir: Optional[str] = None
     """TensorBoard event directory; None uses ``<save>/tensorboard`` when ``save`` is set."""
     seed: int = 1234
     """Seed of model initialisation and dropout."""
 
     def validate(self) -> None:
-        self._positive("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval",
+        self._positive("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "exit_interval",
+                       "eval_interval",
                        "eval_iters", "save_interval", "keep_last")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
@@ -542,6 +551,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raw = _merge(base, raw)
     for override in overrides:
         _apply_override(raw, override)
+    if overrides:
         source = f"{source} + overrides"
     return config_from_dict(raw, source)
 

@@ -32,8 +32,8 @@ def preference_metrics(
 
         * ``chosen_reward``, ``rejected_reward``: means of each side;
         * ``reward_margin``: ``chosen_reward - rejected_reward``;
-        * ``accuracy``: fraction of pairs i with chosen reward above rejected reward
-          (paired data, M == N: the diagonal of the matrix);
+        * ``accuracy``: fraction of pairs i with chosen reward above rejected reward, ties
+          counting half (paired data, M == N: the diagonal of the matrix);
         * ``diag_weight``: mean of the diagonal weights (M == N);
         * ``row_entropy``: mean row entropy of the weights in nats (``log N`` = uniform);
         * ``matrix_rows``, ``matrix_cols``: M and N.
@@ -45,7 +45,8 @@ def preference_metrics(
     out = {
         "chosen_reward": c.mean() if c.numel() else nan,
         "rejected_reward": r.mean() if r.numel() else nan,
-        "accuracy": (c > r).float().mean() if paired else nan,
+        # Ties count half: at step 0 (policy == reference) every reward is 0 and accuracy is chance.
+        "accuracy": ((c > r).float() + 0.5 * (c == r).float()).mean() if paired else nan,
         "matrix_rows": torch.tensor(float(c.numel())),
         "matrix_cols": torch.tensor(float(r.numel())),
     }

@@ -112,7 +112,21 @@ def _simpo_rpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
     return loss, rc, rr, True
 
 
-LOSS_TYPES: dict[str, Callable] = {"rpo": _rpo, "dpo": _dpo, "ipo": _ipo, "simpo": _simpo, "simpo_rpo": _simpo_rpo}
+def _sft(c: LossConfig, chosen: Sequences, rejected: Sequences):
+    # Supervised warm-up: negative log-likelihood per response token of the chosen sequences,
+    # averaged over tokens. Rewards: per-token log-probs, so accuracy says which response the
+    # model finds likelier.
+    lengths = chosen.lengths.to(chosen.policy_logps.dtype)
+    if chosen.policy_logps.numel() == 0:
+        loss = chosen.policy_logps.sum() * 0.0
+    else:
+        loss = -chosen.policy_logps.sum() / lengths.sum()
+    rr = rejected.policy_logps / rejected.lengths.to(rejected.policy_logps.dtype)
+    return loss, chosen.policy_logps / lengths, rr, False
+
+
+LOSS_TYPES: dict[str, Callable] = {"rpo": _rpo, "dpo": _dpo, "ipo": _ipo, "simpo": _simpo, "simpo_rpo": _simpo_rpo,
+                                   "sft": _sft}
 """loss_type -> fn(config, chosen, rejected) -> (loss, chosen_rewards, rejected_rewards, uses_matrix)."""
 
 

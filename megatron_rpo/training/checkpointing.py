@@ -1,19 +1,168 @@
-"""Model weights in and out: converted checkpoints (from Hugging Face) and training checkpoints."""
+"""Model weights in and out: converted checkpoints, and resumable training checkpoints.
+
+Training checkpoints use megatron's ``dist_checkpointing`` (model, optimizer, scheduler, sampler
+position and per-rank RNG state), so they reshard across parallel layouts::
+
+    SAVE/iter_0000100/      one checkpoint (written as iter_0000100.tmp, renamed when complete)
+    SAVE/latest             the name of the newest complete checkpoint, replaced atomically
+    SAVE/export/            the final weights as a converted checkpoint (for Hugging Face export)
+
+A crash during a save leaves a ``.tmp`` directory and ``latest`` still naming the previous
+checkpoint. The files are megatron's ``torch_dist`` format, written synchronously by
+torch.distributed.checkpoint's own writer (:class:`SyncTorchDistSaveStrategy`): megatron's
+writer starts a manager process and forks workers, which hangs on CPU and is not allowed in
+daemonic processes.
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
 
 from megatron_rpo.config import ModelConfig
 from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.convert.load import load_converted
 
-__all__ = ["checkpoint_model_config", "load_weights"]
+__all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
+           "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
+
+LATEST = "latest"
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def checkpoint_model_config(path: str) -> ModelConfig:
-    """The architecture a checkpoint was written for."""
+    """The architecture a converted checkpoint (or a training run's export) was written for."""
     return ConvertedCheckpoint(path).model_config
 
 
 def load_weights(model, path: str) -> None:
-    """Load a checkpoint's weights into this rank's model, at the model's TP/PP split."""
+    """Load a converted checkpoint's weights into this rank's model, at the model's TP/PP split."""
     load_converted(model, path)
+
+
+def latest_checkpoint(save_dir: str | None) -> str | None:
+    """The newest complete training checkpoint under ``save_dir``, or None."""
+    if not save_dir:
+        return None
+    pointer = os.path.join(save_dir, LATEST)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(save_dir, name)
+    if not os.path.isdir(path):
+        raise ValueError(f"{pointer} names {name}, which does not exist")
+    return path
+
+
+def _rng_object() -> ShardedObject:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    ranks = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+             parallel_state.get_data_parallel_rank())
+    sizes = (parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size())
+    return ShardedObject("rng_state", state, sizes, ranks, replica_id=0)
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+    """megatron's ``torch_dist`` checkpoint format, saved in-process (no forked writer processes)."""
+
+    def __init__(self):
+        super().__init__("torch_dist", 1, thread_count=1)
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        from torch.distributed.checkpoint import FileSystemWriter
+        from torch.distributed.checkpoint import save as dcp_save
+
+        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
+                                                                             self.keep_only_main_replica)
+        dcp_save(
+            mcore_to_pyt_state_dict(sharded_state_dict, False),
+            storage_writer=FileSystemWriter(checkpoint_dir, thread_count=1),
+            planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                     flatten_state_dict=False),
+        )
+
+
+def _sharded(module, optimizer, loading: bool) -> dict:
+    model_sd = module.sharded_state_dict()
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=_OPTIMIZER_METADATA),
+        "rng_state": _rng_object(),
+    }
+
+
+def save_training_checkpoint(save_dir: str, step: int, module, optimizer, scheduler, state: dict,
+                             keep_last: int) -> str:
+    """Write ``SAVE/iter_<step>`` aside, then point ``latest`` at it; keep the newest ``keep_last``.
+
+    Every rank must call it. Returns the checkpoint's path.
+    """
+    name = f"iter_{step:07d}"
+    final = os.path.join(save_dir, name)
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    dist_checkpointing.save(_sharded(module, optimizer, loading=False), tmp,
+                            sharded_strategy=SyncTorchDistSaveStrategy())
+    if dist.get_rank() == 0:
+        with open(os.path.join(tmp, "training_state.json"), "w") as f:
+            json.dump(dict(state, step=step, scheduler=scheduler.state_dict()), f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = os.path.join(save_dir, LATEST)
+        with open(pointer + ".tmp", "w") as f:
+            f.write(name + "\n")
+        os.replace(pointer + ".tmp", pointer)
+        kept = sorted(d for d in os.listdir(save_dir) if d.startswith("iter_") and not d.endswith(".tmp"))
+        for old in kept[:-keep_last]:
+            shutil.rmtree(os.path.join(save_dir, old))
+    dist.barrier()
+    return final
+
+
+def load_training_checkpoint(path: str, module, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG from ``path``; returns the training state."""
+    with open(os.path.join(path, "training_state.json")) as f:
+        state = json.load(f)
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(_sharded(module, optimizer, loading=True), path)
+        module.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(loaded["rng_state"])
+    return state
+

@@ -21,6 +21,11 @@ def test_paired_metrics():
     assert (m["matrix_rows"].item(), m["matrix_cols"].item()) == (4, 4)
 
 
+def test_ties_count_half():
+    m = preference_metrics(torch.zeros(4), torch.zeros(4))
+    assert m["accuracy"].item() == 0.5
+
+
 def test_unpaired_and_empty_metrics_are_nan_not_errors():
     m = preference_metrics(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0, 3.0]))
     assert math.isnan(m["accuracy"].item())

@@ -1,0 +1,99 @@
+"""Write this run's model as a converted checkpoint (whole tensors), from any TP/PP split.
+
+The inverse of :mod:`.load`: tensor-parallel slices are gathered (honouring the partition
+stride), each pipeline stage's first data-parallel, first tensor-parallel rank writes its
+layers' files, and global rank 0 writes the index and renames the directory into place. The
+result is what ``tools/convert_megatron_to_hf.py`` reads and what ``train.load`` accepts.
+Every rank must call it; the output directory must be on a filesystem all ranks share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_rpo.config import ModelConfig
+from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint, save_tensors
+from megatron_rpo.convert.load import VOCAB_TENSORS, canonical_name
+
+__all__ = ["save_converted"]
+
+
+def _file_for(name: str) -> str:
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        return f"weights/layer_{int(parts[2]):05d}.safetensors"
+    return "weights/embedding.safetensors" if name.startswith("embedding.") else "weights/final.safetensors"
+
+
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """All tensor-parallel slices of ``param`` put back together (every TP rank must call this)."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    data = param.detach()
+    if not getattr(param, "tensor_model_parallel", False) or size == 1:
+        return data.cpu()
+    shards = [torch.empty_like(data) for _ in range(size)]
+    dist.all_gather(shards, data.contiguous(), group=group)
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    pieces = [torch.chunk(s.cpu(), stride, dim=dim) for s in shards]
+    return torch.cat([pieces[r][k] for k in range(stride) for r in range(size)], dim=dim)
+
+
+@torch.no_grad()
+def save_converted(model, output_dir: str, model_config: ModelConfig, source: str) -> None:
+    """Write ``model`` (this rank's GPTModel, unwrapped) as a converted checkpoint at ``output_dir``.
+
+    Args:
+        model: this rank's part of the model.
+        output_dir: must not exist yet (it is replaced as a whole when it does).
+        model_config: the architecture (recorded).
+        source: the converted checkpoint training started from: its ``hf_config.json`` and
+            tokenizer are copied, so the export converts back to Hugging Face.
+    """
+    tmp = f"{os.path.abspath(output_dir)}.tmp"
+    writer = (parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0)
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    tied = not model_config.untie_embeddings_and_output_weights
+    for local, param in model.named_parameters():
+        name = canonical_name(model, local)
+        tensor = _whole(param)
+        if not writer or (tied and name == "output_layer.weight"):
+            continue
+        if name in VOCAB_TENSORS:
+            tensor = tensor[: model_config.vocab_size]  # drop the padding rows
+        files.setdefault(_file_for(name), {})[name] = tensor.contiguous()
+        if len(files) > 1:  # one layer at a time in memory: flush the finished files
+            for path in list(files)[:-1]:
+                save_tensors(files.pop(path), os.path.join(tmp, path))
+    for path, tensors in files.items():
+        save_tensors(tensors, os.path.join(tmp, path))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        from safetensors import safe_open
+
+        index = {}
+        for name in sorted(os.listdir(os.path.join(tmp, "weights"))):
+            with safe_open(os.path.join(tmp, "weights", name), "pt") as f:
+                index.update({key: f"weights/{name}" for key in f.keys()})
+        src = ConvertedCheckpoint(source)
+        shutil.copy2(os.path.join(source, "hf_config.json"), os.path.join(tmp, "hf_config.json"))
+        if os.path.isdir(os.path.join(source, "tokenizer")):
+            shutil.copytree(os.path.join(source, "tokenizer"), os.path.join(tmp, "tokenizer"))
+        meta = dict(src.meta, model=vars(model_config), source=os.path.abspath(source), index=index,
+                    dtype=str(next(iter(model.parameters())).dtype).replace("torch.", ""))
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    dist.barrier()

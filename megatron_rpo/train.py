@@ -1,0 +1,42 @@
+"""Train: ``python -m megatron_rpo.train --config FILE [section.key=value ...]`` (under torchrun for
+several processes). Everything else lives in :mod:`megatron_rpo.training`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_rpo.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_rpo.train", description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML recipe (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.2 train.train_iters=10")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from megatron_rpo.training.trainer import Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(config)
+        trainer.train()
+    except ValueError as e:  # bad inputs found before training: say what, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        else:
+            from megatron_rpo import parallel
+
+            parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

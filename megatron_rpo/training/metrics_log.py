@@ -1,0 +1,73 @@
+"""Step metrics: gathered to every rank, printed one line per logging step on rank 0, and
+written as TensorBoard scalars."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+__all__ = ["METRICS", "reduce_reports", "format_line", "Scalars"]
+
+METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "diag_weight", "row_entropy",
+           "matrix_rows", "matrix_cols")
+
+
+def reduce_reports(reports: list[dict]) -> dict[str, float]:
+    """Mean of each metric over this step's microbatches and data-parallel ranks, on every rank.
+
+    Only the last pipeline stage has reports; its first tensor-parallel rank contributes.
+    """
+    values = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
+    source = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    if source and reports:
+        for i, key in enumerate(METRICS):
+            column = [float(r[key]) for r in reports if key in r]
+            values[i] = sum(column) / len(column) if column else float("nan")
+        values[-1] = 1.0
+    if torch.cuda.is_available():
+        values = values.cuda()
+    dist.all_reduce(values)  # only the data-parallel replicas of the last stage's TP rank 0 add in
+    values = values.cpu()
+    count = values[-1].item()
+    return {key: values[i].item() / count for i, key in enumerate(METRICS)}
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "nan" if math.isnan(value) else format(value, spec)
+
+
+def format_line(step: int, total: int, m: dict, lr: float, grad_norm: float | None, tokens_per_s: float,
+                step_time: float, eta_s: float) -> str:
+    eta = f"{int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m" if eta_s >= 3600 else \
+        f"{int(eta_s // 60)}m{int(eta_s % 60):02d}s"
+    return (f"step {step}/{total} | loss {_fmt(m['loss'], '.4f')} | chosen {_fmt(m['chosen_reward'], '+.4f')} | "
+            f"rejected {_fmt(m['rejected_reward'], '+.4f')} | margin {_fmt(m['reward_margin'], '+.4f')} | "
+            f"acc {_fmt(m['accuracy'], '.3f')} | matrix {int(m['matrix_rows'])}x{int(m['matrix_cols'])} | "
+            f"lr {lr:.2e} | grad {_fmt(grad_norm if grad_norm is not None else float('nan'), '.3f')} | "
+            f"{tokens_per_s:,.0f} tok/s | {step_time:.2f} s/step | ETA {eta}")
+
+
+class Scalars:
+    """TensorBoard scalars on global rank 0 (no-op elsewhere or without a directory)."""
+
+    def __init__(self, log_dir: str | None):
+        self.writer = None
+        if log_dir and dist.get_rank() == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir)
+
+    def add(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if value is not None and not math.isnan(value):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

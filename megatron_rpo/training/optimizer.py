@@ -1,0 +1,57 @@
+"""Megatron's optimizer (DDP-aware, optionally distributed) and learning-rate schedule from our config.
+
+``optimizer: rmsprop`` (the paper) is megatron's Adam with ``beta1 = 0`` and ``beta2 = adam_beta2``
+(0.999 by default; torch's RMSprop uses alpha 0.99): the same update as RMSprop except that the
+squared-gradient average is bias-corrected, so the first steps are not inflated. Megatron's
+optimizers (mixed precision, distributed, checkpointing) support Adam and SGD only; this keeps
+all of that machinery, at the cost of an unused first-moment buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_rpo.config import OptimizerConfig
+
+__all__ = ["build_optimizer", "build_scheduler"]
+
+
+def build_optimizer(config: OptimizerConfig, model_chunks: list, *, bf16: bool):
+    """A MegatronOptimizer over DDP-wrapped ``model_chunks``."""
+    beta1 = 0.0 if config.optimizer == "rmsprop" else config.adam_beta1
+    return get_megatron_optimizer(
+        MegatronOptimizerConfig(
+            optimizer="adam",
+            lr=config.lr,
+            min_lr=config.min_lr,
+            weight_decay=config.weight_decay,
+            adam_beta1=beta1,
+            adam_beta2=config.adam_beta2,
+            adam_eps=config.adam_eps,
+            clip_grad=config.clip_grad,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=config.use_distributed_optimizer,
+        ),
+        model_chunks,
+    )
+
+
+def build_scheduler(optimizer, config: OptimizerConfig, total_steps: int) -> OptimizerParamScheduler:
+    """Linear warmup to ``lr``, then ``lr_decay_style`` to ``min_lr`` at ``total_steps`` (counted in steps)."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if config.lr_warmup_iters else config.lr,
+        max_lr=config.lr,
+        min_lr=config.min_lr,
+        lr_warmup_steps=config.lr_warmup_iters,
+        lr_decay_steps=max(total_steps, config.lr_warmup_iters + 1),
+        lr_decay_style=config.lr_decay_style,
+        start_wd=config.weight_decay,
+        end_wd=config.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )

@@ -1,0 +1,247 @@
+"""The training loop: build everything from a Config, train, evaluate, checkpoint, export.
+
+Everything that can be wrong with the inputs is checked in :meth:`Trainer.__init__`, before the
+first step: the world size against TP x PP, the datasets' manifests against each other and the
+checkpoint, the checkpoint's architecture against ``model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+from megatron_rpo import parallel
+from megatron_rpo.config import Config, dump_config
+from megatron_rpo.convert.save import save_converted
+from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate
+from megatron_rpo.models import model_provider
+from megatron_rpo.training.checkpointing import (
+    checkpoint_model_config,
+    latest_checkpoint,
+    load_training_checkpoint,
+    load_weights,
+    save_training_checkpoint,
+)
+from megatron_rpo.training.metrics_log import Scalars, format_line, reduce_reports
+from megatron_rpo.training.optimizer import build_optimizer, build_scheduler
+from megatron_rpo.training.step import forward_backward
+
+__all__ = ["Trainer"]
+
+
+def _log(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+class Trainer:
+    """One run: ``Trainer(config).train()``; call :meth:`close` in a ``finally``."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        c = config
+        parallel.initialize(c.parallel, seed=c.train.seed)
+        self.dp = c.data_parallel_size(dist.get_world_size())
+        if not c.train.load:
+            raise ValueError("train.load must name the converted checkpoint to start from")
+        if not c.data.train_data_prefix:
+            raise ValueError("data.train_data_prefix must name a preprocessed dataset")
+        self._check_model(checkpoint_model_config(c.train.load))
+        needs_emb = c.loss.uses_matrix and c.loss.weighting == "embedding"
+        needs_ref = c.loss.uses_reference and c.loss.reference == "precomputed"
+        self.train_data = PreferenceDataset(c.data.train_data_prefix, embeddings=needs_emb, reference_logps=needs_ref)
+        self.valid_data = (PreferenceDataset(c.data.valid_data_prefix, embeddings=needs_emb, reference_logps=needs_ref)
+                           if c.data.valid_data_prefix else None)
+        self._check_data()
+
+        self.bf16 = c.optimizer.bf16 and torch.cuda.is_available()
+        self.module = model_provider(c, bf16=self.bf16)
+        load_weights(self.module, c.train.load)
+        self.model = DistributedDataParallel(
+            self.module.config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                          use_distributed_optimizer=c.optimizer.use_distributed_optimizer),
+            self.module,
+        )
+        self.reference = None
+        if c.loss.uses_reference and c.loss.reference == "online":
+            self.reference = model_provider(c, bf16=self.bf16)
+            load_weights(self.reference, c.train.load)  # the starting policy, also when resuming
+            self.reference.requires_grad_(False).eval()
+
+        self.samples_per_step = c.train.global_batch_size
+        self.num_microbatches = c.train.global_batch_size // (c.train.micro_batch_size * self.dp)
+        self.sampler = self._sampler(self.train_data, shuffle_seed=c.data.seed)
+        epoch_steps = self.sampler.samples_per_epoch() // self.samples_per_step
+        if epoch_steps == 0 and not c.train.train_iters:
+            raise ValueError(f"{c.data.train_data_prefix} holds fewer samples than one global batch "
+                             f"({self.samples_per_step})")
+        self.total_steps = c.train.train_iters or epoch_steps
+        self.optimizer = build_optimizer(c.optimizer, [self.model], bf16=self.bf16)
+        self.scheduler = build_scheduler(self.optimizer, c.optimizer, self.total_steps)
+        self.step = 0
+        self.history: list[dict] = []  # per-step metrics of this session
+        resume = latest_checkpoint(c.train.save)
+        if resume:
+            state = load_training_checkpoint(resume, self.module, self.optimizer, self.scheduler)
+            self.step = state["step"]
+            self.sampler.consumed_samples = state["consumed_samples"]
+            _log(f"resumed from {resume} at step {self.step}")
+        log_dir = c.train.tensorboard_dir or (os.path.join(c.train.save, "tensorboard") if c.train.save else None)
+        self.scalars = Scalars(log_dir)
+        if c.train.save and dist.get_rank() == 0:
+            os.makedirs(c.train.save, exist_ok=True)
+            dump_config(c, os.path.join(c.train.save, "config.yaml"))
+        _log(f"world {dist.get_world_size()} = TP {c.parallel.tensor_model_parallel_size} x PP "
+             f"{c.parallel.pipeline_model_parallel_size} x DP {self.dp}; {self.num_microbatches} microbatches of "
+             f"{c.train.micro_batch_size} {'pairs' if c.data.paired else 'items'} per rank per step; "
+             f"{self.total_steps} steps; loss {c.loss.loss_type} ({c.loss.contrast_scope})")
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_model(self, ckpt_model) -> None:
+        mine = dataclasses.asdict(self.config.model)
+        theirs = dataclasses.asdict(ckpt_model)
+        diff = {k: (mine[k], theirs[k]) for k in mine if k != "make_vocab_size_divisible_by" and mine[k] != theirs[k]}
+        if diff:
+            detail = ", ".join(f"model.{k}={a!r} but the checkpoint has {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{self.config.train.load} does not fit the config: {detail}")
+
+    def _check_data(self) -> None:
+        c = self.config
+        datasets = [d for d in (self.train_data, self.valid_data) if d is not None]
+        for d in datasets:
+            m = d.manifest
+            if m["tokenizer"]["vocab_size"] > c.model.vocab_size:
+                raise ValueError(f"{d.prefix}: tokenizer vocabulary {m['tokenizer']['vocab_size']} exceeds "
+                                 f"model.vocab_size {c.model.vocab_size}")
+            if m["max_length"] > c.data.max_length:
+                raise ValueError(f"{d.prefix} was preprocessed with max_length {m['max_length']}, "
+                                 f"more than data.max_length {c.data.max_length}")
+            if c.data.paired and not d.paired:
+                raise ValueError(f"{d.prefix} is unpaired data but data.paired=True")
+        if self.valid_data is not None:
+            a, b = self.train_data.manifest, self.valid_data.manifest
+            if a["tokenizer"]["sha256"] != b["tokenizer"]["sha256"]:
+                raise ValueError(f"{self.train_data.prefix} and {self.valid_data.prefix} were tokenised with "
+                                 f"different tokenizers ({a['tokenizer']['path']} vs {b['tokenizer']['path']})")
+            ea, eb = self.train_data.embedding_manifest, self.valid_data.embedding_manifest
+            if ea and eb and (ea["model"], ea["dim"]) != (eb["model"], eb["dim"]):
+                raise ValueError(f"prompt embeddings differ: {ea['model']} ({ea['dim']}) for training, "
+                                 f"{eb['model']} ({eb['dim']}) for validation")
+
+    # -- data -----------------------------------------------------------------------------------
+    def _sampler(self, data: PreferenceDataset, shuffle_seed: int, paired: bool | None = None):
+        c = self.config
+        common = dict(micro_batch_size=c.train.micro_batch_size,
+                      data_parallel_rank=parallel_state.get_data_parallel_rank(),
+                      data_parallel_size=self.dp, seed=shuffle_seed)
+        if c.data.paired if paired is None else paired:
+            return PairedSampler(**common, num_pairs=data.manifest["num_pairs"])
+        return UnpairedSampler(**common, chosen=data.chosen_indices, rejected=data.rejected_indices)
+
+    def _microbatches(self, data, iterator, count) -> tuple[list[dict], int]:
+        batches, tokens = [], 0
+        lengths = data.tokens.sequence_lengths
+        for indices in itertools.islice(iterator, count):
+            batches.append(collate(data, indices, self.config.data.max_length))
+            tokens += int(np.minimum(lengths[indices], self.config.data.max_length).sum())
+        return batches, tokens
+
+    # -- loop -----------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        """Run to ``total_steps``; returns the last evaluation's metrics (empty without validation)."""
+        c = self.config
+        iterator = iter(self.sampler)
+        times = []
+        last_eval = {}
+        while self.step < self.total_steps:
+            start = time.perf_counter()
+            lr_used = self.optimizer.param_groups[0]["lr"]
+            batches, tokens = self._microbatches(self.train_data, iterator, self.num_microbatches)
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            reports = forward_backward(self.model, batches, c.loss, vocab_size=c.model.vocab_size,
+                                       reference=self.reference)
+            finalize_model_grads([self.model])
+            updated, grad_norm, _ = self.optimizer.step()
+            if updated:
+                self.scheduler.step(increment=1)
+            self.step += 1
+            self.sampler.consumed_samples += self.samples_per_step
+            metrics = reduce_reports(reports)
+            self.history.append(dict(metrics, step=self.step, lr=lr_used, grad_norm=grad_norm))
+            counts = torch.tensor([tokens], dtype=torch.float64)
+            dist.all_reduce(counts.cuda() if torch.cuda.is_available() else counts)
+            elapsed = time.perf_counter() - start
+            times.append(elapsed)
+            lr = lr_used
+            total_tokens = counts.item() / (c.parallel.tensor_model_parallel_size *
+                                            c.parallel.pipeline_model_parallel_size)
+            if self.step % c.train.log_interval == 0 or self.step == self.total_steps:
+                recent = times[-c.train.log_interval:]
+                avg = sum(recent) / len(recent)
+                _log(format_line(self.step, self.total_steps, metrics, lr, grad_norm, total_tokens / elapsed, elapsed,
+                                 avg * (self.total_steps - self.step)))
+            self.scalars.add("train", dict(metrics, lr=lr, grad_norm=grad_norm, tokens_per_s=total_tokens / elapsed,
+                                           step_time=elapsed), self.step)
+            if self.valid_data is not None and c.train.eval_interval and self.step % c.train.eval_interval == 0:
+                last_eval = self.evaluate()
+            if c.train.save and c.train.save_interval and self.step % c.train.save_interval == 0:
+                self.save()
+            if c.train.exit_interval and self.step % c.train.exit_interval == 0 and self.step < self.total_steps:
+                if c.train.save and not (c.train.save_interval and self.step % c.train.save_interval == 0):
+                    self.save()
+                _log(f"exit_interval: stopping at step {self.step}; run again to resume")
+                return last_eval
+        if self.valid_data is not None and not (c.train.eval_interval and self.step % c.train.eval_interval == 0):
+            last_eval = self.evaluate()
+        if c.train.save:
+            if not (c.train.save_interval and self.step % c.train.save_interval == 0):
+                self.save()
+            if c.train.export:
+                export = os.path.join(c.train.save, "export")
+                save_converted(self.module, export, c.model, c.train.load)
+                _log(f"exported the final weights to {export}")
+        return last_eval
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, reward accuracy and margin over the held-out set (or ``eval_iters`` steps of it)."""
+        c = self.config
+        sampler = self._sampler(self.valid_data, shuffle_seed=0, paired=self.valid_data.paired)
+        steps = sampler.samples_per_epoch() // self.samples_per_step
+        if c.train.eval_iters:
+            steps = min(steps, c.train.eval_iters)
+        if steps == 0:
+            raise ValueError(f"{self.valid_data.prefix} holds fewer samples than one global batch")
+        iterator = iter(sampler)
+        self.model.eval()
+        reports = []
+        for _ in range(steps):
+            batches, _ = self._microbatches(self.valid_data, iterator, self.num_microbatches)
+            reports += forward_backward(self.model, batches, c.loss, vocab_size=c.model.vocab_size,
+                                        reference=self.reference, forward_only=True)
+        self.model.train()
+        metrics = reduce_reports(reports)
+        _log(f"eval at step {self.step}: loss {metrics['loss']:.4f} | reward accuracy {metrics['accuracy']:.3f} | "
+             f"margin {metrics['reward_margin']:+.4f} | {steps * self.samples_per_step} samples")
+        self.scalars.add("eval", metrics, self.step)
+        return metrics
+
+    def save(self) -> None:
+        path = save_training_checkpoint(
+            self.config.train.save, self.step, self.module, self.optimizer, self.scheduler,
+            {"consumed_samples": self.sampler.consumed_samples}, self.config.train.keep_last)
+        _log(f"saved {path}")
+
+    def close(self) -> None:
+        self.scalars.close()
+        parallel.destroy()
