@@ -334,7 +334,7 @@ class TrainConfig(_Section):
     global_batch_size: int = 64
     """Pairs or items per optimizer step over all ranks (paper: 64)."""
     train_iters: Optional[int] = None
-    """Optimizer steps; None means one epoch over the training set."""
+    """Optimizer steps; None means one epoch over the training set; 0 only evaluates the loaded model."""
     log_interval: int = 1
     """Steps between log lines."""
     exit_interval: Optional[int] = None
@@ -362,8 +362,8 @@ class TrainConfig(_Section):
     """Seed of model initialisation and dropout."""
 
     def validate(self) -> None:
-        self._positive("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "exit_interval",
-                       "eval_interval",
+        self._positive("train_iters", allow_zero=True)
+        self._positive("micro_batch_size", "global_batch_size", "log_interval", "exit_interval", "eval_interval",
                        "eval_iters", "save_interval", "keep_last")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(

@@ -77,3 +77,26 @@ def model_config_from_hf(cfg: dict, source: str = "config.json") -> tuple[ModelC
     if head_dim is not None and head_dim != model.hidden_size // heads:
         raise ValueError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads is not supported")
     return model, arch
+
+
+def hf_config_from_model(model: ModelConfig, architecture: str = "LlamaForCausalLM") -> dict:
+    """A config.json dict for ``model`` (the inverse of :func:`model_config_from_hf`)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {architecture!r}; supported: {sorted(ARCHITECTURES)}")
+    model_type, _ = ARCHITECTURES[architecture]
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "num_hidden_layers": model.num_layers,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_query_groups or model.num_attention_heads,
+        "vocab_size": model.vocab_size,
+        "max_position_embeddings": model.max_position_embeddings,
+        "rope_theta": model.rotary_base,
+        "rms_norm_eps": model.norm_epsilon,
+        "tie_word_embeddings": not model.untie_embeddings_and_output_weights,
+        "attention_bias": model.add_qkv_bias,
+        "hidden_act": "silu",
+    }

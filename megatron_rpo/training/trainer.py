@@ -81,14 +81,15 @@ class Trainer:
         self.num_microbatches = c.train.global_batch_size // (c.train.micro_batch_size * self.dp)
         self.sampler = self._sampler(self.train_data, shuffle_seed=c.data.seed)
         epoch_steps = self.sampler.samples_per_epoch() // self.samples_per_step
-        if epoch_steps == 0 and not c.train.train_iters:
+        if epoch_steps == 0 and c.train.train_iters is None:
             raise ValueError(f"{c.data.train_data_prefix} holds fewer samples than one global batch "
                              f"({self.samples_per_step})")
-        self.total_steps = c.train.train_iters or epoch_steps
+        self.total_steps = epoch_steps if c.train.train_iters is None else c.train.train_iters
         self.optimizer = build_optimizer(c.optimizer, [self.model], bf16=self.bf16)
         self.scheduler = build_scheduler(self.optimizer, c.optimizer, self.total_steps)
         self.step = 0
         self.history: list[dict] = []  # per-step metrics of this session
+        self._evaluated_at = -1
         resume = latest_checkpoint(c.train.save)
         if resume:
             state = load_training_checkpoint(resume, self.module, self.optimizer, self.scheduler)
@@ -201,9 +202,9 @@ class Trainer:
                     self.save()
                 _log(f"exit_interval: stopping at step {self.step}; run again to resume")
                 return last_eval
-        if self.valid_data is not None and not (c.train.eval_interval and self.step % c.train.eval_interval == 0):
+        if self.valid_data is not None and self._evaluated_at != self.step:
             last_eval = self.evaluate()
-        if c.train.save:
+        if c.train.save and self.step > 0:
             if not (c.train.save_interval and self.step % c.train.save_interval == 0):
                 self.save()
             if c.train.export:
@@ -231,6 +232,7 @@ class Trainer:
                                         reference=self.reference, forward_only=True)
         self.model.train()
         metrics = reduce_reports(reports)
+        self._evaluated_at = self.step
         _log(f"eval at step {self.step}: loss {metrics['loss']:.4f} | reward accuracy {metrics['accuracy']:.3f} | "
              f"margin {metrics['reward_margin']:+.4f} | {steps * self.samples_per_step} samples")
         self.scalars.add("eval", metrics, self.step)

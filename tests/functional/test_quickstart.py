@@ -1,0 +1,23 @@
+"""The quickstart, reduced to a few steps per stage (the full one is `bash scripts/quickstart.sh`)."""
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    work = tmp_path / "qs"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "quickstart.py"), "--workdir", str(work), "--sft-steps", "4",
+         "--rpo-steps", "2"],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "skipped line 41 (rejected" in out  # the held-out slice's pairs whose prompts differ
+    assert "step 4/4" in out and "step 2/2" in out and "reply:" in out
+    assert "likelihood accuracy after RPO" in out
+    assert (work / "hf_rpo" / "config.json").exists()
+    assert (work / "rpo" / "latest").read_text().strip() == "iter_0000002"
