@@ -9,7 +9,7 @@
 
 Every training stage runs ``python -m megatron_rpo.train`` under torchrun with 2 processes.
 
-    python examples/quickstart.py [--workdir runs/quickstart] [--sft-steps 150] [--rpo-steps 200]
+    python examples/quickstart.py [--workdir runs/quickstart] [--sft-steps 150] [--rpo-steps 100]
 """
 
 from __future__ import annotations
@@ -41,24 +41,30 @@ def train(nproc: int, *overrides: str) -> None:
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
 
 
-def evaluate(nproc: int, common: list[str], load: str, loss: str) -> dict:
-    """Held-out metrics of a checkpoint (train.train_iters=0), read back from the log's TensorBoard."""
-    out = os.path.join(os.path.dirname(load), f"eval_{loss}")
-    train(nproc, *common, f"train.load={load}", f"loss.loss_type={loss}", "train.train_iters=0",
-          f"train.tensorboard_dir={out}")
+def last_eval(tensorboard_dir: str) -> dict:
+    """The last evaluation's metrics a run wrote to TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(out)
+    events = EventAccumulator(tensorboard_dir)
     events.Reload()
     return {tag.split("/", 1)[1]: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]
             if tag.startswith("eval/")}
+
+
+def likelihood_eval(nproc: int, common: list[str], load: str) -> dict:
+    """Held-out metrics of a checkpoint under the sft loss (train.train_iters=0: evaluation only)."""
+    out = os.path.join(os.path.dirname(load), "eval_likelihood")
+    train(nproc, *common, f"train.load={load}", "loss.loss_type=sft", "train.train_iters=0",
+          f"train.tensorboard_dir={out}")
+    return last_eval(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "quickstart"))
     p.add_argument("--sft-steps", type=int, default=150)
-    p.add_argument("--rpo-steps", type=int, default=200)
+    p.add_argument("--rpo-steps", type=int, default=100)
+    p.add_argument("--rpo-lr", type=float, default=5e-5, help="RPO learning rate (the warm-up uses the recipe's)")
     p.add_argument("--nproc", type=int, default=2)
     args = p.parse_args()
     started = time.time()
@@ -109,15 +115,15 @@ def main() -> None:
     sft = os.path.join(work, "sft")
     train(args.nproc, *common, f"train.load={ckpt}", "loss.loss_type=sft", f"train.train_iters={args.sft_steps}",
           f"train.save={sft}", f"train.log_interval={max(1, args.sft_steps // 10)}")
-    before_rpo = evaluate(args.nproc, common, os.path.join(sft, "export"), "sft")
+    before_rpo = likelihood_eval(args.nproc, common, os.path.join(sft, "export"))
 
     say(f"RPO from the warmed-up model ({args.rpo_steps} steps, online reference)")
     rpo = os.path.join(work, "rpo")
     train(args.nproc, *common, f"train.load={os.path.join(sft, 'export')}", f"train.train_iters={args.rpo_steps}",
           f"train.save={rpo}", f"train.log_interval={max(1, args.rpo_steps // 10)}",
-          f"train.eval_interval={max(1, args.rpo_steps // 2)}")
-    after_rpo = evaluate(args.nproc, common, os.path.join(rpo, "export"), "sft")
-    rpo_eval = evaluate(args.nproc, common, os.path.join(rpo, "export"), "rpo")
+          f"train.eval_interval={max(1, args.rpo_steps // 2)}", f"optimizer.lr={args.rpo_lr}")
+    rpo_eval = last_eval(os.path.join(rpo, "tensorboard"))  # rewards against the warm-up model
+    after_rpo = likelihood_eval(args.nproc, common, os.path.join(rpo, "export"))
 
     say("export to Hugging Face and one reply with transformers")
     hf_out = os.path.join(work, "hf_rpo")
@@ -137,8 +143,8 @@ def main() -> None:
           "log-prob than the rejected one (ties count half)")
     print(f"  likelihood accuracy after warm-up, before RPO: {before_rpo['accuracy']:.3f}")
     print(f"  likelihood accuracy after RPO:                 {after_rpo['accuracy']:.3f}")
-    print(f"  RPO reward accuracy (beta * log-ratio vs the warm-up model): {rpo_eval['accuracy']:.3f}, "
-          f"margin {rpo_eval['reward_margin']:+.4f} (0.5 and 0 before RPO, by construction)")
+    print(f"  RPO reward accuracy (beta * log-ratio against the warm-up model): {rpo_eval['accuracy']:.3f}, "
+          f"margin {rpo_eval['reward_margin']:+.4f} (before RPO: 0.5 and 0, by construction)")
     print("artefacts:")
     for label, path in (("tokenizer", sp_model), ("initial HF model", hf_init), ("converted checkpoint", ckpt),
                         ("datasets", os.path.join(work, "data")), ("warm-up run", sft), ("RPO run", rpo),

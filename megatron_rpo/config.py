@@ -72,6 +72,12 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
             raise ValueError(f"{where} must be a list, got {value!r} ({type(value).__name__})")
         return [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 5e-7, without a dot, as a string: accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
         return float(value)

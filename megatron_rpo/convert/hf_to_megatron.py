@@ -14,7 +14,7 @@ from tqdm import tqdm
 from megatron_rpo.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_rpo.convert.files import MARKER, HFWeights, StagedDirectory, copy_tokenizer, save_tensors
 from megatron_rpo.convert.hf_config import model_config_from_hf, read_hf_config
-from megatron_rpo.convert.layout import FUSE, GLOBAL_MAP, IGNORED_SUFFIXES, LAYER_MAP, expected_shapes
+from megatron_rpo.convert.layout import FUSE, IGNORED_SUFFIXES, LAYER_MAP, file_groups, expected_shapes
 
 __all__ = ["convert_hf_to_megatron"]
 
@@ -62,12 +62,7 @@ def convert_hf_to_megatron(
     index: dict[str, str] = {}
     dtype = None
     with StagedDirectory(output_dir) as tmp:
-        groups = [("embedding", {"embedding.word_embeddings.weight": GLOBAL_MAP["embedding.word_embeddings.weight"]})]
-        groups += [(f"layer_{i:05d}", None) for i in range(model.num_layers)]
-        final = {"decoder.final_layernorm.weight": GLOBAL_MAP["decoder.final_layernorm.weight"]}
-        if model.untie_embeddings_and_output_weights:
-            final["output_layer.weight"] = GLOBAL_MAP["output_layer.weight"]
-        groups.append(("final", final))
+        groups = file_groups(model)
         for group, mapping in tqdm(groups, desc="convert", unit=" layers", disable=not progress):
             tensors = {}
             if mapping is None:  # a transformer layer

@@ -17,7 +17,7 @@ import torch
 
 from megatron_rpo.config import ModelConfig
 
-__all__ = ["LAYER_MAP", "GLOBAL_MAP", "fuse_qkv", "split_qkv", "fuse_gate_up", "split_gate_up", "expected_shapes"]
+__all__ = ["LAYER_MAP", "GLOBAL_MAP", "file_groups", "fuse_qkv", "split_qkv", "fuse_gate_up", "split_gate_up", "expected_shapes"]
 
 # Megatron name (per layer, after "decoder.layers.{i}.") -> HF names (after "model.layers.{i}.") and the transform.
 LAYER_MAP = {
@@ -97,3 +97,14 @@ def expected_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     if m.untie_embeddings_and_output_weights:
         shapes["output_layer.weight"] = (m.vocab_size, h)
     return shapes
+
+
+def file_groups(m: ModelConfig) -> list[tuple[str, dict | None]]:
+    """The checkpoint's files in order, one per group: ``(name, {megatron name: (hf names, transform)})``
+    for the embedding and the final group, ``(name, None)`` for a transformer layer (LAYER_MAP)."""
+    final = {"decoder.final_layernorm.weight": GLOBAL_MAP["decoder.final_layernorm.weight"]}
+    if m.untie_embeddings_and_output_weights:
+        final["output_layer.weight"] = GLOBAL_MAP["output_layer.weight"]
+    return ([("embedding", {"embedding.word_embeddings.weight": GLOBAL_MAP["embedding.word_embeddings.weight"]})]
+            + [(f"layer_{i:05d}", None) for i in range(m.num_layers)]
+            + [("final", final)])

@@ -13,7 +13,7 @@ import shutil
 from tqdm import tqdm
 
 from megatron_rpo.convert.files import ConvertedCheckpoint, StagedDirectory, save_tensors
-from megatron_rpo.convert.layout import GLOBAL_MAP, LAYER_MAP, SPLIT
+from megatron_rpo.convert.layout import LAYER_MAP, SPLIT, file_groups
 
 __all__ = ["convert_megatron_to_hf"]
 
@@ -36,12 +36,7 @@ def convert_megatron_to_hf(megatron_dir: str, output_dir: str, *, progress: bool
         hf_config = json.load(f)
     weight_map: dict[str, str] = {}
     with StagedDirectory(output_dir) as tmp:
-        groups = [("embedding", {"embedding.word_embeddings.weight": GLOBAL_MAP["embedding.word_embeddings.weight"]})]
-        groups += [(f"layer_{i:05d}", None) for i in range(model.num_layers)]
-        final = {"decoder.final_layernorm.weight": GLOBAL_MAP["decoder.final_layernorm.weight"]}
-        if model.untie_embeddings_and_output_weights:
-            final["output_layer.weight"] = GLOBAL_MAP["output_layer.weight"]
-        groups.append(("final", final))
+        groups = file_groups(model)
         for number, (group, mapping) in enumerate(tqdm(groups, desc="export", unit=" layers", disable=not progress)):
             tensors = {}
             if mapping is None:

@@ -53,6 +53,12 @@ def test_int_is_accepted_for_float_fields(tmp_path):
     assert c.loss.beta == 1.0 and isinstance(c.loss.beta, float)
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # PyYAML reads 5e-7 as a string; a learning rate written that way must still work.
+    path = _write(tmp_path / "lr.yaml", "optimizer:\n  lr: 5e-7\n")
+    assert load_config(path, ["optimizer.min_lr=1e-8"]).optimizer.lr == 5e-7
+
+
 def test_dump_and_load_round_trip(tmp_path):
     c = load_config(None, ["loss.loss_type=simpo_rpo", "loss.beta=2.5", "data.paired=false", "loss.tau=0.75",
                            "model.num_query_groups=8", "train.save=/tmp/x"])

@@ -5,7 +5,6 @@ model and batch.
 """
 
 import os
-import zlib
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 from megatron_rpo import cpu
 from megatron_rpo.config import ParallelConfig
 from tests.multiprocess import RankFailure, run_ranks
+from tests.unit.megatron_helpers import fill_by_name, global_name
 
 VOCAB, SEQ, LAYERS = 128, 16, 4
 
@@ -36,22 +36,6 @@ def _tiny_gpt(tp=1, pp=1):
         position_embedding_type="rope", share_embeddings_and_output_weights=False,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
     )
-
-
-def _global_name(model, name):
-    """``decoder.layers.<local>.x`` -> ``decoder.layers.<global>.x`` (layer_number is 1-based, global)."""
-    parts = name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
-    return ".".join(parts)
-
-
-def _fill_by_name(model):
-    """Weights that depend only on the parameter's global name, whatever the pipeline split."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            g = torch.Generator().manual_seed(zlib.crc32(_global_name(model, name).encode()))
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if "layernorm" in name else 0.0))
 
 
 def _batches(n, batch, seed=0):
@@ -101,7 +85,7 @@ def _pipeline(pp, num_microbatches):
 
     parallel.initialize(ParallelConfig(pipeline_model_parallel_size=pp))
     model = _tiny_gpt(pp=pp)
-    _fill_by_name(model)
+    fill_by_name(model, VOCAB)
     data = iter(_batches(num_microbatches, 2))
 
     def loss_func(per_token):
@@ -116,7 +100,7 @@ def _pipeline(pp, num_microbatches):
         forward_step_func=forward_step, data_iterator=data, model=[model], num_microbatches=num_microbatches,
         seq_length=SEQ, micro_batch_size=2, forward_only=False,
     )
-    grads = {_global_name(model, n): p.grad.clone() for n, p in model.named_parameters()}
+    grads = {global_name(model, n): p.grad.clone() for n, p in model.named_parameters()}
     return {
         "schedule": schedule.__name__,
         "last_stage": ps.is_pipeline_last_stage(),
@@ -149,7 +133,7 @@ def _ddp_step(dp, distributed_optimizer):
 
     parallel.initialize(ParallelConfig())
     model = _tiny_gpt()
-    _fill_by_name(model)
+    fill_by_name(model, VOCAB)
     initial = torch.cat([p.detach().flatten() for p in model.parameters()])
     model = DistributedDataParallel(
         model.config,
