@@ -98,7 +98,7 @@ def main() -> None:
     print(f"converted checkpoint: {ckpt}")
 
     say("preprocessing and prompt embeddings")
-    prefixes = {}
+    prefixes, pair_counts = {}, {}
     for split, rows in (("train", lines[:TRAIN_ROWS]), ("valid", lines[TRAIN_ROWS:])):
         src = os.path.join(work, f"{split}.jsonl")
         with open(src, "w") as f:
@@ -109,6 +109,7 @@ def main() -> None:
         skipped = ", ".join(f"line {s['line']} ({s['field']}: {s['reason']})" for s in m["skipped"])
         print(f"{split}: {m['num_pairs']} pairs -> {prefix}.*{'; skipped ' + skipped if skipped else ''}")
         prefixes[split] = prefix
+        pair_counts[split] = m["num_pairs"]
     common = [f"data.train_data_prefix={prefixes['train']}", f"data.valid_data_prefix={prefixes['valid']}"]
 
     say(f"supervised warm-up on the chosen responses ({args.sft_steps} steps)")
@@ -139,8 +140,10 @@ def main() -> None:
     print(f"prompt: {prompt!r}\nreply:  {tok.decode(out[0, ids.shape[1]:].tolist())!r}")
 
     say(f"summary ({time.time() - started:.0f} s)")
-    print("held-out pairs; 'likelihood accuracy': the model gives the chosen response a higher per-token "
-          "log-prob than the rejected one (ties count half)")
+    pairs = pair_counts["valid"]
+    print(f"{pairs} held-out pairs (one standard error of an accuracy near 0.5: +-{0.5 / max(pairs, 1) ** 0.5:.2f}); "
+          "'likelihood accuracy': the model gives the chosen response a higher per-token log-prob than the "
+          "rejected one (ties count half)")
     print(f"  likelihood accuracy after warm-up, before RPO: {before_rpo['accuracy']:.3f}")
     print(f"  likelihood accuracy after RPO:                 {after_rpo['accuracy']:.3f}")
     print(f"  RPO reward accuracy (beta * log-ratio against the warm-up model): {rpo_eval['accuracy']:.3f}, "

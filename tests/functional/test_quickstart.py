@@ -12,7 +12,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "examples", "quickstart.py"), "--workdir", str(work), "--sft-steps", "4",
          "--rpo-steps", "2"],
-        capture_output=True, text=True, timeout=900, cwd=REPO,
+        capture_output=True, text=True, timeout=500, cwd=REPO,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
