@@ -43,9 +43,12 @@ def format_line(step: int, total: int, m: dict, lr: float, grad_norm: float | No
                 step_time: float, eta_s: float) -> str:
     eta = f"{int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m" if eta_s >= 3600 else \
         f"{int(eta_s // 60)}m{int(eta_s % 60):02d}s"
+    # Matrix losses report their M x N contrast matrix; the others how many chosen / rejected sequences.
+    rows, cols = int(m["matrix_rows"]), int(m["matrix_cols"])
+    shape = f"matrix {rows}x{cols}" if not math.isnan(m["row_entropy"]) else f"sequences {rows}+{cols}"
     return (f"step {step}/{total} | loss {_fmt(m['loss'], '.4f')} | chosen {_fmt(m['chosen_reward'], '+.4f')} | "
             f"rejected {_fmt(m['rejected_reward'], '+.4f')} | margin {_fmt(m['reward_margin'], '+.4f')} | "
-            f"acc {_fmt(m['accuracy'], '.3f')} | matrix {int(m['matrix_rows'])}x{int(m['matrix_cols'])} | "
+            f"acc {_fmt(m['accuracy'], '.3f')} | {shape} | "
             f"lr {lr:.2e} | grad {_fmt(grad_norm if grad_norm is not None else float('nan'), '.3f')} | "
             f"{tokens_per_s:,.0f} tok/s | {step_time:.2f} s/step | ETA {eta}")
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -48,3 +49,25 @@ def test_unknown_model_and_missing_dataset_are_clear_errors(tmp_path):
         resolve_model("some/remote-model")
     with pytest.raises(ValueError, match=r"nothing.manifest.json not found"):
         precompute_prompt_embeddings(str(tmp_path / "nothing"), progress=False)
+
+
+def _sharded(prefix):
+    # Under torchrun-like ranks the prompts are split over ranks and rank 0 writes.
+    return precompute_prompt_embeddings(prefix, progress=False)
+
+
+def test_embeddings_sharded_over_ranks_equal_one_process(tmp_path, dataset):
+    import shutil
+
+    from tests.multiprocess import run_ranks
+
+    precompute_prompt_embeddings(dataset, progress=False)
+    single, _ = load_prompt_embeddings(dataset)
+    copy = tmp_path / "hh"
+    for name in os.listdir(os.path.dirname(dataset)):
+        if name.startswith("hh.") and not name.startswith("hh.emb"):
+            shutil.copy(os.path.join(os.path.dirname(dataset), name), tmp_path / name)
+    manifests = run_ranks(_sharded, 2, str(copy), timeout=300)
+    assert manifests[1] == {} and manifests[0]["num_prompts"] == len(single)
+    sharded, _ = load_prompt_embeddings(str(copy))
+    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
