@@ -125,3 +125,44 @@ def test_datasets_with_different_tokenizers_are_refused(workspace, tmp_path, hh_
                            "loss.weighting=uniform")
     with pytest.raises(RankFailure, match="were tokenised with different tokenizers"):
         run_ranks(_train, 1, overrides, timeout=120)
+
+
+def _crash_during_save(overrides):
+    from megatron.core import parallel_state
+
+    from megatron_rpo.config import load_config
+    from megatron_rpo.training import checkpointing
+    from megatron_rpo.training.trainer import Trainer
+
+    trainer = Trainer(load_config(RECIPE, overrides))
+    trainer.train()  # saves iter_0000002
+    real_save = checkpointing.dist_checkpointing.save
+
+    def dies_halfway(state, directory, **kwargs):
+        with open(os.path.join(directory, "partial.distcp"), "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    checkpointing.dist_checkpointing.save = dies_halfway
+    trainer.step = 3
+    try:
+        trainer.save()
+    except OSError as e:
+        crashed = str(e)
+    finally:
+        checkpointing.dist_checkpointing.save = real_save
+        trainer.scalars.close()
+        parallel_state.destroy_model_parallel()  # the process group stays for the next Trainer
+    resumed = Trainer(load_config(RECIPE, overrides))  # must load the previous checkpoint
+    resumed.scalars.close()
+    return {"crashed": crashed, "resumed_step": resumed.step}
+
+
+def test_a_crash_during_a_save_keeps_the_previous_checkpoint(workspace, tmp_path):
+    save = tmp_path / "run"
+    (result,) = run_ranks(_crash_during_save, 1, _overrides(workspace, save, "train.train_iters=2",
+                                                           "train.export=false", "loss.weighting=uniform"),
+                          timeout=300)
+    assert result == {"crashed": "disk full", "resumed_step": 2}
+    assert (save / "latest").read_text().strip() == "iter_0000002"
+    assert (save / "iter_0000003.tmp" / "partial.distcp").exists() and not (save / "iter_0000003").exists()
