@@ -140,7 +140,7 @@ VOCAB = 100  # not a multiple of 8 x TP: the model carries vocabulary padding ro
 SEQ = 24
 
 
-def tiny_config(tp: int = 1, pp: int = 1, sp: bool = False, **loss) -> "Config":
+def tiny_config(tp: int = 1, pp: int = 1, sp: bool = False, **loss):
     """A 4-layer GQA Llama-shaped model small enough for gloo tests."""
     from megatron_rpo.config import config_from_dict
 

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megatron_rpo.convert import convert_hf_to_megatron, convert_megatron_to_hf
