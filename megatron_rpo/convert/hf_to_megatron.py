@@ -14,7 +14,7 @@ from tqdm import tqdm
 from megatron_rpo.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_rpo.convert.files import MARKER, HFWeights, StagedDirectory, copy_tokenizer, save_tensors
 from megatron_rpo.convert.hf_config import model_config_from_hf, read_hf_config
-from megatron_rpo.convert.layout import FUSE, IGNORED_SUFFIXES, LAYER_MAP, file_groups, expected_shapes
+from megatron_rpo.convert.layout import FUSE, IGNORED_SUFFIXES, LAYER_MAP, expected_shapes, file_groups, weights_file
 
 __all__ = ["convert_hf_to_megatron"]
 
@@ -77,7 +77,7 @@ def convert_hf_to_megatron(
                 for target, (hf_keys, transform) in mapping.items():
                     tensors[target] = _convert(weights, model, hf_keys, transform, target, shapes[target], consumed)
             dtype = dtype or str(next(iter(tensors.values())).dtype).replace("torch.", "")
-            path = os.path.join("weights", f"{group}.safetensors")
+            path = weights_file(group)
             save_tensors(tensors, os.path.join(tmp, path))
             index.update({name: path for name in tensors})
         unused = sorted(n for n in weights.names() - consumed if not n.endswith(IGNORED_SUFFIXES)

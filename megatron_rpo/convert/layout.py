@@ -17,7 +17,8 @@ import torch
 
 from megatron_rpo.config import ModelConfig
 
-__all__ = ["LAYER_MAP", "GLOBAL_MAP", "file_groups", "fuse_qkv", "split_qkv", "fuse_gate_up", "split_gate_up", "expected_shapes"]
+__all__ = ["LAYER_MAP", "GLOBAL_MAP", "file_groups", "group_of", "weights_file", "fuse_qkv", "split_qkv",
+           "fuse_gate_up", "split_gate_up", "expected_shapes"]
 
 # Megatron name (per layer, after "decoder.layers.{i}.") -> HF names (after "model.layers.{i}.") and the transform.
 LAYER_MAP = {
@@ -106,5 +107,22 @@ def file_groups(m: ModelConfig) -> list[tuple[str, dict | None]]:
     if m.untie_embeddings_and_output_weights:
         final["output_layer.weight"] = GLOBAL_MAP["output_layer.weight"]
     return ([("embedding", {"embedding.word_embeddings.weight": GLOBAL_MAP["embedding.word_embeddings.weight"]})]
-            + [(f"layer_{i:05d}", None) for i in range(m.num_layers)]
+            + [(_layer_group(i), None) for i in range(m.num_layers)]
             + [("final", final)])
+
+
+def _layer_group(layer: int) -> str:
+    return f"layer_{layer:05d}"
+
+
+def group_of(name: str) -> str:
+    """The file group (see :func:`file_groups`) that holds the Megatron tensor ``name``."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        return _layer_group(int(parts[2]))
+    return "embedding" if name.startswith("embedding.") else "final"
+
+
+def weights_file(group: str) -> str:
+    """A group's file, relative to the checkpoint directory."""
+    return f"weights/{group}.safetensors"

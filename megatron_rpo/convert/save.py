@@ -19,16 +19,10 @@ from megatron.core import parallel_state
 
 from megatron_rpo.config import ModelConfig
 from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint, save_tensors
+from megatron_rpo.convert.layout import group_of, weights_file
 from megatron_rpo.convert.load import VOCAB_TENSORS, canonical_name
 
 __all__ = ["save_converted"]
-
-
-def _file_for(name: str) -> str:
-    parts = name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        return f"weights/layer_{int(parts[2]):05d}.safetensors"
-    return "weights/embedding.safetensors" if name.startswith("embedding.") else "weights/final.safetensors"
 
 
 def _whole(param: torch.Tensor) -> torch.Tensor:
@@ -71,7 +65,7 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
             continue
         if name in VOCAB_TENSORS:
             tensor = tensor[: model_config.vocab_size]  # drop the padding rows
-        files.setdefault(_file_for(name), {})[name] = tensor.contiguous()
+        files.setdefault(weights_file(group_of(name)), {})[name] = tensor.contiguous()
         if len(files) > 1:  # one layer at a time in memory: flush the finished files
             for path in list(files)[:-1]:
                 save_tensors(files.pop(path), os.path.join(tmp, path))

@@ -83,17 +83,17 @@ def _weighting_kwargs(c: LossConfig) -> dict:
 def _rpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
     lc, lr = chosen.logratios(), rejected.logratios()
     loss = rpo_loss(lc, lr, chosen.prompt_emb, rejected.prompt_emb, beta=c.beta, **_weighting_kwargs(c))
-    return loss, c.beta * lc, c.beta * lr, True
+    return loss, c.beta * lc, c.beta * lr
 
 
 def _dpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
     lc, lr = chosen.logratios(), rejected.logratios()
-    return dpo_loss(lc, lr, beta=c.beta), c.beta * lc, c.beta * lr, False
+    return dpo_loss(lc, lr, beta=c.beta), c.beta * lc, c.beta * lr
 
 
 def _ipo(c: LossConfig, chosen: Sequences, rejected: Sequences):
     lc, lr = chosen.logratios(), rejected.logratios()
-    return ipo_loss(lc, lr, beta=c.beta), c.beta * lc, c.beta * lr, False
+    return ipo_loss(lc, lr, beta=c.beta), c.beta * lc, c.beta * lr
 
 
 def _simpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
@@ -101,7 +101,7 @@ def _simpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
                       beta=c.beta, gamma=c.gamma)
     rc = simpo_rewards(chosen.policy_logps, chosen.lengths, beta=c.beta)
     rr = simpo_rewards(rejected.policy_logps, rejected.lengths, beta=c.beta)
-    return loss, rc, rr, False
+    return loss, rc, rr
 
 
 def _simpo_rpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
@@ -109,7 +109,7 @@ def _simpo_rpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
                           chosen.prompt_emb, rejected.prompt_emb, beta=c.beta, gamma=c.gamma, **_weighting_kwargs(c))
     rc = simpo_rewards(chosen.policy_logps, chosen.lengths, beta=c.beta)
     rr = simpo_rewards(rejected.policy_logps, rejected.lengths, beta=c.beta)
-    return loss, rc, rr, True
+    return loss, rc, rr
 
 
 def _sft(c: LossConfig, chosen: Sequences, rejected: Sequences):
@@ -122,12 +122,12 @@ def _sft(c: LossConfig, chosen: Sequences, rejected: Sequences):
     else:
         loss = -chosen.policy_logps.sum() / lengths.sum()
     rr = rejected.policy_logps / rejected.lengths.to(rejected.policy_logps.dtype)
-    return loss, chosen.policy_logps / lengths, rr, False
+    return loss, chosen.policy_logps / lengths, rr
 
 
 LOSS_TYPES: dict[str, Callable] = {"rpo": _rpo, "dpo": _dpo, "ipo": _ipo, "simpo": _simpo, "simpo_rpo": _simpo_rpo,
                                    "sft": _sft}
-"""loss_type -> fn(config, chosen, rejected) -> (loss, chosen_rewards, rejected_rewards, uses_matrix)."""
+"""loss_type -> fn(config, chosen, rejected) -> (loss, chosen_rewards, rejected_rewards)."""
 
 
 def preference_loss(
@@ -139,9 +139,9 @@ def preference_loss(
         (0-dim loss, metrics): rewards are ``beta * (policy - reference)`` for reference-based
         losses and SimPO's ``beta / |y| * policy_logp`` for reference-free ones.
     """
-    loss, chosen_rewards, rejected_rewards, uses_matrix = LOSS_TYPES[config.loss_type](config, chosen, rejected)
+    loss, chosen_rewards, rejected_rewards = LOSS_TYPES[config.loss_type](config, chosen, rejected)
     weights = None
-    if uses_matrix:
+    if config.uses_matrix:
         with torch.no_grad():
             weights = contrast_weights(
                 chosen.prompt_emb, rejected.prompt_emb, chosen_rewards.shape[0], rejected_rewards.shape[0],
