@@ -4,8 +4,10 @@ import os
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.workspace import RECIPE, REPO, build
+
 HH_SLICE = os.path.join(REPO, "data", "hh_harmless_slice.jsonl")
+__all__ = ["HH_SLICE", "RECIPE", "REPO"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,3 +36,9 @@ def sp_tokenizer(tmp_path_factory) -> str:
             row = json.loads(line)
             texts += [row["chosen"], row["rejected"]]
     return train_sentencepiece(texts, str(tmp_path_factory.mktemp("tok") / "sp"), vocab_size=800)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory, hh_slice, sp_tokenizer) -> dict:
+    """A converted tiny Llama matching configs/tiny_cpu.yaml, train/valid datasets and embeddings."""
+    return build(tmp_path_factory.mktemp("train"), hh_slice, sp_tokenizer)

@@ -76,6 +76,7 @@ def contrast_weights(
     alpha: float = 0.8,
     row_normalization: str = "sum",
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The [M, N] contrast weights (see the module docstring for the formulas).
 
@@ -89,6 +90,8 @@ def contrast_weights(
         alpha: diagonal weight of ``diagonal`` weights, in [0, 1].
         row_normalization: ``sum`` (rows sum to 1) or ``mean`` (rows average 1).
         dtype: float32 or float64; the weights are computed in it.
+        device: where ``uniform`` and ``diagonal`` weights are made; pass the device of the
+            log-ratios they will multiply (``embedding`` weights follow the embeddings).
 
     Returns:
         [M, N] tensor of ``dtype``. Empty when M or N is 0.
@@ -117,9 +120,6 @@ def contrast_weights(
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if M != N:
             raise ValueError(f'weighting="diagonal" needs paired data (M == N), got M={M}, N={N}')
-        device = None
-    else:
-        device = None
     if M == 0 or N == 0:
         return torch.zeros(M, N, dtype=dtype, device=device)
 

@@ -19,10 +19,8 @@ import torch.distributed as dist
 __all__ = ["all_gather_with_grad", "gather_rows"]
 
 
-def _sizes(n: int, group) -> list[int]:
-    local = torch.tensor([n], dtype=torch.long)
-    if dist.get_backend(group) == "nccl":
-        local = local.cuda()
+def _sizes(n: int, group, device: torch.device) -> list[int]:
+    local = torch.tensor([n], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, local, group=group)
     return [int(s.item()) for s in sizes]
@@ -31,7 +29,7 @@ def _sizes(n: int, group) -> list[int]:
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group):
-        sizes = _sizes(tensor.shape[0], group)
+        sizes = _sizes(tensor.shape[0], group, tensor.device)
         ctx.group, ctx.sizes, ctx.rank = group, sizes, dist.get_rank(group)
         # Pad every slice to the largest so the collective has equal shapes: [max, ...] per rank.
         longest = max(sizes)

@@ -99,6 +99,7 @@ def rpo_loss(
         alpha=alpha,
         row_normalization=row_normalization,
         dtype=dtype,
+        device=chosen_logratios.device,
     )
     if weights.numel() == 0:
         return _empty_loss(chosen_logratios, rejected_logratios)
@@ -223,6 +224,7 @@ def simpo_rpo_loss(
         alpha=alpha,
         row_normalization=row_normalization,
         dtype=compute_dtype(rc, chosen_prompt_emb, rejected_prompt_emb),
+        device=rc.device,
     )
     if weights.numel() == 0:
         return _empty_loss(chosen_logps, rejected_logps)

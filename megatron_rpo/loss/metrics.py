@@ -40,15 +40,15 @@ def preference_metrics(
     """
     c = chosen_rewards.detach().float()
     r = rejected_rewards.detach().float()
-    nan = torch.tensor(float("nan"))
+    nan = c.new_tensor(float("nan"))
     paired = c.shape == r.shape and c.numel() > 0
     out = {
         "chosen_reward": c.mean() if c.numel() else nan,
         "rejected_reward": r.mean() if r.numel() else nan,
         # Ties count half: at step 0 (policy == reference) every reward is 0 and accuracy is chance.
         "accuracy": ((c > r).float() + 0.5 * (c == r).float()).mean() if paired else nan,
-        "matrix_rows": torch.tensor(float(c.numel())),
-        "matrix_cols": torch.tensor(float(r.numel())),
+        "matrix_rows": c.new_tensor(float(c.numel())),
+        "matrix_cols": c.new_tensor(float(r.numel())),
     }
     out["reward_margin"] = out["chosen_reward"] - out["rejected_reward"]
     if weights is not None:

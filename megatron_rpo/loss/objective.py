@@ -145,6 +145,6 @@ def preference_loss(
         with torch.no_grad():
             weights = contrast_weights(
                 chosen.prompt_emb, rejected.prompt_emb, chosen_rewards.shape[0], rejected_rewards.shape[0],
-                **_weighting_kwargs(config),
+                **_weighting_kwargs(config), device=chosen_rewards.device,
             )
     return loss, preference_metrics(chosen_rewards, rejected_rewards, weights)

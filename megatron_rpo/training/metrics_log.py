@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_rpo.device import current_device
+
 __all__ = ["METRICS", "reduce_reports", "format_line", "Scalars"]
 
 METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "diag_weight", "row_entropy",
@@ -27,8 +29,7 @@ def reduce_reports(reports: list[dict]) -> dict[str, float]:
             column = [float(r[key]) for r in reports if key in r]
             values[i] = sum(column) / len(column) if column else float("nan")
         values[-1] = 1.0
-    if torch.cuda.is_available():
-        values = values.cuda()
+    values = values.to(current_device())  # NCCL reduces device tensors only
     dist.all_reduce(values)  # only the data-parallel replicas of the last stage's TP rank 0 add in
     values = values.cpu()
     count = values[-1].item()

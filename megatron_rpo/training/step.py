@@ -9,6 +9,11 @@ The optimizer step is the trainer's; this module only produces gradients (and re
   microbatch on this rank / on every data-parallel rank.
 * ``contrast_scope: global_batch``: gradient caching (:mod:`megatron_rpo.loss.gradcache`):
   a forward-only pass, the global loss, then forward-backward with the surrogate loss.
+
+:func:`forward_backward` and :func:`sequence_logps` are the device boundary's only callers
+(:func:`megatron_rpo.device.to_device`): whatever builds microbatches on the host hands them to
+one of these two, and everything after (the model, the reference, the loss, gradient caching)
+sees them on the model's device.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rpo.config import LossConfig
+from megatron_rpo.device import to_device
 from megatron_rpo.loss.gradcache import cached_logp_gradients
 from megatron_rpo.training.forward_step import (
     forward_step,
@@ -55,9 +61,10 @@ def sequence_logps(model, microbatches: list[dict], *, vocab_size: int):
     """Per-sequence response log-probs and lengths of ``model``, forward only.
 
     Returns:
-        On the last pipeline stage, ``([B] float32 log-probs, [B] lengths)`` per microbatch;
-        None on other stages.
+        On the last pipeline stage, ``([B] float32 log-probs, [B] lengths)`` per microbatch, on
+        the model's device; None on other stages.
     """
+    microbatches = [to_device(mb) for mb in microbatches]
     reports = run_schedule(model, microbatches, logps_loss_func, vocab_size=vocab_size, forward_only=True)
     if not parallel_state.is_pipeline_last_stage():
         return None
@@ -83,8 +90,8 @@ def forward_backward(
 
     Args:
         model: the policy (a module or megatron's list of model chunks; DDP-wrapped to train).
-        microbatches: this rank's microbatches for the step; modified in place (``ref_logps``,
-            ``logp_grads``).
+        microbatches: this rank's microbatches for the step, on the host or the device; moved
+            to the model's device here (the callers' dicts are left as they are).
         loss: the loss config (type, ``contrast_scope``, ``reference``).
         vocab_size: the real (unpadded) vocabulary.
         reference: the frozen reference model for ``loss.reference == "online"``.
@@ -94,6 +101,7 @@ def forward_backward(
         Per-microbatch reports on the last pipeline stage ([] elsewhere). Under
         ``global_batch`` one report, for the whole global batch.
     """
+    microbatches = [to_device(mb) for mb in microbatches]
     if loss.uses_reference and loss.reference == "online":
         if reference is None:
             raise ValueError("loss.reference='online' needs a reference model")

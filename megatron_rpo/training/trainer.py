@@ -22,6 +22,7 @@ from megatron_rpo import parallel
 from megatron_rpo.config import Config, dump_config
 from megatron_rpo.convert.save import save_converted
 from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate
+from megatron_rpo.device import current_device
 from megatron_rpo.models import model_provider
 from megatron_rpo.training.checkpointing import (
     checkpoint_model_config,
@@ -179,8 +180,8 @@ class Trainer:
             self.sampler.consumed_samples += self.samples_per_step
             metrics = reduce_reports(reports)
             self.history.append(dict(metrics, step=self.step, lr=lr_used, grad_norm=grad_norm))
-            counts = torch.tensor([tokens], dtype=torch.float64)
-            dist.all_reduce(counts.cuda() if torch.cuda.is_available() else counts)
+            counts = torch.tensor([tokens], dtype=torch.float64, device=current_device())
+            dist.all_reduce(counts)
             elapsed = time.perf_counter() - start
             times.append(elapsed)
             lr = lr_used

@@ -56,3 +56,23 @@ def test_row_entropy():
     one_hot = torch.eye(4)
     assert row_entropy(one_hot).item() == pytest.approx(0.0, abs=1e-6)
     assert row_entropy(torch.zeros(0, 3)).item() == 0.0
+
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "diagonal"])
+def test_weights_loss_and_metrics_stay_on_the_device_of_their_inputs(weighting):
+    # The meta device stands in for a GPU: a weight made on the host would not mix with it.
+    # (Embedding weights follow the embeddings; their input checks, like SimPO's length check,
+    # read values, which meta tensors do not have.)
+    from megatron_rpo.config import LossConfig
+    from megatron_rpo.loss.objective import Sequences, preference_loss
+
+    meta = torch.device("meta")
+    assert contrast_weights(None, None, 3, 3, weighting=weighting, device=meta).device == meta
+
+    def side():
+        return Sequences(policy_logps=torch.empty(3, device=meta), lengths=torch.ones(3, device=meta),
+                         ref_logps=torch.empty(3, device=meta))
+
+    loss, metrics = preference_loss(LossConfig(weighting=weighting), side(), side())
+    assert loss.device == meta and {v.device for v in metrics.values()} == {meta}

@@ -86,7 +86,7 @@ def _policy_vs_reference(tp, pp, microbatches):
 
     from megatron_rpo import parallel
     from megatron_rpo.models import model_provider
-    from megatron_rpo.training.step import forward_backward
+    from megatron_rpo.training.step import forward_backward, sequence_logps
 
     config = tiny_config(tp=tp, pp=pp, loss_type="rpo", reference="online")
     parallel.initialize(config.parallel)
@@ -97,8 +97,9 @@ def _policy_vs_reference(tp, pp, microbatches):
         del mb["ref_logps"]  # computed online
     reports = forward_backward(policy, microbatches, config.loss, vocab_size=VOCAB, reference=reference,
                                forward_only=True)
+    ref = sequence_logps(reference, microbatches, vocab_size=VOCAB)
     last = ps.is_pipeline_last_stage()
-    return {"ref_logps": [mb["ref_logps"] for mb in microbatches] if last else None,
+    return {"ref_logps": [logps for logps, _ in ref] if last else None,
             "reports": reports if last else None}
 
 

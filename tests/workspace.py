@@ -1,0 +1,64 @@
+"""A converted tiny Llama, train/valid datasets with embeddings, and a one-call trainer run.
+
+Shared by the functional tests, the device-boundary test and the GPU tier (the fixture that
+builds it is ``workspace`` in tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(REPO, "configs", "tiny_cpu.yaml")
+
+
+def build(root, hh_slice: str, sp_tokenizer: str) -> dict:
+    """Write the checkpoint (``ckpt``, and Hugging Face ``hf``) and the ``train``/``valid`` datasets under ``root``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_rpo.config import load_config
+    from megatron_rpo.convert import convert_hf_to_megatron
+    from megatron_rpo.data.embeddings import precompute_prompt_embeddings
+    from megatron_rpo.data.preprocess import preprocess
+    from megatron_rpo.data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(sp_tokenizer).vocab_size
+    m = load_config(RECIPE).model
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+                                 num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                                 num_key_value_heads=m.num_query_groups, max_position_embeddings=m.max_position_embeddings,
+                                 rms_norm_eps=m.norm_epsilon)).save_pretrained(root / "hf")
+    convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), progress=False)
+    with open(hh_slice) as f:
+        lines = f.readlines()
+    (root / "train.jsonl").write_text("".join(lines[:200]))
+    (root / "valid.jsonl").write_text("".join(lines[200:232]))
+    for split in ("train", "valid"):
+        preprocess([str(root / f"{split}.jsonl")], "hh", sp_tokenizer, str(root / split), max_prompt_length=96,
+                   max_length=160, progress=False)
+        precompute_prompt_embeddings(str(root / split), progress=False)
+    return {"root": root, "vocab": vocab}
+
+
+def overrides(ws: dict, save, *extra: str) -> list[str]:
+    """Command-line overrides of configs/tiny_cpu.yaml for a 6-step run on the workspace."""
+    root = ws["root"]
+    return [f"model.vocab_size={ws['vocab']}", f"train.load={root / 'ckpt'}",
+            f"data.train_data_prefix={root / 'train'}", f"data.valid_data_prefix={root / 'valid'}",
+            f"train.save={save}", "train.train_iters=6", "train.eval_iters=2", "train.keep_last=5", *extra]
+
+
+def train(overrides: list[str]) -> dict:
+    """Train configs/tiny_cpu.yaml with ``overrides``; the per-step history and the last evaluation."""
+    from megatron_rpo.config import load_config
+    from megatron_rpo.training.trainer import Trainer
+
+    trainer = Trainer(load_config(RECIPE, overrides))
+    try:
+        evaluation = trainer.train()
+        return {"history": trainer.history, "eval": evaluation}
+    finally:
+        trainer.scalars.close()
