@@ -7,7 +7,9 @@
 4. RPO from the warmed-up model (online reference, the contrast matrix over both ranks);
 5. held-out evaluation before and after RPO; export to Hugging Face; one reply from transformers.
 
-Every training stage runs ``python -m megatron_rpo.train`` under torchrun with 2 processes.
+Every training stage runs ``python -m megatron_rpo.train`` under torchrun with 2 processes on
+CPU; on a CUDA machine with one process per GPU, up to 2 (NCCL cannot share one GPU between two
+ranks), and it says what it chose. ``--nproc`` overrides either.
 
     python examples/quickstart.py [--workdir runs/quickstart] [--sft-steps 150] [--rpo-steps 100]
 """
@@ -59,14 +61,28 @@ def likelihood_eval(nproc: int, common: list[str], load: str) -> dict:
     return last_eval(out)
 
 
+def choose_nproc(requested: int | None) -> int:
+    """2 gloo processes on CPU; on CUDA one per GPU (NCCL ranks cannot share a GPU), at most 2."""
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if requested is not None and requested > gpus:
+            raise SystemExit(f"--nproc {requested} needs {requested} GPUs; this machine has {gpus}")
+        nproc = requested or min(2, gpus)
+        print(f"CUDA: {gpus} GPU(s) visible; training with {nproc} process(es), one per GPU", flush=True)
+        return nproc
+    return requested or 2
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "quickstart"))
     p.add_argument("--sft-steps", type=int, default=150)
     p.add_argument("--rpo-steps", type=int, default=100)
     p.add_argument("--rpo-lr", type=float, default=5e-5, help="RPO learning rate (the warm-up uses the recipe's)")
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes per training stage (default: 2 on CPU; one per GPU, at most 2, on CUDA)")
     args = p.parse_args()
+    args.nproc = choose_nproc(args.nproc)
     started = time.time()
     work = os.path.abspath(args.workdir)
     shutil.rmtree(work, ignore_errors=True)

@@ -278,9 +278,18 @@ class DataConfig(_Section):
     """Longest prompt + response in tokens; longer responses are cut."""
     seed: int = 1234
     """Seed of the shuffling samplers."""
+    packing: bool = True
+    """Pack each microbatch's sequences back to back into one row (megatron's ``thd`` layout:
+    attention stays inside each sequence, positions restart at each one) instead of padding
+    every sequence to ``max_length``. Same sequences, same contrast matrix, no compute spent on
+    padding; false pads as before."""
+    pack_multiple: int = 64
+    """A packed row is padded up to a multiple of this many tokens (the longest of the step's
+    microbatches: pipeline stages exchange one shape per step). With sequence parallelism it
+    must be a multiple of the tensor-parallel size."""
 
     def validate(self) -> None:
-        self._positive("max_prompt_length", "max_length")
+        self._positive("max_prompt_length", "max_length", "pack_multiple")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"data.max_prompt_length ({self.max_prompt_length}) must be less than "
@@ -417,6 +426,11 @@ class Config:
                 f"model.max_position_embeddings ({self.model.max_position_embeddings})"
             )
         tp = self.parallel.tensor_model_parallel_size
+        if self.data.packing and self.parallel.sequence_parallel and self.data.pack_multiple % tp:
+            raise ValueError(
+                f"data.pack_multiple ({self.data.pack_multiple}) must be a multiple of "
+                f"parallel.tensor_model_parallel_size ({tp}) with sequence parallelism (packed rows are split over it)"
+            )
         if self.model.num_attention_heads % tp:
             raise ValueError(
                 f"model.num_attention_heads ({self.model.num_attention_heads}) is not divisible by "

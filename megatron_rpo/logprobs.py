@@ -40,17 +40,30 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) 
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
 
 
-def sequence_logprobs(token_logps: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(
+    token_logps: torch.Tensor,
+    loss_mask: torch.Tensor,
+    sequence_index: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of response-token log-probs per sequence, and the response token counts.
 
     Args:
         token_logps: [b, s] from :func:`token_logprobs`.
         loss_mask: [b, s], 1 where ``labels`` is a response token, 0 on prompt and padding.
+        sequence_index: packed rows only: [b, s], the sequence each token belongs to (0..B-1,
+            B on padding); None for padded rows, one sequence per row.
+        num_sequences: B, with ``sequence_index``.
 
     Returns:
-        ([b] float32 log-probs, [b] int64 counts).
+        ([B] float32 log-probs, [B] int64 counts).
     """
-    mask = loss_mask.to(token_logps.dtype)
     # Multiplying would turn a -inf or NaN at a masked position into NaN; select instead.
-    logps = torch.where(mask.bool(), token_logps, torch.zeros_like(token_logps)).sum(dim=1)
-    return logps, loss_mask.sum(dim=1).long()
+    masked = torch.where(loss_mask.bool(), token_logps, torch.zeros_like(token_logps))
+    if sequence_index is None:
+        return masked.sum(dim=1), loss_mask.sum(dim=1).long()
+    # [b, s] -> [b * s] summed into B + 1 bins; the last bin collects the padding and is dropped.
+    index = sequence_index.reshape(-1)
+    logps = masked.new_zeros(num_sequences + 1).index_add(0, index, masked.reshape(-1))
+    counts = loss_mask.new_zeros(num_sequences + 1).index_add(0, index, loss_mask.reshape(-1))
+    return logps[:num_sequences], counts[:num_sequences].long()

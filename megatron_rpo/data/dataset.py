@@ -14,10 +14,11 @@ import torch
 
 from megatron_rpo.data.embeddings import load_prompt_embeddings
 from megatron_rpo.data.files import read_manifest
+from megatron_rpo.data import packing as layout
 from megatron_rpo.data.preprocess import MANIFEST_KIND
 from megatron_rpo.data.reference_logps import load_reference_logps
 
-__all__ = ["PreferenceDataset", "PairedSampler", "UnpairedSampler", "collate"]
+__all__ = ["PreferenceDataset", "PairedSampler", "UnpairedSampler", "collate", "collate_step"]
 
 
 class PreferenceDataset:
@@ -146,31 +147,39 @@ class UnpairedSampler(_Sampler):
         ]
 
 
-def collate(dataset: PreferenceDataset, indices: list[int], seq_length: int, pad_id: int = 0) -> dict:
-    """The batch contract for ``indices`` (chosen sequences first for paired microbatches).
+def collate(dataset: PreferenceDataset, indices: list[int], seq_length: int, pad_id: int = 0, *,
+            packed_length: int | None = None) -> dict:
+    """The batch contract for ``indices`` (chosen sequences first for paired microbatches), on the host.
 
-    Every row is right-padded (or cut) to ``seq_length``, so all microbatches have one shape,
-    as pipeline stages need.
+    Sequences are cut to ``seq_length`` tokens. Without ``packed_length`` every row is
+    right-padded to ``seq_length``, so all microbatches have one shape, as pipeline stages need;
+    with it the sequences are packed into one row of ``packed_length`` tokens
+    (:mod:`megatron_rpo.data.packing`). Use :func:`collate_step` for a step's microbatches.
     """
-    rows = len(indices)
-    tokens = torch.full((rows, seq_length), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(rows, seq_length)
+    sequences = [torch.from_numpy(dataset.tokens[i].astype(np.int64))[:seq_length] for i in indices]
     meta = dataset.meta[indices]
-    for b, index in enumerate(indices):
-        ids = torch.from_numpy(dataset.tokens[index].astype(np.int64))[:seq_length]
-        tokens[b, : len(ids)] = ids
-        # labels[t] = tokens[t + 1]: position t is scored when token t + 1 is a response token.
-        loss_mask[b, int(meta["prompt_length"][b]) - 1 : len(ids) - 1] = 1.0
-    batch = {
-        "tokens": tokens,
-        "position_ids": torch.arange(seq_length).expand(rows, seq_length).clone(),
-        "labels": torch.roll(tokens, -1, dims=1),
-        "loss_mask": loss_mask,
-        "is_chosen": torch.from_numpy(meta["is_chosen"].copy()),
-        "pair_id": torch.from_numpy(meta["pair_id"].copy()),
-    }
+    packed = packed_length is not None
+    batch = layout.token_fields(sequences, [int(n) for n in meta["prompt_length"]], packed=packed,
+                         length=packed_length if packed else seq_length, pad_id=pad_id)
+    batch["is_chosen"] = torch.from_numpy(meta["is_chosen"].copy())
+    batch["pair_id"] = torch.from_numpy(meta["pair_id"].copy())
     if dataset.embeddings is not None:
         batch["prompt_embedding"] = torch.from_numpy(dataset.embeddings[meta["prompt_id"]])
     if dataset.ref_logps is not None:
         batch["ref_logps"] = torch.from_numpy(dataset.ref_logps[indices].copy())
     return batch
+
+
+def collate_step(dataset: PreferenceDataset, microbatches: list[list[int]], seq_length: int, *,
+                 packing: bool, pack_multiple: int = 64) -> list[dict]:
+    """One step's microbatches (lists of sequence indices), all of one shape, on the host.
+
+    Padded: [B, seq_length] rows. Packed: one row per microbatch, as long as the longest
+    microbatch of the step needs, rounded up to ``pack_multiple`` (pipeline stages exchange one
+    fixed shape per step; sequence parallelism needs a multiple of the tensor-parallel size).
+    """
+    if not packing:
+        return [collate(dataset, indices, seq_length) for indices in microbatches]
+    lengths = np.minimum(dataset.tokens.sequence_lengths, seq_length)
+    length = max(layout.packed_length([int(n) for n in lengths[indices]], pack_multiple) for indices in microbatches)
+    return [collate(dataset, indices, seq_length, packed_length=length) for indices in microbatches]

@@ -6,9 +6,14 @@
   The arithmetic is Hugging Face Llama's (normalise in float32, cast back, then scale).
 * :class:`SDPAttention`: megatron's ``DotProductAttention`` with the core computation done by
   ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on
-  GPU, no materialised [b, n, s, s] score tensor) for the case it covers exactly: causal
-  self-attention with no explicit mask, bias, window, packed sequences or softmax offset.
-  Anything else falls back to megatron's own implementation.
+  GPU, no materialised [b, n, s, s] score tensor) for the cases it covers exactly: causal
+  self-attention with no explicit mask, bias, window or softmax offset, padded ([s, b, ...]) or
+  packed (megatron's ``thd`` layout: one row of sequences back to back, ``cu_seqlens`` in
+  ``PackedSeqParams``). Packed rows are attended one sequence at a time, each causal on its
+  own, so attention never crosses a boundary and costs the sum of the squared lengths, not the
+  square of the row (a block-diagonal mask would compute, and on the math kernel store, the
+  whole [T, T] square). Anything else falls back to megatron's own implementation (which
+  refuses packed sequences).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ class SDPAttention(DotProductAttention):
             attention_mask is None
             and (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
             and attention_bias is None
-            and packed_seq_params is None
+            and (packed_seq_params is None or packed_seq_params.qkv_format == "thd")
             and self.softmax_offset is None
             and not self.config.apply_query_key_layer_scaling
             and self.config.window_size is None
@@ -71,21 +76,41 @@ class SDPAttention(DotProductAttention):
     ) -> torch.Tensor:
         if not self._sdpa_applies(attention_mask, attn_mask_type, attention_bias, packed_seq_params):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
-        sq, b = query.shape[0], query.shape[1]
-        # [s, b, heads, hn] -> [b, heads, s, hn]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout = self.attention_dropout.p if self.training else 0.0
         # Dropout in tensor-parallel regions draws from the tensor-parallel RNG stream, as megatron does.
         forked = dropout and not self.config.sequence_parallel
         with tensor_parallel.get_cuda_rng_tracker().fork() if forked else contextlib.nullcontext():
-            context = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                dropout_p=dropout,
-                is_causal=True,
-                scale=self.softmax_scale,
-                enable_gqa=self.num_attention_heads_per_partition != self.num_query_groups_per_partition,
-            )
+            if packed_seq_params is not None:
+                return self._packed(query, key, value, packed_seq_params, dropout)
+            sq, b = query.shape[0], query.shape[1]
+            # [s, b, heads, hn] -> [b, heads, s, hn]
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            context = self._attend(q, k, v, dropout)
         # [b, heads, s, hn] -> [s, b, heads * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _attend(self, q, k, v, dropout: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_p=dropout,
+            is_causal=True,
+            scale=self.softmax_scale,
+            enable_gqa=self.num_attention_heads_per_partition != self.num_query_groups_per_partition,
+        )
+
+    def _packed(self, query, key, value, packed_seq_params, dropout: float) -> torch.Tensor:
+        """Causal attention within each segment of a packed row: [t, heads, hn] -> [t, heads * hn]."""
+        cu = packed_seq_params.cu_seqlens_q_padded
+        cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+        bounds = cu.tolist()  # on the host (see forward_step.packed_seq_params): no synchronisation
+        if bounds[-1] != query.shape[0]:
+            raise ValueError(f"packed sequences end at token {bounds[-1]} but the row holds {query.shape[0]}")
+        # [t, heads, hn] -> [1, heads, t, hn]; each segment [1, heads, n, hn] attends causally to itself.
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+        segments = [self._attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout)
+                    for a, b in zip(bounds[:-1], bounds[1:])]
+        # [1, heads, t, hn] -> [t, heads * hn]
+        context = torch.cat(segments, dim=2)[0].transpose(0, 1)
+        return context.reshape(query.shape[0], self.hidden_size_per_partition)

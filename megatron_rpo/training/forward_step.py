@@ -8,7 +8,9 @@ A microbatch is a dict of tensors (the batch contract)::
     ref_logps [B] float32    (reference-based losses)   pair_id [B] (paired data)
 
 Paired microbatches put the P chosen rows first and the P rejected rows second, in the same
-pair order, so chosen row i and rejected column i share a prompt.
+pair order, so chosen row i and rejected column i share a prompt. A packed microbatch
+(:mod:`megatron_rpo.data.packing`) holds its B sequences in one [1, T] row, with
+``sequence_index [1, T]``, ``cu_seqlens`` and ``max_seqlen``; the per-sequence keys are the same.
 
 The policy and the reference go through this same ``forward_step``; only the loss function at
 the end differs: :func:`preference_loss_func` (training), :func:`logps_loss_func` (per-sequence
@@ -24,15 +26,37 @@ from typing import Callable
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_rpo.config import LossConfig
 from megatron_rpo.logprobs import sequence_logprobs, token_logprobs
 from megatron_rpo.loss.distributed import gather_rows
 from megatron_rpo.loss.objective import preference_loss, sequence_rows, sides_from_batch
+from megatron_rpo.models import use_transformer_engine
 
-__all__ = ["forward_step", "preference_loss_func", "logps_loss_func", "surrogate_loss_func"]
+__all__ = ["forward_step", "packed_seq_params", "preference_loss_func", "logps_loss_func", "surrogate_loss_func"]
 
 LossFn = Callable[[dict, torch.Tensor], tuple]
+
+
+def _sequence_logps(batch: dict, token_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B] response log-probs and lengths, for padded ([B, S]) and packed ([1, T]) microbatches alike."""
+    return sequence_logprobs(token_logps, batch["loss_mask"], batch.get("sequence_index"), len(batch["is_chosen"]))
+
+
+def packed_seq_params(batch: dict, device: torch.device) -> PackedSeqParams | None:
+    """megatron's description of a packed microbatch (``thd``), made once and passed to every layer.
+
+    transformer-engine's attention reads the boundaries on the GPU; our local attention and
+    megatron's unfused RoPE split the row with them on the host, so there they stay on the CPU
+    (no device-to-host copy, and no synchronisation, in every layer).
+    """
+    if "cu_seqlens" not in batch:
+        return None
+    where = device if use_transformer_engine() else torch.device("cpu")
+    cu = torch.tensor(batch["cu_seqlens"], dtype=torch.int32, device=where)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
 
 
 def preference_loss_func(loss_config: LossConfig, group, batch: dict, token_logps: torch.Tensor):
@@ -48,7 +72,7 @@ def preference_loss_func(loss_config: LossConfig, group, batch: dict, token_logp
     Returns:
         ``(loss, report)``; the schedule divides the loss by the number of microbatches.
     """
-    policy_logps, lengths = sequence_logprobs(token_logps, batch["loss_mask"])
+    policy_logps, lengths = _sequence_logps(batch, token_logps)
     rows = gather_rows(sequence_rows(batch, policy_logps, lengths), group)
     chosen, rejected = sides_from_batch(rows, rows["policy_logps"], rows["lengths"])
     loss, metrics = preference_loss(loss_config, chosen, rejected)
@@ -58,7 +82,7 @@ def preference_loss_func(loss_config: LossConfig, group, batch: dict, token_logp
 
 def logps_loss_func(batch: dict, token_logps: torch.Tensor):
     """Report per-sequence log-probs and response lengths, with a zero loss (forward only)."""
-    logps, lengths = sequence_logprobs(token_logps, batch["loss_mask"])
+    logps, lengths = _sequence_logps(batch, token_logps)
     return token_logps.sum() * 0.0, {"logps": logps.detach(), "lengths": lengths}
 
 
@@ -67,7 +91,7 @@ def surrogate_loss_func(scale: float, batch: dict, token_logps: torch.Tensor):
 
     ``scale`` undoes the schedule's division by the number of microbatches.
     """
-    logps, _ = sequence_logprobs(token_logps, batch["loss_mask"])
+    logps, _ = _sequence_logps(batch, token_logps)
     surrogate = scale * (batch["logp_grads"].to(logps.dtype) * logps).sum()
     return surrogate, {}
 
@@ -86,7 +110,8 @@ def forward_step(data_iterator, model, *, vocab_size: int, loss_fn: LossFn):
             with its leading arguments bound.
     """
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None)
+    packed = packed_seq_params(batch, batch["tokens"].device)
+    output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
     if parallel_state.is_pipeline_last_stage():
-        output = token_logprobs(output, batch["labels"], vocab_size)  # [B, S, V/tp] -> [B, S]
+        output = token_logprobs(output, batch["labels"], vocab_size)  # [b, s, V/tp] -> [b, s]
     return output, partial(loss_fn, batch)

@@ -103,37 +103,39 @@ def full_grads(model, vocab_size: int, finalized: bool = False) -> dict[str, tor
 
 
 def make_batch(prompt_lens, response_lens, seq: int, vocab: int, *, seed: int = 0, emb_dim: int = 8,
-               paired: bool = True, pad_id: int = 0) -> dict:
+               paired: bool = True, pad_id: int = 0, packed_length: int | None = None) -> dict:
     """A microbatch by the batch contract; for paired data the first half are the chosen rows.
 
     Row b holds ``prompt_lens[b]`` prompt tokens then ``response_lens[b]`` response tokens,
     right-padded with ``pad_id``. Paired rows i and i + P share their prompt tokens and embedding.
+    With ``packed_length`` the same sequences (same seed, same values) come packed into one row
+    of that many tokens instead.
     """
+    from megatron_rpo.data.packing import token_fields
+
     g = torch.Generator().manual_seed(seed)
     rows = len(prompt_lens)
-    tokens = torch.full((rows, seq), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(rows, seq)
     half = rows // 2
     emb = torch.randn(rows, emb_dim, generator=g)
+    sequences = []
     for b, (p, r) in enumerate(zip(prompt_lens, response_lens)):
         assert p + r <= seq
-        tokens[b, : p + r] = torch.randint(1, vocab, (p + r,), generator=g)
+        ids = torch.randint(1, vocab, (p + r,), generator=g)
         if paired and b >= half:
             assert p == prompt_lens[b - half]
-            tokens[b, :p] = tokens[b - half, :p]
+            ids[:p] = sequences[b - half][:p]
             emb[b] = emb[b - half]
-        # labels[t] = tokens[t + 1]: position t predicts a response token when t + 1 is one.
-        loss_mask[b, p - 1 : p + r - 1] = 1.0
-    return {
-        "tokens": tokens,
-        "position_ids": torch.arange(seq).expand(rows, seq).clone(),
-        "labels": torch.roll(tokens, -1, dims=1),
-        "loss_mask": loss_mask,
+        sequences.append(ids)
+    packed = packed_length is not None
+    batch = token_fields(sequences, list(prompt_lens), packed=packed, length=packed_length if packed else seq,
+                         pad_id=pad_id)
+    batch.update({
         "is_chosen": torch.arange(rows) < half if paired else torch.rand(rows, generator=g) < 0.5,
         "prompt_embedding": torch.nn.functional.normalize(emb, dim=1),
         "ref_logps": -torch.rand(rows, generator=g) * 20.0,
         "pair_id": torch.arange(rows) % half if paired else torch.arange(rows),
-    }
+    })
+    return batch
 
 
 VOCAB = 100  # not a multiple of 8 x TP: the model carries vocabulary padding rows

@@ -30,7 +30,7 @@ def _concat(microbatches):
     return {k: torch.cat([mb[k] for mb in microbatches]) for k in microbatches[0]}
 
 
-def _train_grads(tp, pp, loss, per_rank):
+def _train_grads(tp, pp, loss, per_rank, sp=False):
     """Gradients after forward_backward + DDP's finalize; per_rank[dp_rank] are that rank's microbatches."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -39,7 +39,7 @@ def _train_grads(tp, pp, loss, per_rank):
     from megatron_rpo.models import model_provider
     from megatron_rpo.training.step import forward_backward
 
-    config = tiny_config(tp=tp, pp=pp, **loss)
+    config = tiny_config(tp=tp, pp=pp, sp=sp, **loss)
     parallel.initialize(config.parallel)
     module = model_provider(config)
     fill_by_name(module, VOCAB)
