@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass per rank")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--no-packing", action="store_true",
+                   help="pad every sequence to the dataset's max_length instead of packing each microbatch "
+                        "into one row (the values are the same; packing skips the padding)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:
@@ -42,7 +45,7 @@ def main(argv=None) -> int:
         load_weights(model, a.load)
         logps = compute_reference_logps(model, a.data_prefix, vocab_size=config.model.vocab_size,
                                         micro_batch_size=a.micro_batch_size, checkpoint=a.load,
-                                        progress=not a.no_progress)
+                                        progress=not a.no_progress, packing=not a.no_packing)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from megatron_rpo.data.dataset import PreferenceDataset, collate
+from megatron_rpo.data.dataset import PreferenceDataset, collate_step
 from megatron_rpo.data.reference_logps import write_reference_logps
 from megatron_rpo.training.step import sequence_logps
 
@@ -22,7 +22,8 @@ __all__ = ["compute_reference_logps"]
 
 @torch.no_grad()
 def compute_reference_logps(model, data_prefix: str, *, vocab_size: int, micro_batch_size: int = 8,
-                            checkpoint: str | None = None, progress: bool = True) -> np.ndarray | None:
+                            checkpoint: str | None = None, progress: bool = True, packing: bool = True,
+                            pack_multiple: int = 64) -> np.ndarray | None:
     """Compute and write ``PREFIX.ref``; returns the [num_sequences] array on global rank 0, else None.
 
     Args:
@@ -31,6 +32,10 @@ def compute_reference_logps(model, data_prefix: str, *, vocab_size: int, micro_b
         vocab_size: the real (unpadded) vocabulary.
         micro_batch_size: sequences per forward pass per data-parallel rank.
         checkpoint: recorded in the manifest.
+        progress: show a progress bar on global rank 0.
+        packing: pack each microbatch into one row (as training does by default) instead of
+            padding every sequence to the dataset's ``max_length``; the values are the same.
+        pack_multiple: packed rows are padded to a multiple of this many tokens.
     """
     dataset = PreferenceDataset(data_prefix)
     seq_length = dataset.manifest["max_length"]
@@ -40,7 +45,7 @@ def compute_reference_logps(model, data_prefix: str, *, vocab_size: int, micro_b
     chunks = [list(range(k, min(k + micro_batch_size, n))) for k in range(0, n, micro_batch_size)]
     mine = chunks[dp_rank::dp_size]
     # Every rank runs the same number of passes; the last microbatch is topped up with sequence 0
-    # so all have one shape (pipeline stages exchange fixed shapes).
+    # so that every rank has work for each pass.
     rounds = -(-len(chunks) // dp_size)
     results: dict[int, float] = {}
     model.eval()
@@ -48,7 +53,8 @@ def compute_reference_logps(model, data_prefix: str, *, vocab_size: int, micro_b
     for r in range(rounds):
         indices = mine[r] if r < len(mine) else []
         padded = indices + [0] * (micro_batch_size - len(indices))
-        out = sequence_logps(model, [collate(dataset, padded, seq_length)], vocab_size=vocab_size)
+        batches = collate_step(dataset, [padded], seq_length, packing=packing, pack_multiple=pack_multiple)
+        out = sequence_logps(model, batches, vocab_size=vocab_size)
         if out is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
             logps = out[0][0].tolist()
             results.update({i: logps[j] for j, i in enumerate(indices)})

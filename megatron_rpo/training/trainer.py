@@ -21,7 +21,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron_rpo import parallel
 from megatron_rpo.config import Config, dump_config
 from megatron_rpo.convert.save import save_converted
-from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate
+from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate_step
 from megatron_rpo.device import current_device
 from megatron_rpo.models import model_provider
 from megatron_rpo.training.checkpointing import (
@@ -150,12 +150,12 @@ class Trainer:
         return UnpairedSampler(**common, chosen=data.chosen_indices, rejected=data.rejected_indices)
 
     def _microbatches(self, data, iterator, count) -> tuple[list[dict], int]:
-        batches, tokens = [], 0
-        lengths = data.tokens.sequence_lengths
-        for indices in itertools.islice(iterator, count):
-            batches.append(collate(data, indices, self.config.data.max_length))
-            tokens += int(np.minimum(lengths[indices], self.config.data.max_length).sum())
-        return batches, tokens
+        """This rank's next ``count`` microbatches (on the host) and the real tokens they hold."""
+        c = self.config.data
+        indices = list(itertools.islice(iterator, count))
+        batches = collate_step(data, indices, c.max_length, packing=c.packing, pack_multiple=c.pack_multiple)
+        lengths = np.minimum(data.tokens.sequence_lengths, c.max_length)
+        return batches, int(sum(lengths[i].sum() for i in indices))
 
     # -- loop -----------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:

@@ -55,13 +55,14 @@ def _online(ckpt, prefix, indices):
     return logps
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_precomputed_equal_online(setup, tp):
+@pytest.mark.parametrize("tp,packing", [(1, True), (2, True), (1, False)])
+def test_precomputed_equal_online(setup, tp, packing):
     from megatron_rpo.data.dataset import PreferenceDataset
 
     ckpt, prefix = setup
-    results = run_ranks(_tool, 2, ["--load", ckpt, "--data-prefix", prefix, "--micro-batch-size", "7",
-                                   "--tensor-model-parallel-size", str(tp), "--no-progress"], timeout=300)
+    argv = ["--load", ckpt, "--data-prefix", prefix, "--micro-batch-size", "7", "--tensor-model-parallel-size",
+            str(tp), "--no-progress"] + ([] if packing else ["--no-packing"])
+    results = run_ranks(_tool, 2, argv, timeout=300)
     assert results == [0, 0]
     ds = PreferenceDataset(prefix, reference_logps=True)
     assert ds.ref_logps.shape == (480,) and np.isfinite(ds.ref_logps).all() and (ds.ref_logps < 0).all()
