@@ -1,6 +1,6 @@
 """Step time of the contrast scopes against DPO, measured in one run on a tiny CPU model.
 
-Two data-parallel gloo ranks (GPUs under CUDA) train the same model with megatron DDP; each
+Two data-parallel gloo ranks (on CUDA one rank per GPU, at most two) train the same model with megatron DDP; each
 step is forward-backward over the step's microbatches plus DDP's gradient reduction. The
 configurations run interleaved, step by step, so machine noise hits them alike; the report is
 the median step time of each and the ratios:
@@ -68,7 +68,8 @@ def _rank(rank, store, args, out):
 
     warnings.simplefilter("ignore")  # megatron's notes about transformer-engine/apex fallbacks
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    parallel.connect(init_method=f"file://{store}", rank=rank, world_size=2)
+    os.environ["LOCAL_RANK"] = str(rank)  # this rank's GPU under CUDA
+    parallel.connect(init_method=f"file://{store}", rank=rank, world_size=args.ranks)
     model_cfg = dict(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden,
                      num_attention_heads=8, vocab_size=args.vocab, max_position_embeddings=args.seq)
     configs = {name: config_from_dict({"model": model_cfg, "loss": loss,
@@ -103,11 +104,17 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="data-parallel ranks (default 2; on CUDA one per GPU, at most 2)")
     args = parser.parse_args()
+    if args.ranks is None:
+        import torch
+
+        args.ranks = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, os.path.join(tmp, "store"), args, out)) for r in range(2)]
+        procs = [ctx.Process(target=_rank, args=(r, os.path.join(tmp, "store"), args, out)) for r in range(args.ranks)]
         for p in procs:
             p.start()
         results = dict(out.get(timeout=3600) for _ in procs)
@@ -115,7 +122,7 @@ def main() -> None:
             p.join(timeout=60)
     times = results[0]
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"2 data-parallel ranks, {args.microbatches} microbatches x {args.pairs} pairs per rank, seq {args.seq}, "
+    print(f"{args.ranks} data-parallel rank(s), {args.microbatches} microbatches x {args.pairs} pairs per rank, seq {args.seq}, "
           f"hidden {args.hidden}, {args.layers} layers; median of {args.steps} steps")
     for name, t in median.items():
         print(f"  {name:<20} {t * 1000:8.1f} ms/step")

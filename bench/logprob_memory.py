@@ -39,6 +39,7 @@ def _rank(rank, store, path, vocab, batch, seq, hidden, out):
     from megatron_rpo.logprobs import sequence_logprobs, token_logprobs
 
     torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)  # this rank's GPU under CUDA
     parallel.connect(init_method=f"file://{store}", rank=rank, world_size=2)
     parallel.initialize(ParallelConfig(tensor_model_parallel_size=2))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,6 +100,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     args = parser.parse_args()
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        raise SystemExit(f"tensor-parallel size 2 needs 2 GPUs; this machine has {torch.cuda.device_count()} "
+                         "(run it on CPU, or on a machine with 2 or more)")
     print(f"tensor-parallel size 2, batch {args.batch} x seq {args.seq}, hidden {args.hidden}; "
           "peak memory growth per rank during forward + backward")
     print(f"{'vocab':>8} {'ours MiB':>10} {'naive MiB':>10} {'naive/ours':>11}  max |logp diff|")
