@@ -25,8 +25,14 @@ def reduce_reports(reports: list[dict]) -> dict[str, float]:
     values = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
     source = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     if source and reports:
+        # One device-to-host copy per report rather than one per metric.
+        host = []
+        for r in reports:
+            keys = [k for k in METRICS if k in r]
+            host.append(dict(zip(keys, torch.stack([torch.as_tensor(r[k]).detach().float().reshape(())
+                                                    for k in keys]).tolist())))
         for i, key in enumerate(METRICS):
-            column = [float(r[key]) for r in reports if key in r]
+            column = [h[key] for h in host if key in h]
             values[i] = sum(column) / len(column) if column else float("nan")
         values[-1] = 1.0
     values = values.to(current_device())  # NCCL reduces device tensors only
