@@ -21,3 +21,28 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "likelihood accuracy after RPO" in out
     assert (work / "hf_rpo" / "config.json").exists()
     assert (work / "rpo" / "latest").read_text().strip() == "iter_0000002"
+
+
+def _quickstart_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(REPO, "examples", "quickstart.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_runs_one_process_per_gpu(monkeypatch, capsys):
+    import pytest
+    import torch
+
+    choose = _quickstart_module().choose_nproc
+    assert choose(None) == 2 and choose(3) == 3  # CPU: gloo processes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert choose(None) == 1  # NCCL cannot put two ranks on one GPU
+    assert "1 GPU(s) visible; training with 1 process(es)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--nproc 2 needs 2 GPUs; this machine has 1"):
+        choose(2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert choose(None) == 2

@@ -102,3 +102,31 @@ def test_packed_gradients_equal_padded_one_process(world, tp, pp, sp, scope):
     for key in ("loss", "chosen_reward", "rejected_reward", "accuracy", "matrix_rows"):
         torch.testing.assert_close(sum(r[key] for r in reports) / len(reports),
                                    sum(r[key] for r in want) / len(want), rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _every_loss(batches_by_form):
+    from megatron_rpo import parallel
+    from megatron_rpo.config import LossConfig
+    from megatron_rpo.models import model_provider
+    from megatron_rpo.training.step import forward_backward
+
+    config = tiny_config()
+    parallel.initialize(config.parallel)
+    model = model_provider(config)
+    fill_by_name(model, VOCAB)
+    out = {}
+    for loss_type, extra in [("rpo", {}), ("dpo", {}), ("ipo", {}), ("simpo", dict(beta=2.0)),
+                             ("simpo_rpo", dict(beta=2.0, weighting="uniform")), ("sft", {})]:
+        loss = LossConfig(loss_type=loss_type, **extra)
+        for form, batches in batches_by_form.items():
+            out[loss_type, form] = forward_backward(model, batches, loss, vocab_size=VOCAB, forward_only=True)
+    return out
+
+
+def test_every_loss_is_the_same_packed_and_padded():
+    out = run_ranks(_every_loss, 1, {"padded": [_padded(70), _padded(71)], "packed": [_packed(70), _packed(71)]})[0]
+    for loss_type in ("rpo", "dpo", "ipo", "simpo", "simpo_rpo", "sft"):
+        for got, want in zip(out[loss_type, "packed"], out[loss_type, "padded"], strict=True):
+            assert want["loss"] > 0
+            for key in ("loss", "chosen_reward", "rejected_reward", "reward_margin"):
+                torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=f"{loss_type} {key}")
