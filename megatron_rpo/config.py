@@ -41,6 +41,8 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "config_to_dict",
+    "config_changes",
+    "RESUMABLE_CHANGES",
     "dump_config",
 ]
 
@@ -375,6 +377,14 @@ class TrainConfig(_Section):
     """TensorBoard event directory; None uses ``<save>/tensorboard`` when ``save`` is set."""
     seed: int = 1234
     """Seed of model initialisation and dropout."""
+    allow_config_change: bool = False
+    """On resume, apply settings that differ from the ones the checkpoint was trained with
+    (each change is printed; the learning rate and optimizer settings take effect too) instead of
+    refusing them. Settings that only affect logging, evaluation and saving may always change."""
+    stop_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2"] = "SIGTERM"
+    """The signal that stops a run cleanly (as SIGINT also does): every rank finishes its step,
+    a checkpoint is saved (with ``save``) and the job exits with code 75 so a scheduler can
+    requeue it. Slurm and Kubernetes send SIGTERM before they kill."""
 
     def validate(self) -> None:
         self._positive("train_iters", allow_zero=True)
@@ -498,6 +508,34 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
 def config_to_dict(config: Config) -> dict:
     """``{section: {key: value}}`` with every field, the inverse of :func:`config_from_dict`."""
     return dataclasses.asdict(config)
+
+
+RESUMABLE_CHANGES = frozenset({
+    "train.train_iters", "train.log_interval", "train.exit_interval", "train.eval_interval", "train.eval_iters",
+    "train.save_interval", "train.keep_last", "train.export", "train.tensorboard_dir", "train.allow_config_change",
+    "train.stop_signal", "data.valid_data_prefix", "parallel.distributed_timeout_minutes",
+    "parallel.sequence_parallel",
+})
+"""Keys a resumed run may change freely: they decide how long it runs, how it logs, evaluates and
+saves, never what a training step computes."""
+
+
+def config_changes(trained: dict, config: Config) -> list[tuple[str, Any, Any]]:
+    """``(section.key, trained value, new value)`` for every setting that alters the run's meaning.
+
+    Args:
+        trained: the config a checkpoint was trained with (:func:`config_to_dict` form).
+        config: the config of the run that resumes from it.
+    """
+    new = config_to_dict(config)
+    changes = []
+    for section, values in new.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            old = trained.get(section, {}).get(key, value)
+            if name not in RESUMABLE_CHANGES and old != value:
+                changes.append((name, old, value))
+    return changes
 
 
 def _read_yaml(path: str) -> dict:

@@ -26,6 +26,14 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def connect(
     *,
     timeout_minutes: float = 10.0,
@@ -38,7 +46,8 @@ def connect(
     Args:
         timeout_minutes: collective timeout; when a rank dies the others fail after it.
         init_method, rank, world_size: an explicit rendezvous (e.g. ``file://`` in tests);
-            the default is torchrun's environment.
+            the default is torchrun's environment, or one process on its own when there is
+            none (``RANK`` unset: ``python -m megatron_rpo.train`` without a launcher).
     """
     if not torch.cuda.is_available():
         cpu.activate()
@@ -46,6 +55,8 @@ def connect(
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if init_method is None and "RANK" not in os.environ:
+        init_method, rank, world_size = f"tcp://127.0.0.1:{_free_port()}", 0, 1
     rendezvous = {} if init_method is None else dict(init_method=init_method, rank=rank, world_size=world_size)
     dist.init_process_group(backend(), timeout=timedelta(minutes=timeout_minutes), **rendezvous)
 

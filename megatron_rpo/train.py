@@ -4,6 +4,7 @@ several processes). Everything else lives in :mod:`megatron_rpo.training`."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_rpo.config import load_config
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if "RANK" not in os.environ:
+        print("no launcher environment (RANK is unset): training in this one process; for several, launch with "
+              "torchrun --nproc-per-node N -m megatron_rpo.train ...", file=sys.stderr, flush=True)
+    from megatron_rpo.training.interrupts import Preempted
     from megatron_rpo.training.trainer import Trainer
 
     trainer = None
@@ -28,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad inputs found before training: say what, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # stopped on a signal after saving (the trainer said so)
+        return e.exit_code
     finally:
         if trainer is not None:
             trainer.close()

@@ -86,20 +86,29 @@ class ConvertedCheckpoint:
             raise ValueError(f"{self.path}: no tensor {name!r} in the checkpoint")
         return os.path.join(self.path, self.index[name])
 
+    def _read(self, name: str, read):
+        """``read(safe_open handle)``, with a truncated or corrupt file named in a ValueError."""
+        path = self._file(name)
+        try:
+            with safe_open(path, "pt") as f:
+                return read(f)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+            raise ValueError(f"{path}: cannot read tensor {name!r} ({type(e).__name__}: {e}); the file is "
+                             "truncated or corrupt, convert the checkpoint again") from e
+
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self._file(name), "pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+        return self._read(name, lambda f: tuple(f.get_slice(name).get_shape()))
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(self._file(name), "pt") as f:
-            return f.get_tensor(name)
+        return self._read(name, lambda f: f.get_tensor(name))
 
     def rows(self, name: str, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
         """The tensor cut to ``ranges`` along ``dim`` (concatenated), reading only those bytes."""
-        with safe_open(self._file(name), "pt") as f:
+        def read(f):
             sl = f.get_slice(name)
-            parts = [sl[start:stop] if dim == 0 else sl[:, start:stop] for start, stop in ranges]
-        return torch.cat(parts, dim=dim)
+            return [sl[start:stop] if dim == 0 else sl[:, start:stop] for start, stop in ranges]
+
+        return torch.cat(self._read(name, read), dim=dim)
 
 
 class StagedDirectory:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from megatron_rpo.convert.files import ConvertedCheckpoint
+from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint
 
 __all__ = ["load_converted", "canonical_name", "VOCAB_TENSORS"]
 
@@ -42,6 +42,22 @@ def _tp_ranges(param, full: int) -> list[tuple[int, int]]:
     return [((k * size + rank) * chunk, (k * size + rank + 1) * chunk) for k in range(stride)]
 
 
+def _check_whole_shape(ckpt, name: str, shape: tuple, param, split: bool, dim: int, tp: int) -> None:
+    """The checkpoint's whole tensor against the whole parameter the model expects, before any slicing."""
+    want = list(param.shape)
+    if split:
+        want[dim] *= tp
+    if name in VOCAB_TENSORS:
+        # Vocabulary rows: the model's are padded up, so compare the width and that the rows fit.
+        ok = len(shape) == len(want) and tuple(shape[1:]) == tuple(want[1:]) and shape[0] <= want[0]
+    else:
+        ok = tuple(shape) == tuple(want)
+    if not ok:
+        raise ValueError(f"{ckpt.path}/{ckpt.index[name]}: tensor {name!r} has shape {tuple(shape)} but the model "
+                         f"expects {tuple(want)} (the whole tensor): the checkpoint does not match its "
+                         f"{MARKER} or the model config")
+
+
 @torch.no_grad()
 def load_converted(model, path: str) -> None:
     """Copy the checkpoint's weights into ``model`` (this rank's GPTModel, not DDP-wrapped).
@@ -58,6 +74,7 @@ def load_converted(model, path: str) -> None:
         shape = ckpt.shape(name)
         split = getattr(param, "tensor_model_parallel", False) and tp > 1
         dim = param.partition_dim if split else 0
+        _check_whole_shape(ckpt, name, shape, param, split, dim, tp)
         if name in VOCAB_TENSORS:
             # Rows [start, start + rows) of the padded vocabulary; rows past the real ones stay 0.
             rows = param.shape[0]

@@ -38,7 +38,7 @@ from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.convert.load import load_converted
 
 __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
-           "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
+           "read_training_state", "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
 
 LATEST = "latest"
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -113,13 +113,20 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
         )
 
 
-def _sharded(module, optimizer, loading: bool) -> dict:
+def _layout() -> list[int]:
+    return [parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_data_parallel_world_size()]
+
+
+def _sharded(module, optimizer, loading: bool, rng: bool = True) -> dict:
     model_sd = module.sharded_state_dict()
-    return {
+    sharded = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=_OPTIMIZER_METADATA),
-        "rng_state": _rng_object(),
     }
+    if rng:
+        sharded["rng_state"] = _rng_object()
+    return sharded
 
 
 def save_training_checkpoint(save_dir: str, step: int, module, optimizer, scheduler, state: dict,
@@ -139,7 +146,7 @@ def save_training_checkpoint(save_dir: str, step: int, module, optimizer, schedu
                             sharded_strategy=SyncTorchDistSaveStrategy())
     if dist.get_rank() == 0:
         with open(os.path.join(tmp, "training_state.json"), "w") as f:
-            json.dump(dict(state, step=step, scheduler=scheduler.state_dict()), f, indent=2)
+            json.dump(dict(state, step=step, scheduler=scheduler.state_dict(), layout=_layout()), f, indent=2)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -154,15 +161,38 @@ def save_training_checkpoint(save_dir: str, step: int, module, optimizer, schedu
     return final
 
 
-def load_training_checkpoint(path: str, module, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG from ``path``; returns the training state."""
+def read_training_state(path: str) -> dict:
+    """A checkpoint's ``training_state.json``: step, sampler position, scheduler and the config it was
+    trained with (``config``; absent in checkpoints written before it was recorded)."""
     with open(os.path.join(path, "training_state.json")) as f:
-        state = json.load(f)
+        return json.load(f)
+
+
+def load_training_checkpoint(path: str, module, optimizer, scheduler, *, keep_schedule: bool = True) -> dict:
+    """Restore model, optimizer, scheduler and RNG from ``path``; returns the training state.
+
+    ``keep_schedule=False`` keeps the scheduler's and optimizer's settings as they were built from
+    the current config (a deliberate change on resume) and restores only the step count.
+    """
+    state = read_training_state(path)
+    # Each rank's RNG state belongs to its place in the TP x PP x DP layout; weights and optimizer
+    # state reshard to another layout, the RNG streams cannot and start afresh (seeded) then.
+    same_layout = state.get("layout") == _layout()
     with torch.no_grad():
-        loaded = dist_checkpointing.load(_sharded(module, optimizer, loading=True), path)
+        loaded = dist_checkpointing.load(_sharded(module, optimizer, loading=True, rng=same_layout), path)
         module.load_state_dict(loaded["model"])
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(loaded["rng_state"])
+        if not keep_schedule:
+            for group, mine in zip(optimizer.param_groups, settings):
+                group.update(mine)
+    if keep_schedule:
+        scheduler.load_state_dict(state["scheduler"])
+    else:
+        scheduler.num_steps = state["scheduler"]["num_steps"]
+        scheduler.step(increment=0)  # the learning rate and weight decay of the new schedule at this step
+    if same_layout:
+        _restore_rng(loaded["rng_state"])
+    state["rng_restored"] = same_layout
     return state
 

@@ -19,7 +19,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from megatron_rpo import parallel
-from megatron_rpo.config import Config, dump_config
+from megatron_rpo.config import Config, config_changes, config_to_dict, dump_config
 from megatron_rpo.convert.save import save_converted
 from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate_step
 from megatron_rpo.device import current_device
@@ -29,8 +29,11 @@ from megatron_rpo.training.checkpointing import (
     latest_checkpoint,
     load_training_checkpoint,
     load_weights,
+    read_training_state,
     save_training_checkpoint,
 )
+from megatron_rpo.training.interrupts import Preempted, StopRequests
+from megatron_rpo.training.lock import SaveDirLock
 from megatron_rpo.training.metrics_log import Scalars, format_line, reduce_reports
 from megatron_rpo.training.optimizer import build_optimizer, build_scheduler
 from megatron_rpo.training.step import forward_backward
@@ -91,21 +94,84 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []  # per-step metrics of this session
         self._evaluated_at = -1
-        resume = latest_checkpoint(c.train.save)
-        if resume:
-            state = load_training_checkpoint(resume, self.module, self.optimizer, self.scheduler)
-            self.step = state["step"]
-            self.sampler.consumed_samples = state["consumed_samples"]
-            _log(f"resumed from {resume} at step {self.step}")
+        self.lock = self._lock_save_dir()
+        try:
+            resume = latest_checkpoint(c.train.save)
+            if resume:
+                state = read_training_state(resume)
+                changed = self._check_resume_config(resume, state)
+                state = load_training_checkpoint(resume, self.module, self.optimizer, self.scheduler,
+                                                 keep_schedule=not changed)
+                self.step = state["step"]
+                self.sampler.consumed_samples = state["consumed_samples"]
+                _log(f"resumed from {resume} at step {self.step}" + (
+                    "" if state["rng_restored"] else f" (trained as TP x PP x DP = {state.get('layout')}: weights and "
+                    "optimizer state resharded, random streams seeded afresh)"))
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
         log_dir = c.train.tensorboard_dir or (os.path.join(c.train.save, "tensorboard") if c.train.save else None)
         self.scalars = Scalars(log_dir)
         if c.train.save and dist.get_rank() == 0:
-            os.makedirs(c.train.save, exist_ok=True)
-            dump_config(c, os.path.join(c.train.save, "config.yaml"))
+            self._record_config()
+        self.stops = StopRequests(c.train.stop_signal)
         _log(f"world {dist.get_world_size()} = TP {c.parallel.tensor_model_parallel_size} x PP "
              f"{c.parallel.pipeline_model_parallel_size} x DP {self.dp}; {self.num_microbatches} microbatches of "
              f"{c.train.micro_batch_size} {'pairs' if c.data.paired else 'items'} per rank per step; "
              f"{self.total_steps} steps; loss {c.loss.loss_type} ({c.loss.contrast_scope})")
+
+    # -- the save directory ---------------------------------------------------------------------
+    def _lock_save_dir(self) -> SaveDirLock | None:
+        """Take ``<save>/.lock`` on rank 0; every rank raises the same error if another job holds it."""
+        if not self.config.train.save:
+            return None
+        lock = SaveDirLock(self.config.train.save)
+        outcome = [None, None]
+        if dist.get_rank() == 0:
+            try:
+                outcome = [lock.acquire(), None]
+            except ValueError as e:
+                outcome = [None, str(e)]
+        dist.broadcast_object_list(outcome, src=0)
+        note, error = outcome
+        if error:
+            raise ValueError(error)
+        if note:
+            _log(note)
+        return lock
+
+    def _check_resume_config(self, checkpoint: str, state: dict) -> bool:
+        """Compare the config with the one ``checkpoint`` was trained with; True when changes are applied.
+
+        Raises:
+            ValueError: settings differ and ``train.allow_config_change`` is false.
+        """
+        trained = state.get("config")
+        if trained is None:
+            _log(f"note: {checkpoint} does not record its config; the current one is taken as is")
+            return False
+        changes = config_changes(trained, self.config)
+        if not changes:
+            return False
+        listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+        if not self.config.train.allow_config_change:
+            raise ValueError(f"the config differs from the one {checkpoint} was trained with ({listing}); resume with "
+                             "the same settings, or pass train.allow_config_change=true to apply the changes")
+        for key, old, new in changes:
+            _log(f"config change on resume: {key} {old!r} -> {new!r}")
+        return True
+
+    def _record_config(self) -> None:
+        """``<save>/config.yaml`` is the config of the latest (re)start; ``<save>/configs/`` keeps every one."""
+        save = self.config.train.save
+        history = os.path.join(save, "configs")
+        os.makedirs(history, exist_ok=True)
+        name, n = f"step_{self.step:07d}", 1
+        while os.path.exists(os.path.join(history, f"{name}.yaml")):
+            name, n = f"step_{self.step:07d}-{n}", n + 1
+        dump_config(self.config, os.path.join(history, f"{name}.yaml"))
+        dump_config(self.config, os.path.join(save, "config.yaml"))
 
     # -- checks -------------------------------------------------------------------------------
     def _check_model(self, ckpt_model) -> None:
@@ -164,6 +230,7 @@ class Trainer:
         iterator = iter(self.sampler)
         times = []
         last_eval = {}
+        self.stops.install()
         while self.step < self.total_steps:
             start = time.perf_counter()
             lr_used = self.optimizer.param_groups[0]["lr"]
@@ -194,6 +261,9 @@ class Trainer:
                                  avg * (self.total_steps - self.step)))
             self.scalars.add("train", dict(metrics, lr=lr, grad_norm=grad_norm, tokens_per_s=total_tokens / elapsed,
                                            step_time=elapsed), self.step)
+            stop = self.stops.poll(current_device())
+            if stop:
+                self._stop(stop)
             if self.valid_data is not None and c.train.eval_interval and self.step % c.train.eval_interval == 0:
                 last_eval = self.evaluate()
             if c.train.save and c.train.save_interval and self.step % c.train.save_interval == 0:
@@ -239,12 +309,26 @@ class Trainer:
         self.scalars.add("eval", metrics, self.step)
         return metrics
 
+    def _stop(self, signal_name: str):
+        """Save (with ``train.save``) and raise :class:`Preempted`: a clean stop on every rank."""
+        where = "no checkpoint (train.save is not set)"
+        if self.config.train.save:
+            self.save()
+            where = f"checkpoint {os.path.join(self.config.train.save, f'iter_{self.step:07d}')}"
+        _log(f"received {signal_name}: stopped after step {self.step} with {where}; exiting with code "
+             f"{Preempted.exit_code}. Run the same command to resume.")
+        raise Preempted(signal_name)
+
     def save(self) -> None:
         path = save_training_checkpoint(
             self.config.train.save, self.step, self.module, self.optimizer, self.scheduler,
-            {"consumed_samples": self.sampler.consumed_samples}, self.config.train.keep_last)
+            {"consumed_samples": self.sampler.consumed_samples, "config": config_to_dict(self.config)},
+            self.config.train.keep_last)
         _log(f"saved {path}")
 
     def close(self) -> None:
+        self.stops.uninstall()
         self.scalars.close()
+        if self.lock is not None and dist.get_rank() == 0:
+            self.lock.release()
         parallel.destroy()

@@ -177,3 +177,45 @@ def test_existing_output_is_refused(tmp_path):
     with pytest.raises(ValueError, match="exists and is not empty"):
         convert_hf_to_megatron(str(hf), str(tmp_path / "out"), progress=False)
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def _load_into_model(ckpt_dir):
+    from megatron_rpo import parallel
+    from megatron_rpo.config import Config, DataConfig
+    from megatron_rpo.convert import ConvertedCheckpoint, load_converted
+    from megatron_rpo.models import model_provider
+
+    config = Config(model=ConvertedCheckpoint(ckpt_dir).model_config, data=DataConfig(max_prompt_length=16,
+                                                                                      max_length=32))
+    parallel.initialize(config.parallel)
+    try:
+        load_converted(model_provider(config), ckpt_dir)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_corrupt_checkpoints_are_named_value_errors(tmp_path):
+    import shutil
+
+    model = _hf_model("llama_gqa")
+    model.save_pretrained(tmp_path / "hf")
+    good = tmp_path / "good"
+    convert_hf_to_megatron(str(tmp_path / "hf"), str(good), progress=False)
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    layer = truncated / "weights" / "layer_00001.safetensors"
+    layer.write_bytes(layer.read_bytes()[:100])
+    (message,) = run_ranks(_load_into_model, 1, str(truncated))
+    assert message and str(layer) in message and "truncated or corrupt" in message
+
+    wider = tmp_path / "wider"
+    shutil.copytree(good, wider)
+    marker = wider / "megatron_rpo_checkpoint.json"
+    meta = json.loads(marker.read_text())
+    meta["model"].update(hidden_size=128, ffn_hidden_size=192)  # the tensors stay 64 wide
+    marker.write_text(json.dumps(meta))
+    (message,) = run_ranks(_load_into_model, 1, str(wider))
+    assert message and "embedding.word_embeddings.weight' has shape (100, 64) but the model expects" in message
+    assert "embedding.safetensors" in message

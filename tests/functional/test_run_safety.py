@@ -1,0 +1,173 @@
+"""Runs that cannot corrupt each other or their own record (issue 13, training runs).
+
+Resuming with another config, two jobs on one save directory, a launcher killed outright,
+preemption by SIGTERM, and a launch without torchrun. The signal tests start real processes and
+are bounded in time: a run that ignores the signal or its dead launcher fails them, not hangs them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import RECIPE, REPO
+from tests.multiprocess import RankFailure, run_ranks
+from tests.workspace import overrides, train
+
+
+def test_resume_refuses_a_changed_config_and_applies_it_only_when_allowed(workspace, tmp_path):
+    save = tmp_path / "run"
+    base = overrides(workspace, save, "train.train_iters=4", "train.export=false", "loss.weighting=uniform")
+    first = run_ranks(train, 1, base + ["train.exit_interval=2"], timeout=300)[0]["history"]
+    assert [h["step"] for h in first] == [1, 2]
+
+    changed = base + ["optimizer.lr=1e-2", "loss.beta=0.5", "train.global_batch_size=16"]
+    with pytest.raises(RankFailure, match=r"differs from the one .*iter_0000002 was trained with \("
+                                          r"loss.beta: 0.1 -> 0.5; optimizer.lr: 0.0005 -> 0.01; "
+                                          r"train.global_batch_size: 8 -> 16\).*train.allow_config_change=true"):
+        run_ranks(train, 1, changed, timeout=300)
+    assert yaml.safe_load((save / "config.yaml").read_text())["optimizer"]["lr"] == 5e-4  # the record holds
+    assert (save / "latest").read_text().strip() == "iter_0000002"
+
+    second = run_ranks(train, 1, changed + ["train.allow_config_change=true"], timeout=300)[0]["history"]
+    assert [h["step"] for h in second] == [3, 4]
+    assert all(h["lr"] == 1e-2 for h in second)  # applied for real, not only written down
+    assert yaml.safe_load((save / "config.yaml").read_text())["optimizer"]["lr"] == 1e-2
+    history = sorted(p.name for p in (save / "configs").iterdir())
+    assert history == ["step_0000000.yaml", "step_0000002.yaml"]
+    assert yaml.safe_load((save / "configs" / "step_0000000.yaml").read_text())["optimizer"]["lr"] == 5e-4
+
+    # Settings that only decide how long a run goes or what it logs may change freely.
+    more = run_ranks(train, 1, changed + ["train.train_iters=5", "train.log_interval=2"], timeout=300)[0]
+    assert [h["step"] for h in more["history"]] == [5]
+
+
+def test_a_second_job_on_a_save_directory_in_use_is_refused(workspace, tmp_path):
+    import json
+    import socket
+
+    save = tmp_path / "run"
+    save.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (save / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                "started": "2026-11-25T10:00:00+00:00"}))
+        with pytest.raises(RankFailure, match=rf"in use by another training job \(pid {holder.pid} on "):
+            run_ranks(train, 2, overrides(workspace, save, "train.train_iters=1"), timeout=300)
+        assert sorted(p.name for p in save.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone now: the next job takes the directory over, and leaves it unlocked.
+    result = run_ranks(train, 1, overrides(workspace, save, "train.train_iters=1", "train.export=false",
+                                           "loss.weighting=uniform"), timeout=300)[0]
+    assert [h["step"] for h in result["history"]] == [1]
+
+
+class _Job:
+    """A training command in its own process group, its output collected line by line."""
+
+    def __init__(self, argv: list[str], env: dict | None = None):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.output()[-4000:]}")
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def _torchrun(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+            "megatron_rpo.train", "--config", RECIPE, *args]
+
+
+def test_workers_exit_when_their_launcher_is_killed(workspace, tmp_path):
+    import psutil
+
+    save = tmp_path / "run"
+    job = _Job(_torchrun(overrides(workspace, save, "train.train_iters=400", "train.save_interval=5",
+                                   "train.keep_last=100", "train.eval_iters=1", "loss.weighting=uniform")), _env())
+    try:
+        job.wait_for(r"step 6/400", timeout=240)
+        workers = psutil.Process(job.proc.pid).children(recursive=True)
+        assert len(workers) >= 2
+        os.kill(job.proc.pid, signal.SIGKILL)  # the launcher only
+        killed_at = time.time()
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"workers {[p.pid for p in alive]} outlived their launcher by 30 s"
+        late = [p.name for p in save.iterdir() if p.name.startswith("iter_") and p.stat().st_mtime > killed_at + 1]
+        assert len(late) <= 1, late  # at most the save that was under way when the launcher died
+    finally:
+        job.kill()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(workspace, tmp_path):
+    save = tmp_path / "run"
+    argv = overrides(workspace, save, "train.train_iters=400", "train.eval_iters=1", "loss.weighting=uniform",
+                     "train.export=false")
+    job = _Job(_torchrun(argv), _env())
+    try:
+        job.wait_for(r"step 4/400", timeout=240)
+        os.kill(job.proc.pid, signal.SIGTERM)  # what Slurm and Kubernetes send; torchrun passes it on
+        stopped = job.wait_for(r"received SIGTERM: stopped after step (\d+) with checkpoint .*exiting with code 75",
+                               timeout=60)
+        job.proc.wait(timeout=60)
+    finally:
+        job.kill()
+    step = int(stopped.group(1))
+    assert (save / "latest").read_text().strip() == f"iter_{step:07d}"
+    assert "Traceback" not in job.output().split("received SIGTERM")[0]  # no traceback wall before the clean stop
+
+    # Without a launcher (one process, so DP 1 instead of 2: weights and optimizer state reshard),
+    # SIGTERM ends it the same way, with exit code 75.
+    single = _Job([sys.executable, "-m", "megatron_rpo.train", "--config", RECIPE, *argv], _env())
+    try:
+        single.wait_for(rf"resumed from .*iter_{step:07d} at step {step}", timeout=240)
+        single.wait_for(rf"step {step + 2}/400", timeout=120)
+        single.proc.send_signal(signal.SIGTERM)
+        again = single.wait_for(r"received SIGTERM: stopped after step (\d+)", timeout=60)
+        assert single.proc.wait(timeout=60) == 75
+    finally:
+        single.kill()
+    assert "no launcher environment (RANK is unset): training in this one process" in single.output()
+    assert "Traceback" not in single.output()
+    assert (save / "latest").read_text().strip() == f"iter_{int(again.group(1)):07d}"
