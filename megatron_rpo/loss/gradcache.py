@@ -29,6 +29,8 @@ def cached_logp_gradients(
     policy_logps: list[torch.Tensor],
     lengths: list[torch.Tensor],
     group=None,
+    *,
+    paired: bool,
 ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     """Step 2: the global-batch loss and its gradient with respect to this rank's log-probs.
 
@@ -38,6 +40,7 @@ def cached_logp_gradients(
         policy_logps: [B] per-sequence policy log-probs of each microbatch, from the forward-only pass.
         lengths: [B] response token counts of each microbatch.
         group: the data-parallel group (None: this rank alone).
+        paired: the microbatches hold pairs (for the metrics).
 
     Returns:
         (per-microbatch [B] gradients, the loss, its metrics). The gradients are those of the
@@ -51,7 +54,7 @@ def cached_logp_gradients(
         local = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in parts[0]}
         rows = gather_rows(local, group)
         chosen, rejected = sides_from_batch(rows, rows["policy_logps"], rows["lengths"])
-        loss, metrics = preference_loss(config, chosen, rejected)
+        loss, metrics = preference_loss(config, chosen, rejected, paired=paired)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
     return grads, loss.detach(), metrics

@@ -18,13 +18,21 @@ def preference_metrics(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
     weights: torch.Tensor | None = None,
+    *,
+    paired: bool,
 ) -> dict[str, torch.Tensor]:
-    """Reward means, margin, paired accuracy and contrast-matrix statistics.
+    """Reward means, margin, accuracy (paired) or reward AUC, and contrast-matrix statistics.
 
     Args:
         chosen_rewards: [M] rewards of the chosen sequences.
         rejected_rewards: [N] rewards of the rejected sequences.
         weights: the [M, N] contrast weights, if the loss used a matrix.
+        paired: chosen i and rejected i answer the same prompt (paired data). Said by the
+            caller, never guessed from the shapes: an unpaired step may hold as many chosen as
+            rejected items, and their "diagonal" pairs unrelated prompts.
+
+    Raises:
+        ValueError: ``paired`` with M != N.
 
     Returns:
         Float32 0-dim tensors (NaN where a quantity does not exist, e.g. the chosen mean of an
@@ -33,27 +41,33 @@ def preference_metrics(
         * ``chosen_reward``, ``rejected_reward``: means of each side;
         * ``reward_margin``: ``chosen_reward - rejected_reward``;
         * ``accuracy``: fraction of pairs i with chosen reward above rejected reward, ties
-          counting half (paired data, M == N: the diagonal of the matrix);
-        * ``diag_weight``: mean of the diagonal weights (M == N);
+          counting half (paired data: the diagonal of the matrix; NaN for unpaired data);
+        * ``reward_auc``: fraction of all M x N (chosen, rejected) cells where the chosen reward is
+          higher, ties counting half -- the AUC of the rewards as a chosen/rejected classifier,
+          which is what unpaired data can measure;
+        * ``diag_weight``: mean of the diagonal weights (paired data);
         * ``row_entropy``: mean row entropy of the weights in nats (``log N`` = uniform);
         * ``matrix_rows``, ``matrix_cols``: M and N.
     """
     c = chosen_rewards.detach().float()
     r = rejected_rewards.detach().float()
     nan = c.new_tensor(float("nan"))
-    paired = c.shape == r.shape and c.numel() > 0
+    if paired and c.shape != r.shape:
+        raise ValueError(f"paired metrics need as many chosen as rejected rewards, got {c.numel()} and {r.numel()}")
+    diagonal = paired and c.numel() > 0
+    cells = c[:, None] - r[None, :]  # [M], [N] -> [M, N]
     out = {
         "chosen_reward": c.mean() if c.numel() else nan,
         "rejected_reward": r.mean() if r.numel() else nan,
         # Ties count half: at step 0 (policy == reference) every reward is 0 and accuracy is chance.
-        "accuracy": ((c > r).float() + 0.5 * (c == r).float()).mean() if paired else nan,
+        "accuracy": ((c > r).float() + 0.5 * (c == r).float()).mean() if diagonal else nan,
+        "reward_auc": ((cells > 0).float() + 0.5 * (cells == 0).float()).mean() if cells.numel() else nan,
         "matrix_rows": c.new_tensor(float(c.numel())),
         "matrix_cols": c.new_tensor(float(r.numel())),
     }
     out["reward_margin"] = out["chosen_reward"] - out["rejected_reward"]
     if weights is not None:
         w = weights.detach().float()
-        square = w.dim() == 2 and w.shape[0] == w.shape[1] and w.numel() > 0
-        out["diag_weight"] = w.diagonal().mean() if square else nan
+        out["diag_weight"] = w.diagonal().mean() if diagonal else nan
         out["row_entropy"] = row_entropy(w)
     return {k: v.float() for k, v in out.items()}

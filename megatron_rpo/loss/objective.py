@@ -131,9 +131,11 @@ LOSS_TYPES: dict[str, Callable] = {"rpo": _rpo, "dpo": _dpo, "ipo": _ipo, "simpo
 
 
 def preference_loss(
-    config: LossConfig, chosen: Sequences, rejected: Sequences
+    config: LossConfig, chosen: Sequences, rejected: Sequences, *, paired: bool
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The configured loss over chosen rows and rejected columns, and its metrics.
+
+    ``paired``: chosen i and rejected i share a prompt (see :func:`preference_metrics`).
 
     Returns:
         (0-dim loss, metrics): rewards are ``beta * (policy - reference)`` for reference-based
@@ -147,4 +149,4 @@ def preference_loss(
                 chosen.prompt_emb, rejected.prompt_emb, chosen_rewards.shape[0], rejected_rewards.shape[0],
                 **_weighting_kwargs(config), device=chosen_rewards.device,
             )
-    return loss, preference_metrics(chosen_rewards, rejected_rewards, weights)
+    return loss, preference_metrics(chosen_rewards, rejected_rewards, weights, paired=paired)

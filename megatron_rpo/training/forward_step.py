@@ -59,13 +59,14 @@ def packed_seq_params(batch: dict, device: torch.device) -> PackedSeqParams | No
                            max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
 
 
-def preference_loss_func(loss_config: LossConfig, group, batch: dict, token_logps: torch.Tensor):
+def preference_loss_func(loss_config: LossConfig, group, paired: bool, batch: dict, token_logps: torch.Tensor):
     """The preference loss of one microbatch (the last pipeline stage calls it).
 
     Args:
         loss_config: the loss.
         group: the data-parallel group to build one matrix over (``contrast_scope:
             data_parallel``), or None for this rank's microbatch alone (``local``).
+        paired: the microbatch holds pairs (for the metrics).
         batch: the microbatch.
         token_logps: [B, S] log-probs of ``labels`` (the output of :func:`forward_step`).
 
@@ -75,7 +76,7 @@ def preference_loss_func(loss_config: LossConfig, group, batch: dict, token_logp
     policy_logps, lengths = _sequence_logps(batch, token_logps)
     rows = gather_rows(sequence_rows(batch, policy_logps, lengths), group)
     chosen, rejected = sides_from_batch(rows, rows["policy_logps"], rows["lengths"])
-    loss, metrics = preference_loss(loss_config, chosen, rejected)
+    loss, metrics = preference_loss(loss_config, chosen, rejected, paired=paired)
     # A copy: the schedule divides the returned loss by the number of microbatches in place.
     return loss, {"loss": loss.detach().clone(), **metrics}
 

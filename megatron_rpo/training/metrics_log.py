@@ -11,10 +11,10 @@ from megatron.core import parallel_state
 
 from megatron_rpo.device import current_device
 
-__all__ = ["METRICS", "reduce_reports", "format_line", "Scalars"]
+__all__ = ["METRICS", "reduce_reports", "accuracy_text", "format_line", "Scalars"]
 
-METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "diag_weight", "row_entropy",
-           "matrix_rows", "matrix_cols")
+METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "reward_auc", "diag_weight",
+           "row_entropy", "matrix_rows", "matrix_cols")
 
 
 def reduce_reports(reports: list[dict]) -> dict[str, float]:
@@ -46,8 +46,13 @@ def _fmt(value: float, spec: str) -> str:
     return "nan" if math.isnan(value) else format(value, spec)
 
 
+def accuracy_text(m: dict, paired: bool) -> str:
+    """Paired data: the accuracy over each prompt's own pair; unpaired: the reward AUC over all cells."""
+    return f"acc {_fmt(m['accuracy'], '.3f')}" if paired else f"reward AUC {_fmt(m['reward_auc'], '.3f')}"
+
+
 def format_line(step: int, total: int, m: dict, lr: float, grad_norm: float | None, tokens_per_s: float,
-                step_time: float, eta_s: float) -> str:
+                step_time: float, eta_s: float, *, paired: bool = True) -> str:
     eta = f"{int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m" if eta_s >= 3600 else \
         f"{int(eta_s // 60)}m{int(eta_s % 60):02d}s"
     # Matrix losses report their M x N contrast matrix; the others how many chosen / rejected sequences.
@@ -55,7 +60,7 @@ def format_line(step: int, total: int, m: dict, lr: float, grad_norm: float | No
     shape = f"matrix {rows}x{cols}" if not math.isnan(m["row_entropy"]) else f"sequences {rows}+{cols}"
     return (f"step {step}/{total} | loss {_fmt(m['loss'], '.4f')} | chosen {_fmt(m['chosen_reward'], '+.4f')} | "
             f"rejected {_fmt(m['rejected_reward'], '+.4f')} | margin {_fmt(m['reward_margin'], '+.4f')} | "
-            f"acc {_fmt(m['accuracy'], '.3f')} | {shape} | "
+            f"{accuracy_text(m, paired)} | {shape} | "
             f"lr {lr:.2e} | grad {_fmt(grad_norm if grad_norm is not None else float('nan'), '.3f')} | "
             f"{tokens_per_s:,.0f} tok/s | {step_time:.2f} s/step | ETA {eta}")
 

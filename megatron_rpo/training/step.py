@@ -85,6 +85,7 @@ def forward_backward(
     vocab_size: int,
     reference=None,
     forward_only: bool = False,
+    paired: bool = True,
 ) -> list[dict]:
     """Accumulate this step's parameter gradients (unless ``forward_only``) and return reports.
 
@@ -96,6 +97,8 @@ def forward_backward(
         vocab_size: the real (unpadded) vocabulary.
         reference: the frozen reference model for ``loss.reference == "online"``.
         forward_only: evaluate without gradients.
+        paired: the microbatches hold pairs (chosen i and rejected i share a prompt); decides
+            which accuracy the reports hold (:func:`megatron_rpo.loss.preference_metrics`).
 
     Returns:
         Per-microbatch reports on the last pipeline stage ([] elsewhere). Under
@@ -111,7 +114,7 @@ def forward_backward(
     group = _data_parallel_group(loss)
     if loss.contrast_scope != "global_batch" or forward_only:
         # Evaluation of a global-batch run still builds one matrix per microbatch over all ranks.
-        loss_fn = partial(preference_loss_func, loss, group)
+        loss_fn = partial(preference_loss_func, loss, group, paired)
         return run_schedule(model, microbatches, loss_fn, vocab_size=vocab_size, forward_only=forward_only)
 
     # Pass 1: forward only; keep per-sequence log-probs (last pipeline stage).
@@ -119,7 +122,7 @@ def forward_backward(
     report = []
     if first is not None:
         grads, value, metrics = cached_logp_gradients(
-            loss, microbatches, [lp for lp, _ in first], [n for _, n in first], group
+            loss, microbatches, [lp for lp, _ in first], [n for _, n in first], group, paired=paired
         )
         for mb, g in zip(microbatches, grads):
             mb["logp_grads"] = g

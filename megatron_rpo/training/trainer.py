@@ -34,7 +34,7 @@ from megatron_rpo.training.checkpointing import (
 )
 from megatron_rpo.training.interrupts import Preempted, StopRequests
 from megatron_rpo.training.lock import SaveDirLock
-from megatron_rpo.training.metrics_log import Scalars, format_line, reduce_reports
+from megatron_rpo.training.metrics_log import Scalars, accuracy_text, format_line, reduce_reports
 from megatron_rpo.training.optimizer import build_optimizer, build_scheduler
 from megatron_rpo.training.step import forward_backward
 
@@ -238,7 +238,7 @@ class Trainer:
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             reports = forward_backward(self.model, batches, c.loss, vocab_size=c.model.vocab_size,
-                                       reference=self.reference)
+                                       reference=self.reference, paired=c.data.paired)
             finalize_model_grads([self.model])
             updated, grad_norm, _ = self.optimizer.step()
             if updated:
@@ -258,7 +258,7 @@ class Trainer:
                 recent = times[-c.train.log_interval:]
                 avg = sum(recent) / len(recent)
                 _log(format_line(self.step, self.total_steps, metrics, lr, grad_norm, total_tokens / elapsed, elapsed,
-                                 avg * (self.total_steps - self.step)))
+                                 avg * (self.total_steps - self.step), paired=c.data.paired))
             self.scalars.add("train", dict(metrics, lr=lr, grad_norm=grad_norm, tokens_per_s=total_tokens / elapsed,
                                            step_time=elapsed), self.step)
             stop = self.stops.poll(current_device())
@@ -300,12 +300,13 @@ class Trainer:
         for _ in range(steps):
             batches, _ = self._microbatches(self.valid_data, iterator, self.num_microbatches)
             reports += forward_backward(self.model, batches, c.loss, vocab_size=c.model.vocab_size,
-                                        reference=self.reference, forward_only=True)
+                                        reference=self.reference, forward_only=True, paired=self.valid_data.paired)
         self.model.train()
         metrics = reduce_reports(reports)
         self._evaluated_at = self.step
-        _log(f"eval at step {self.step}: loss {metrics['loss']:.4f} | reward accuracy {metrics['accuracy']:.3f} | "
-             f"margin {metrics['reward_margin']:+.4f} | {steps * self.samples_per_step} samples")
+        _log(f"eval at step {self.step}: loss {metrics['loss']:.4f} | "
+             f"{accuracy_text(metrics, self.valid_data.paired)} | margin {metrics['reward_margin']:+.4f} | "
+             f"{steps * self.samples_per_step} samples")
         self.scalars.add("eval", metrics, self.step)
         return metrics
 

@@ -116,3 +116,13 @@ def test_a_crash_during_a_save_keeps_the_previous_checkpoint(workspace, tmp_path
     assert result == {"crashed": "disk full", "resumed_step": 2}
     assert (save / "latest").read_text().strip() == "iter_0000002"
     assert (save / "iter_0000003.tmp" / "partial.distcp").exists() and not (save / "iter_0000003").exists()
+
+
+def test_unpaired_runs_report_the_reward_auc(workspace, tmp_path):
+    # 2 ranks x 2 items: the matrix can be 2 x 2 with four unrelated prompts; no diagonal accuracy then.
+    result = run_ranks(_train, 2, _overrides(workspace, tmp_path / "run", "data.paired=false", "loss.tau=0.75",
+                                             "train.micro_batch_size=2", "train.global_batch_size=4",
+                                             "train.train_iters=2", "train.export=false"), timeout=300)[0]
+    for h in result["history"]:
+        assert h["accuracy"] != h["accuracy"] and 0.0 <= h["reward_auc"] <= 1.0  # NaN, and an AUC
+    assert result["eval"]["accuracy"] == result["eval"]["accuracy"]  # the held-out set is paired data

@@ -74,5 +74,5 @@ def test_weights_loss_and_metrics_stay_on_the_device_of_their_inputs(weighting):
         return Sequences(policy_logps=torch.empty(3, device=meta), lengths=torch.ones(3, device=meta),
                          ref_logps=torch.empty(3, device=meta))
 
-    loss, metrics = preference_loss(LossConfig(weighting=weighting), side(), side())
+    loss, metrics = preference_loss(LossConfig(weighting=weighting), side(), side(), paired=True)
     assert loss.device == meta and {v.device for v in metrics.values()} == {meta}

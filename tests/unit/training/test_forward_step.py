@@ -122,9 +122,9 @@ def test_missing_reference_logps_is_a_clear_error():
     batch = make_batch(PROMPTS, RESPONSES, SEQ, VOCAB)
     del batch["ref_logps"]
     with pytest.raises(ValueError, match="needs reference log-probs \\(batch key 'ref_logps'\\)"):
-        preference_loss_func(LossConfig(), None, batch, torch.zeros(len(PROMPTS), SEQ))
+        preference_loss_func(LossConfig(), None, True, batch, torch.zeros(len(PROMPTS), SEQ))
     # Reference-free losses do not need them.
-    loss, report = preference_loss_func(LossConfig(loss_type="simpo", beta=2.0), None, batch,
+    loss, report = preference_loss_func(LossConfig(loss_type="simpo", beta=2.0), None, True, batch,
                                         -torch.ones(len(PROMPTS), SEQ))
     # Every token log-prob is -1, so every length-normalised SimPO reward is -beta: all ties.
     assert torch.isfinite(loss) and report["accuracy"].item() == 0.5

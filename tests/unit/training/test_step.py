@@ -30,7 +30,7 @@ def _concat(microbatches):
     return {k: torch.cat([mb[k] for mb in microbatches]) for k in microbatches[0]}
 
 
-def _train_grads(tp, pp, loss, per_rank, sp=False):
+def _train_grads(tp, pp, loss, per_rank, sp=False, paired=True):
     """Gradients after forward_backward + DDP's finalize; per_rank[dp_rank] are that rank's microbatches."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -46,7 +46,7 @@ def _train_grads(tp, pp, loss, per_rank, sp=False):
     model = DistributedDataParallel(module.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)
     model.zero_grad_buffer()
     microbatches = per_rank[ps.get_data_parallel_rank()]
-    reports = forward_backward(model, microbatches, config.loss, vocab_size=VOCAB)
+    reports = forward_backward(model, microbatches, config.loss, vocab_size=VOCAB, paired=paired)
     finalize_model_grads([model])
     grads = full_grads(module, VOCAB, finalized=True)
     lead = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
@@ -67,8 +67,8 @@ def _assert_same_gradients(ranks, single):
     return reports
 
 
-def _run(world, tp, pp, loss, per_rank):
-    return run_ranks(_train_grads, world, tp, pp, loss, per_rank, timeout=300)
+def _run(world, tp, pp, loss, per_rank, paired=True):
+    return run_ranks(_train_grads, world, tp, pp, loss, per_rank, paired=paired, timeout=300)
 
 
 RPO = dict(loss_type="rpo", weighting="embedding")
@@ -95,8 +95,8 @@ def test_unpaired_ranks_without_chosen_or_rejected_items_get_the_exact_global_gr
     ]
     config_overrides = dict(loss)
     (single,) = run_ranks(_train_grads, 1, 1, 1, config_overrides, [[_concat([p[0] for p in per_rank])]],
-                          timeout=300)
-    reports = _assert_same_gradients(_run(2, 1, 1, loss, per_rank), single)
+                          paired=False, timeout=300)
+    reports = _assert_same_gradients(_run(2, 1, 1, loss, per_rank, paired=False), single)
     assert (reports[0]["matrix_rows"].item(), reports[0]["matrix_cols"].item()) == (7, 5)
 
 
