@@ -26,11 +26,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept, from the end (default 256)")
     p.add_argument("--max-length", type=int, default=512, help="prompt + response tokens kept (default 512)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
+    p.add_argument("--keep-identical-pairs", action="store_true",
+                   help="keep pairs whose chosen and rejected responses are the same (skipped by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
         m = preprocess(a.input, a.format, a.tokenizer, a.output_prefix, max_prompt_length=a.max_prompt_length,
-                       max_length=a.max_length, strict=a.strict, progress=not a.no_progress).manifest
+                       max_length=a.max_length, strict=a.strict, keep_identical_pairs=a.keep_identical_pairs,
+                       progress=not a.no_progress).manifest
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -2,37 +2,94 @@
 
 A tool writes every output under a temporary name inside :class:`StagedOutputs`; only when
 the tool finishes are they renamed onto their final names (each rename is atomic), the
-manifest last. If the tool fails, the temporary files are deleted and whatever was at the
-final names before is untouched. The manifest records each file's size and sha256, so a reader
-(:func:`read_manifest`) also notices files from two different runs.
+manifest last. If the tool fails -- an error, Ctrl-C, or SIGTERM, which is turned into an exit
+while staging -- the temporary files are deleted and whatever was at the final names before is
+untouched. Temporary names carry the host and process id (``FINAL.tmp-HOST-PID-XXXXXXXX``), so
+what a ``kill -9`` left behind is removed by the next run on that prefix from the same host.
+The manifest records each file's size and sha256, so a reader (:func:`read_manifest`) also
+notices files from two different runs.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
+import signal
+import socket
 import uuid
 
 from megatron_rpo.data.tokenizer import file_sha256
 
-__all__ = ["StagedOutputs", "read_manifest", "manifest_path", "verify_files"]
+__all__ = ["StagedOutputs", "read_manifest", "manifest_path", "verify_files", "remove_stale"]
 
 
 def manifest_path(prefix: str) -> str:
     return f"{prefix}.manifest.json"
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+_TAG = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(final: str) -> list[str]:
+    """Delete what killed runs on this host left staged for ``final``; returns the removed paths."""
+    removed = []
+    for path in glob.glob(glob.escape(final) + ".tmp-*"):
+        tag = _TAG.search(path[len(final):])
+        if tag and tag["host"] == _HOST and not _alive(int(tag["pid"])):
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through StagedOutputs.__exit__, which deletes the staged files
+
+
 class StagedOutputs:
     """Context manager: ``staged.path(final)`` gives a temporary path; all are committed on success."""
 
     def __init__(self) -> None:
-        self._tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._tag = f".tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._staged: dict[str, str] = {}
+        self._previous_handler = None
+        self.removed_stale: list[str] = []
 
     def path(self, final: str) -> str:
-        """The temporary path to write ``final`` to."""
-        os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+        """The temporary path to write ``final`` to.
+
+        Raises:
+            ValueError: the file cannot be created there (read-only file system, a parent that is
+                a file, no permission), naming the path.
+        """
+        folder = os.path.dirname(os.path.abspath(final))
         tmp = final + self._tag
+        existing = folder
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ValueError(f"cannot write {final}: {existing} is a file, not a directory")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.removed_stale += remove_stale(final)
+            open(tmp, "wb").close()  # fail here, before any work, if it cannot be written
+        except OSError as e:
+            raise ValueError(f"cannot write {final}: {e.strerror or e}") from None
         self._staged[final] = tmp
         return tmp
 
@@ -50,9 +107,15 @@ class StagedOutputs:
         return final
 
     def __enter__(self) -> "StagedOutputs":
+        try:
+            self._previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        except ValueError:  # not the main thread: SIGTERM keeps its handler
+            self._previous_handler = None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
         if exc_type is not None:
             for tmp in self._staged.values():
                 if os.path.exists(tmp):

@@ -8,17 +8,21 @@
 * ``unpaired``: ``{"prompt", "completion", "label": true|false}``; ``label`` true means the
   completion is a chosen (desirable) one.
 
-Files are ``.jsonl`` or ``.jsonl.gz``.
+Files are ``.jsonl`` or ``.jsonl.gz``, UTF-8. A line that is not valid UTF-8 is a bad row like
+any other; a file that is not UTF-8 text at all (UTF-16, compressed under another name, binary)
+or a truncated ``.gz`` is one error naming the file and what it looks like.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Union
 
-__all__ = ["FORMATS", "Example", "BadRow", "read_examples", "open_text"]
+__all__ = ["FORMATS", "Example", "BadRow", "read_examples", "check_text_file"]
 
 FORMATS = ("hh", "pairs", "unpaired")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -53,11 +57,47 @@ class BadRow(Exception):
         return {"file": self.file, "line": self.line, "field": self.field, "reason": self.reason}
 
 
-def open_text(path: str):
-    """Open ``.jsonl`` or ``.jsonl.gz`` for reading text."""
+# Leading bytes of files that are not UTF-8 JSON lines, and what to tell the user.
+_SIGNATURES = (
+    (b"\x1f\x8b", "gzip-compressed data, but its name does not end in .gz (rename it to .jsonl.gz)"),
+    (b"BZh", "bzip2-compressed data (decompress it first)"),
+    (b"\xfd7zXZ\x00", "xz-compressed data (decompress it first)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed data (decompress it first)"),
+    (b"PK\x03\x04", "a zip archive (extract it first)"),
+    (b"\xff\xfe", "UTF-16 text (convert it to UTF-8)"),
+    (b"\xfe\xff", "UTF-16 text (convert it to UTF-8)"),
+)
+
+
+def check_text_file(path: str) -> None:
+    """Raise ValueError naming ``path`` unless it can be read as (gzipped, for .gz) UTF-8 text lines."""
+    if os.path.isdir(path):
+        raise ValueError(f"input {path} is a directory; give .jsonl or .jsonl.gz files")
+    if not os.path.isfile(path):
+        raise ValueError(f"input file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4096)
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        if not head.startswith(b"\x1f\x8b"):
+            raise ValueError(f"{path}: the name ends in .gz but the file is not gzip-compressed")
+        return
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            raise ValueError(f"{path}: this looks like {what}, not UTF-8 JSON lines")
+    if b"\x00" in head:
+        raise ValueError(f"{path}: this looks like a binary file (it holds NUL bytes), not UTF-8 JSON lines")
+
+
+def _lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw bytes)``; a truncated or corrupt gzip stream is a ValueError naming the file."""
+    opener = gzip.open if path.endswith(".gz") else open
+    number = 0
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                yield number, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: the gzip data is truncated or corrupt after line {number} ({e})") from None
 
 
 def _text(row: dict, field: str, file: str, line: int) -> Text:
@@ -121,19 +161,26 @@ def read_examples(paths: list[str], fmt: str) -> Iterator[Example | BadRow]:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     for path in paths:
-        with open_text(path) as f:
-            for number, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    yield BadRow(path, number, "<json>", f"malformed JSON: {e.msg} at column {e.colno}")
-                    continue
-                if not isinstance(row, dict):
-                    yield BadRow(path, number, "<json>", f"expected an object, got {type(row).__name__}")
-                    continue
-                try:
-                    yield _parse(fmt, row, path, number)
-                except BadRow as bad:
-                    yield bad
+        check_text_file(path)
+        for number, raw in _lines(path):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield BadRow(path, number, "<text>", f"not valid UTF-8: byte 0x{raw[e.start]:02x} at column "
+                                                     f"{e.start + 1}")
+                continue
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                # e.msg may end in " at" ("Unterminated string starting at"); the column says where.
+                yield BadRow(path, number, "<json>", f"malformed JSON at column {e.colno}: {e.msg.removesuffix(' at')}")
+                continue
+            if not isinstance(row, dict):
+                yield BadRow(path, number, "<json>", f"expected an object, got {type(row).__name__}")
+                continue
+            try:
+                yield _parse(fmt, row, path, number)
+            except BadRow as bad:
+                yield bad

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_rpo.data.files import StagedOutputs
-from megatron_rpo.data.formats import BadRow, Example, read_examples
+from megatron_rpo.data.formats import BadRow, Example, check_text_file, read_examples
 from megatron_rpo.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
 
 __all__ = ["META_DTYPE", "PreprocessResult", "preprocess", "MANIFEST_KIND"]
@@ -84,10 +84,15 @@ class _Encoder:
 def _sources(paths: list[str]) -> list[dict]:
     out = []
     for path in paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"input file {path} does not exist")
+        check_text_file(path)
         out.append({"path": os.path.abspath(path), "sha256": file_sha256(path)})
     return out
+
+
+def _check_prefix(prefix: str) -> None:
+    if not os.path.basename(prefix) or prefix.endswith(("/", os.sep)):
+        raise ValueError(f"the output prefix {prefix!r} ends in a path separator; it names files, "
+                         f"e.g. {os.path.join(prefix, 'train')!r} writes train.bin, train.idx, ... there")
 
 
 def preprocess(
@@ -99,6 +104,7 @@ def preprocess(
     max_prompt_length: int = 256,
     max_length: int = 512,
     strict: bool = False,
+    keep_identical_pairs: bool = False,
     progress: bool = True,
 ) -> PreprocessResult:
     """Tokenise preference rows into an IndexedDataset (see the module docstring for the files).
@@ -111,11 +117,15 @@ def preprocess(
         max_prompt_length: prompt tokens kept (from the end), ``bos`` included.
         max_length: prompt + response tokens kept.
         strict: the first bad row is an error instead of a skipped row.
+        keep_identical_pairs: keep pairs whose chosen and rejected responses are the same
+            (skipped and listed by default: they carry no preference, only noise).
         progress: show a progress bar with rows/s.
 
     Raises:
-        ValueError: bad options or inputs, a bad row under ``strict`` (naming file:line:field),
-            or no usable row at all. Nothing is left at ``output_prefix`` then.
+        ValueError: bad options or inputs (a file that is not UTF-8 JSON lines, an output that
+            cannot be written), a bad row under ``strict`` (naming file:line:field), no usable
+            row at all, or unpaired data with no chosen or no rejected item. Nothing is left at
+            ``output_prefix`` then.
     """
     if not 0 < max_prompt_length < max_length:
         raise ValueError(
@@ -124,6 +134,7 @@ def preprocess(
         )
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+    _check_prefix(output_prefix)
     sources = _sources(inputs)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     encoder = _Encoder(tok, max_prompt_length, max_length)
@@ -144,7 +155,7 @@ def preprocess(
                 try:
                     if isinstance(item, BadRow):
                         raise item
-                    sequences = _encode_example(item, encoder)
+                    sequences = _encode_example(item, encoder, keep_identical_pairs)
                 except BadRow as bad:
                     if strict:
                         raise ValueError(f"bad row (--strict): {bad}") from None
@@ -162,6 +173,11 @@ def preprocess(
             bar.close()
         if not meta:
             raise ValueError(f"no usable row in {inputs} ({len(skipped)} skipped; first: {skipped[:1]})")
+        if not paired:
+            chosen = sum(1 for m in meta if m[1])
+            if chosen == 0 or chosen == len(meta):
+                raise ValueError(f"{inputs}: unpaired data needs both chosen (label true) and rejected (label false) "
+                                 f"items to contrast; found {chosen} chosen and {len(meta) - chosen} rejected")
         builder.finalize(staged.path(idx_path))
         meta_path = f"{output_prefix}.meta.npy"
         with open(staged.path(meta_path), "wb") as f:
@@ -176,6 +192,7 @@ def preprocess(
             "num_pairs": len(meta) // 2 if paired else 0,
             "num_prompts": len(prompt_ids),
             "num_skipped": len(skipped),
+            "keep_identical_pairs": keep_identical_pairs,
             "truncated_prompts": encoder.truncated_prompts,
             "truncated_responses": encoder.truncated_responses,
             "max_prompt_length": max_prompt_length,
@@ -190,8 +207,12 @@ def preprocess(
     return PreprocessResult(output_prefix, manifest)
 
 
-def _encode_example(example: Example, encoder: _Encoder) -> list[tuple[str, list[int], int, bool]]:
+def _encode_example(example: Example, encoder: _Encoder,
+                    keep_identical: bool = False) -> list[tuple[str, list[int], int, bool]]:
     """``[(prompt text, token ids, prompt length, is_chosen)]``: the chosen first for pairs."""
+    if example.chosen is not None and example.chosen == example.rejected and not keep_identical:
+        raise BadRow(example.file, example.line, "rejected",
+                     "identical to chosen: the pair carries no preference (--keep-identical-pairs keeps it)")
     try:
         prompt_text = encoder.prompt_text(example.prompt)
     except (ValueError, TypeError, KeyError) as e:

@@ -196,3 +196,139 @@ def test_tool_reports_and_fails_cleanly(tmp_path, hh_slice, sp_tokenizer, capsys
     assert tool.main(["--input", hh_slice, "--format", "hh", "--tokenizer", sp_tokenizer, "--output-prefix",
                       str(tmp_path / "s"), "--strict", "--no-progress"]) == 1
     assert "hh_harmless_slice.jsonl:241: field 'rejected'" in capsys.readouterr().err
+
+
+# -- inputs that are not clean UTF-8 JSON lines, outputs that cannot be written (issue 13) -----------
+def _pairs(n=6, identical=()):
+    rows = [{"prompt": f"question {i}?", "chosen": f"a good answer {i}", "rejected": f"a bad answer {i}"}
+            for i in range(n)]
+    for i in identical:
+        rows[i]["rejected"] = rows[i]["chosen"]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_an_undecodable_line_is_skipped_and_listed(tmp_path, sp_tokenizer):
+    src = tmp_path / "latin1.jsonl"
+    lines = _pairs().encode().splitlines(keepends=True)
+    lines[2] = '{"prompt": "caf\u00e9?", "chosen": "oui", "rejected": "non"}\n'.encode("latin-1")
+    src.write_bytes(b"".join(lines))
+    m = preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "out"), progress=False).manifest
+    assert m["num_pairs"] == 5
+    assert m["skipped"] == [{"file": str(src), "line": 3, "field": "<text>",
+                             "reason": "not valid UTF-8: byte 0xe9 at column 16"}]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("utf16.jsonl", _pairs().encode("utf-16"), "looks like UTF-16 text"),
+    ("hidden_gzip.jsonl", gzip.compress(_pairs().encode()), "looks like gzip-compressed data, but its name does not"),
+    ("binary.jsonl", b"\x00\x01\x02" * 100, "looks like a binary file"),
+    ("not_gzip.jsonl.gz", _pairs().encode(), "ends in .gz but the file is not gzip-compressed"),
+    ("truncated.jsonl.gz", gzip.compress(_pairs(200).encode())[:400], "gzip data is truncated or corrupt after line"),
+])
+def test_a_file_that_is_not_utf8_json_lines_is_one_clear_error(tmp_path, sp_tokenizer, name, content, message):
+    src = tmp_path / name
+    src.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(src)) + ".*" + re.escape(message)):
+        preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "out"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing written
+
+
+def _unwritable_dir(tmp_path):
+    if os.geteuid() != 0:
+        folder = tmp_path / "readonly"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    folder = "/sys/kernel"  # a read-only file system for root too
+    try:
+        open(os.path.join(folder, "megatron_rpo_probe"), "wb").close()
+    except OSError:
+        return folder
+    pytest.skip("no unwritable folder to test with")
+
+
+def test_outputs_that_cannot_be_written_are_one_line_errors(tmp_path, sp_tokenizer):
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(_pairs())
+    folder = _unwritable_dir(tmp_path)
+    with pytest.raises(ValueError, match=rf"cannot write {re.escape(str(folder))}/out/train\.bin"):
+        preprocess([str(src)], "pairs", sp_tokenizer, os.path.join(str(folder), "out", "train"), progress=False)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"cannot write .*afile/train\.bin: .*afile is a file, not a directory"):
+        preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "afile" / "train"), progress=False)
+    with pytest.raises(ValueError, match=r"ends in a path separator; it names files, e\.g\. '.*out/train'"):
+        preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "out") + "/", progress=False)
+    with pytest.raises(ValueError, match=rf"input {re.escape(str(tmp_path))} is a directory"):
+        preprocess([str(tmp_path)], "pairs", sp_tokenizer, str(tmp_path / "x"), progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("x.*"))
+
+
+def test_identical_pairs_are_skipped_unless_kept(tmp_path, sp_tokenizer):
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(_pairs(identical=(1, 4)))
+    m = preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "a"), progress=False).manifest
+    assert m["num_pairs"] == 4 and [(s["line"], s["field"]) for s in m["skipped"]] == [(2, "rejected"),
+                                                                                      (5, "rejected")]
+    assert all("identical to chosen" in s["reason"] for s in m["skipped"])
+    kept = preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "b"), keep_identical_pairs=True,
+                      progress=False).manifest
+    assert kept["num_pairs"] == 6 and kept["keep_identical_pairs"]
+
+
+def test_unpaired_data_with_an_empty_side_is_refused(tmp_path, sp_tokenizer):
+    src = tmp_path / "unpaired.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"q{i}?", "completion": f"a{i}", "label": True}) + "\n"
+                           for i in range(5)))
+    with pytest.raises(ValueError, match="needs both chosen .* and rejected .* found 5 chosen and 0 rejected"):
+        preprocess([str(src)], "unpaired", sp_tokenizer, str(tmp_path / "out"), progress=False)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_malformed_json_is_described_once(tmp_path, sp_tokenizer):
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(_pairs() + '{"prompt": "unterminated\n')
+    m = preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "out"), progress=False).manifest
+    (reason,) = [s["reason"] for s in m["skipped"]]
+    assert reason == "malformed JSON at column 12: Unterminated string starting" and "at at" not in reason
+
+
+def test_sigterm_and_kill_leave_no_staged_files(tmp_path, sp_tokenizer):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    src = tmp_path / "big.jsonl"
+    src.write_text(_pairs(30000))
+    prefix = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_preference_data.py"), "--input", str(src),
+           "--format", "pairs", "--tokenizer", sp_tokenizer, "--output-prefix", str(prefix), "--no-progress"]
+
+    def staged():
+        return sorted(p.name for p in tmp_path.glob("out.*.tmp-*"))
+
+    def start_and_wait_for_staging():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not staged():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        return proc
+
+    proc = start_and_wait_for_staging()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert staged() == [] and not list(tmp_path.glob("out.bin"))
+
+    proc = start_and_wait_for_staging()
+    proc.kill()  # no chance to clean up
+    proc.wait()
+    assert staged()
+    # The next run on that prefix removes what the killed one left, and finishes.
+    small = tmp_path / "small.jsonl"
+    small.write_text(_pairs())
+    preprocess([str(small)], "pairs", sp_tokenizer, str(prefix), progress=False)
+    assert staged() == [] and (tmp_path / "out.bin").exists()
