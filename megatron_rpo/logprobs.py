@@ -34,8 +34,11 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) 
     if start + shard > vocab_size:
         # [b, s, V/tp]: this slice holds padding rows; mask them out of the softmax.
         padding = torch.arange(start, start + shard, device=logits.device) >= vocab_size
-        # In place, like the cross entropy below: no second [b, s, V/tp] copy of the logits.
-        logits = logits.masked_fill_(padding, float("-inf"))
+        # In place and outside autograd: no copy of the [b, s, V/tp] logits on the way in, and
+        # none of their gradient on the way back. The gradient needs no mask: d(-log p(y))/dz_j
+        # is p_j = 0 for a -inf logit, so the cross entropy's own backward already gives 0 there.
+        with torch.no_grad():
+            logits.masked_fill_(padding, float("-inf"))
     # megatron's kernel takes any leading dims ([b, s] here, no transpose copy) and works in
     # place on the logits to save memory, as megatron's own loss path does.
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, labels)

@@ -84,3 +84,36 @@ def test_prompt_and_padding_do_not_change_logprobs_and_lengths_mix():
     torch.testing.assert_close(padded_tokens, base, rtol=1e-6, atol=1e-5)
     assert torch.equal(prompt_labels, base)
     torch.testing.assert_close(alone, base, rtol=1e-6, atol=1e-5)
+
+
+def _logit_grads(tp, logits_full, labels, mask):
+    from megatron.core import parallel_state as ps
+
+    from megatron_rpo import parallel
+    from megatron_rpo.config import ParallelConfig
+    from megatron_rpo.logprobs import sequence_logprobs, token_logprobs
+
+    parallel.initialize(ParallelConfig(tensor_model_parallel_size=tp))
+    shard = logits_full.shape[-1] // tp
+    rank = ps.get_tensor_model_parallel_rank()
+    logits = logits_full[..., rank * shard:(rank + 1) * shard].clone().requires_grad_()
+    logps, _ = sequence_logprobs(token_logprobs(logits, labels, VOCAB), mask)
+    (logps * torch.arange(1.0, 1.0 + len(logps))).sum().backward()  # distinct weight per sequence
+    return logits.grad
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gradients_equal_float64_and_vanish_on_vocabulary_padding(tp):
+    g = torch.Generator().manual_seed(3)
+    padded = 104  # a multiple of 8 x TP above VOCAB = 100: four padding columns
+    logits = torch.randn(3, 10, padded, generator=g) * 2.0
+    logits[..., VOCAB:] = 30.0  # would swamp the softmax if the padding were not masked
+    labels = torch.randint(0, VOCAB, (3, 10), generator=g)
+    mask = (torch.rand(3, 10, generator=g) < 0.7).float()
+    shards = run_ranks(_logit_grads, tp, tp, logits, labels, mask, timeout=120)
+    got = torch.cat(shards, dim=-1)
+    leaf = logits.double().requires_grad_()
+    picked = torch.log_softmax(leaf[..., :VOCAB], dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+    ((picked * mask.double()).sum(dim=1) * torch.arange(1.0, 4.0, dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(got.double(), leaf.grad, rtol=1e-5, atol=1e-6)
+    assert (got[..., VOCAB:] == 0).all()
