@@ -31,7 +31,11 @@ setup(
         "psutil",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        # Optional: Parquet / datasets folders / hub names as inputs, Weights & Biases logging, run plots.
+        "hf": ["datasets>=2.18"],
+        "wandb": ["wandb>=0.17"],
+        "plot": ["matplotlib>=3.7"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "datasets>=2.18", "wandb>=0.17", "matplotlib>=3.7"],
         # apex comes from the NGC PyTorch container, which also ships transformer-engine.
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -18,10 +18,10 @@ A step is RPO (online reference, the matrix over the microbatch) forward-backwar
 step's microbatches, the gradient reduction and the optimizer step. Reported: the median step
 time, **useful tokens/s** (prompt and response tokens of real sequences; padding never counts),
 peak memory per useful token (GPU: the step's peak allocation; CPU: the peak RSS growth of a
-fresh process running that configuration), and the ratios. With ``--gpu`` also TFLOP/s and MFU
-counting useful tokens only: 6N per token for the policy's forward and backward, 2N for the
-reference's forward, plus causal attention (8 x layers x hidden x L^2 per sequence of L tokens
-for the two), against the GPU's peak dense bf16 rate (``--peak-tflops`` to override).
+fresh process running that configuration), and the ratios; TFLOP/s and (with ``--gpu``) MFU
+counting useful tokens only, as the trainer's log line does (megatron_rpo/models/flops.py: 6N per
+token for the policy, 2N for the reference's forward, plus causal attention), against the GPU's
+peak dense bf16 rate (``--peak-tflops`` to override).
 
 ``--profile`` adds a torch.profiler trace of two packed steps (and two plain ones): the top
 operators by self time on the device and the fraction of the step the device sat idle (host
@@ -57,8 +57,6 @@ TINY = dict(num_layers=2, hidden_size=256, ffn_hidden_size=688, num_attention_he
             vocab_size=30522, max_position_embeddings=512)
 LLAMA_1B = dict(num_layers=22, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=32, num_query_groups=4,
                 vocab_size=32000, max_position_embeddings=2048)
-# Peak dense bf16 TFLOP/s by device name (substring, first match wins).
-PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0))
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -321,7 +319,9 @@ def main() -> None:
     import torch
 
     from megatron_rpo import parallel
+    from megatron_rpo.config import ModelConfig
     from megatron_rpo.data.dataset import PreferenceDataset
+    from megatron_rpo.models.flops import peak_tflops, step_flops
 
     gpu = args.gpu
     if gpu and not torch.cuda.is_available():
@@ -367,12 +367,8 @@ def main() -> None:
 
         device = torch.cuda.get_device_name() if gpu else "CPU"
         m = shape
-        kv = m["hidden_size"] // m["num_attention_heads"] * m["num_query_groups"]
-        n_params = (m["num_layers"] * (2 * m["hidden_size"] ** 2 + 2 * m["hidden_size"] * kv
-                                       + 3 * m["hidden_size"] * m["ffn_hidden_size"])
-                    + m["vocab_size"] * m["hidden_size"])
-        flops = 8 * n_params * tokens + 8 * m["num_layers"] * m["hidden_size"] * squares
-        peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS if k in device), None)
+        flops = step_flops(ModelConfig(**m), tokens, squares, reference_forward=True)
+        peak = args.peak_tflops or (peak_tflops(device) if gpu else None)
         print(f"{device}; {m['num_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}"
               f"{', bf16' if gpu else ', fp32'}; RPO with online reference; {args.microbatches} microbatches x "
               f"{args.pairs} pairs per step; median of {args.steps} interleaved steps; {tokens / len(measured):.0f} "

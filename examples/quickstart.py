@@ -160,10 +160,11 @@ def main() -> None:
     print(f"{pairs} held-out pairs (one standard error of an accuracy near 0.5: +-{0.5 / max(pairs, 1) ** 0.5:.2f}); "
           "'likelihood accuracy': the model gives the chosen response a higher per-token log-prob than the "
           "rejected one (ties count half)")
-    print(f"  likelihood accuracy after warm-up, before RPO: {before_rpo['accuracy']:.3f}")
-    print(f"  likelihood accuracy after RPO:                 {after_rpo['accuracy']:.3f}")
-    print(f"  RPO reward accuracy (beta * log-ratio against the warm-up model): {rpo_eval['accuracy']:.3f}, "
-          f"margin {rpo_eval['reward_margin']:+.4f} (before RPO: 0.5 and 0, by construction)")
+    print(f"  likelihood accuracy after warm-up, before RPO: {before_rpo['rewards/accuracies']:.3f}")
+    print(f"  likelihood accuracy after RPO:                 {after_rpo['rewards/accuracies']:.3f}")
+    print("  RPO reward accuracy (beta * log-ratio against the warm-up model): "
+          f"{rpo_eval['rewards/accuracies']:.3f}, "
+          f"margin {rpo_eval['rewards/margins']:+.4f} (before RPO: 0.5 and 0, by construction)")
     print("artefacts:")
     for label, path in (("tokenizer", sp_model), ("initial HF model", hf_init), ("converted checkpoint", ckpt),
                         ("datasets", os.path.join(work, "data")), ("warm-up run", sft), ("RPO run", rpo),

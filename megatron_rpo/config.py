@@ -377,6 +377,9 @@ class TrainConfig(_Section):
     """TensorBoard event directory; None uses ``<save>/tensorboard`` when ``save`` is set."""
     seed: int = 1234
     """Seed of model initialisation and dropout."""
+    peak_tflops: Optional[float] = None
+    """Peak dense bf16 TFLOP/s of one GPU, for the MFU on the log line; None looks the GPU up by name
+    (H100, H200, A100, ...). Without a GPU only TFLOP/s is shown."""
     allow_config_change: bool = False
     """On resume, apply settings that differ from the ones the checkpoint was trained with
     (each change is printed; the learning rate and optimizer settings take effect too) instead of
@@ -389,7 +392,7 @@ class TrainConfig(_Section):
     def validate(self) -> None:
         self._positive("train_iters", allow_zero=True)
         self._positive("micro_batch_size", "global_batch_size", "log_interval", "exit_interval", "eval_interval",
-                       "eval_iters", "save_interval", "keep_last")
+                       "eval_iters", "save_interval", "keep_last", "peak_tflops")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size ({self.global_batch_size}) is not divisible by "
@@ -513,7 +516,7 @@ def config_to_dict(config: Config) -> dict:
 RESUMABLE_CHANGES = frozenset({
     "train.train_iters", "train.log_interval", "train.exit_interval", "train.eval_interval", "train.eval_iters",
     "train.save_interval", "train.keep_last", "train.export", "train.tensorboard_dir", "train.allow_config_change",
-    "train.stop_signal", "data.valid_data_prefix", "parallel.distributed_timeout_minutes",
+    "train.stop_signal", "train.peak_tflops", "data.valid_data_prefix", "parallel.distributed_timeout_minutes",
     "parallel.sequence_parallel",
 })
 """Keys a resumed run may change freely: they decide how long it runs, how it logs, evaluates and

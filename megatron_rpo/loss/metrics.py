@@ -20,6 +20,8 @@ def preference_metrics(
     weights: torch.Tensor | None = None,
     *,
     paired: bool,
+    chosen_logps: torch.Tensor | None = None,
+    rejected_logps: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Reward means, margin, accuracy (paired) or reward AUC, and contrast-matrix statistics.
 
@@ -47,7 +49,8 @@ def preference_metrics(
           which is what unpaired data can measure;
         * ``diag_weight``: mean of the diagonal weights (paired data);
         * ``row_entropy``: mean row entropy of the weights in nats (``log N`` = uniform);
-        * ``matrix_rows``, ``matrix_cols``: M and N.
+        * ``matrix_rows``, ``matrix_cols``: M and N;
+        * ``chosen_logps``, ``rejected_logps``: mean policy log-prob of each side (when given).
     """
     c = chosen_rewards.detach().float()
     r = rejected_rewards.detach().float()
@@ -66,6 +69,9 @@ def preference_metrics(
         "matrix_cols": c.new_tensor(float(r.numel())),
     }
     out["reward_margin"] = out["chosen_reward"] - out["rejected_reward"]
+    for key, logps in (("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps)):
+        if logps is not None:
+            out[key] = logps.detach().float().mean() if logps.numel() else nan
     if weights is not None:
         w = weights.detach().float()
         out["diag_weight"] = w.diagonal().mean() if diagonal else nan

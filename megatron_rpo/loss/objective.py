@@ -149,4 +149,5 @@ def preference_loss(
                 chosen.prompt_emb, rejected.prompt_emb, chosen_rewards.shape[0], rejected_rewards.shape[0],
                 **_weighting_kwargs(config), device=chosen_rewards.device,
             )
-    return loss, preference_metrics(chosen_rewards, rejected_rewards, weights, paired=paired)
+    return loss, preference_metrics(chosen_rewards, rejected_rewards, weights, paired=paired,
+                                    chosen_logps=chosen.policy_logps, rejected_logps=rejected.policy_logps)

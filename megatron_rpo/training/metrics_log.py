@@ -11,10 +11,24 @@ from megatron.core import parallel_state
 
 from megatron_rpo.device import current_device
 
-__all__ = ["METRICS", "reduce_reports", "accuracy_text", "format_line", "Scalars"]
+__all__ = ["METRICS", "TRL_NAMES", "scalar_name", "reduce_reports", "accuracy_text", "format_line", "Scalars"]
 
 METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "reward_auc", "diag_weight",
-           "row_entropy", "matrix_rows", "matrix_cols")
+           "row_entropy", "matrix_rows", "matrix_cols", "chosen_logps", "rejected_logps")
+
+# The names TensorBoard and Weights & Biases get: TRL's for what users compare across tools, ours
+# under contrast/ for the matrix; the rest (loss, lr, grad_norm, throughput) as they are.
+TRL_NAMES = {"chosen_reward": "rewards/chosen", "rejected_reward": "rewards/rejected",
+             "reward_margin": "rewards/margins", "accuracy": "rewards/accuracies",
+             "chosen_logps": "logps/chosen", "rejected_logps": "logps/rejected"}
+CONTRAST_METRICS = ("reward_auc", "diag_weight", "row_entropy", "matrix_rows", "matrix_cols")
+
+
+def scalar_name(key: str) -> str:
+    """The dashboard name of a metric (see :data:`TRL_NAMES`)."""
+    if key in TRL_NAMES:
+        return TRL_NAMES[key]
+    return f"contrast/{key}" if key in CONTRAST_METRICS else key
 
 
 def reduce_reports(reports: list[dict]) -> dict[str, float]:
@@ -52,7 +66,8 @@ def accuracy_text(m: dict, paired: bool) -> str:
 
 
 def format_line(step: int, total: int, m: dict, lr: float, grad_norm: float | None, tokens_per_s: float,
-                step_time: float, eta_s: float, *, paired: bool = True) -> str:
+                step_time: float, eta_s: float, *, paired: bool = True, tflops: float | None = None,
+                mfu: float | None = None) -> str:
     eta = f"{int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m" if eta_s >= 3600 else \
         f"{int(eta_s // 60)}m{int(eta_s % 60):02d}s"
     # Matrix losses report their M x N contrast matrix; the others how many chosen / rejected sequences.
@@ -62,7 +77,10 @@ def format_line(step: int, total: int, m: dict, lr: float, grad_norm: float | No
             f"rejected {_fmt(m['rejected_reward'], '+.4f')} | margin {_fmt(m['reward_margin'], '+.4f')} | "
             f"{accuracy_text(m, paired)} | {shape} | "
             f"lr {lr:.2e} | grad {_fmt(grad_norm if grad_norm is not None else float('nan'), '.3f')} | "
-            f"{tokens_per_s:,.0f} tok/s | {step_time:.2f} s/step | ETA {eta}")
+            f"{tokens_per_s:,.0f} tok/s | "
+            + ("" if tflops is None else f"{tflops:.2f} TFLOP/s{'/GPU' if mfu is not None else ''} | ")
+            + ("" if mfu is None else f"MFU {mfu:.1%} | ")
+            + f"{step_time:.2f} s/step | ETA {eta}")
 
 
 class Scalars:
@@ -80,7 +98,7 @@ class Scalars:
             return
         for key, value in values.items():
             if value is not None and not math.isnan(value):
-                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+                self.writer.add_scalar(f"{prefix}/{scalar_name(key)}", value, step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from megatron_rpo.convert.save import save_converted
 from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate_step
 from megatron_rpo.device import current_device
 from megatron_rpo.models import model_provider
+from megatron_rpo.models.flops import peak_tflops, step_flops
 from megatron_rpo.training.checkpointing import (
     checkpoint_model_config,
     latest_checkpoint,
@@ -116,6 +117,9 @@ class Trainer:
         if c.train.save and dist.get_rank() == 0:
             self._record_config()
         self.stops = StopRequests(c.train.stop_signal)
+        # MFU needs a GPU's peak rate: the configured one, else the GPU's by name; none on CPU.
+        self.peak_tflops = c.train.peak_tflops or (peak_tflops(torch.cuda.get_device_name())
+                                                   if torch.cuda.is_available() else None)
         _log(f"world {dist.get_world_size()} = TP {c.parallel.tensor_model_parallel_size} x PP "
              f"{c.parallel.pipeline_model_parallel_size} x DP {self.dp}; {self.num_microbatches} microbatches of "
              f"{c.train.micro_batch_size} {'pairs' if c.data.paired else 'items'} per rank per step; "
@@ -215,13 +219,27 @@ class Trainer:
             return PairedSampler(**common, num_pairs=data.manifest["num_pairs"])
         return UnpairedSampler(**common, chosen=data.chosen_indices, rejected=data.rejected_indices)
 
-    def _microbatches(self, data, iterator, count) -> tuple[list[dict], int]:
-        """This rank's next ``count`` microbatches (on the host) and the real tokens they hold."""
+    def _microbatches(self, data, iterator, count) -> tuple[list[dict], np.ndarray]:
+        """This rank's next ``count`` microbatches (on the host) and the lengths of their sequences."""
         c = self.config.data
         indices = list(itertools.islice(iterator, count))
         batches = collate_step(data, indices, c.max_length, packing=c.packing, pack_multiple=c.pack_multiple)
         lengths = np.minimum(data.tokens.sequence_lengths, c.max_length)
-        return batches, int(sum(lengths[i].sum() for i in indices))
+        return batches, np.concatenate([lengths[i] for i in indices]).astype(np.int64)
+
+    def _throughput(self, lengths: np.ndarray, elapsed: float) -> dict[str, float]:
+        """Real tokens/s over all ranks, model TFLOP/s per GPU and (on a known GPU) MFU (models/flops.py)."""
+        c = self.config
+        counts = torch.tensor([float(lengths.sum()), float((lengths ** 2).sum())], dtype=torch.float64,
+                              device=current_device())
+        dist.all_reduce(counts)
+        model_parallel = c.parallel.tensor_model_parallel_size * c.parallel.pipeline_model_parallel_size
+        tokens, squares = (counts / model_parallel).tolist()  # each model-parallel rank counted the same
+        flops = step_flops(c.model, tokens, squares, reference_forward=self.reference is not None)
+        out = {"tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / dist.get_world_size() / 1e12}
+        if self.peak_tflops:
+            out["mfu"] = out["tflops"] / self.peak_tflops
+        return out
 
     # -- loop -----------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -234,7 +252,7 @@ class Trainer:
         while self.step < self.total_steps:
             start = time.perf_counter()
             lr_used = self.optimizer.param_groups[0]["lr"]
-            batches, tokens = self._microbatches(self.train_data, iterator, self.num_microbatches)
+            batches, lengths = self._microbatches(self.train_data, iterator, self.num_microbatches)
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             reports = forward_backward(self.model, batches, c.loss, vocab_size=c.model.vocab_size,
@@ -247,20 +265,17 @@ class Trainer:
             self.sampler.consumed_samples += self.samples_per_step
             metrics = reduce_reports(reports)
             self.history.append(dict(metrics, step=self.step, lr=lr_used, grad_norm=grad_norm))
-            counts = torch.tensor([tokens], dtype=torch.float64, device=current_device())
-            dist.all_reduce(counts)
             elapsed = time.perf_counter() - start
             times.append(elapsed)
             lr = lr_used
-            total_tokens = counts.item() / (c.parallel.tensor_model_parallel_size *
-                                            c.parallel.pipeline_model_parallel_size)
+            speed = self._throughput(lengths, elapsed)
             if self.step % c.train.log_interval == 0 or self.step == self.total_steps:
                 recent = times[-c.train.log_interval:]
                 avg = sum(recent) / len(recent)
-                _log(format_line(self.step, self.total_steps, metrics, lr, grad_norm, total_tokens / elapsed, elapsed,
-                                 avg * (self.total_steps - self.step), paired=c.data.paired))
-            self.scalars.add("train", dict(metrics, lr=lr, grad_norm=grad_norm, tokens_per_s=total_tokens / elapsed,
-                                           step_time=elapsed), self.step)
+                _log(format_line(self.step, self.total_steps, metrics, lr, grad_norm, speed["tokens_per_s"], elapsed,
+                                 avg * (self.total_steps - self.step), paired=c.data.paired, tflops=speed["tflops"],
+                                 mfu=speed.get("mfu")))
+            self.scalars.add("train", dict(metrics, lr=lr, grad_norm=grad_norm, step_time=elapsed, **speed), self.step)
             stop = self.stops.poll(current_device())
             if stop:
                 self._stop(stop)

@@ -126,3 +126,27 @@ def test_unpaired_runs_report_the_reward_auc(workspace, tmp_path):
     for h in result["history"]:
         assert h["accuracy"] != h["accuracy"] and 0.0 <= h["reward_auc"] <= 1.0  # NaN, and an AUC
     assert result["eval"]["accuracy"] == result["eval"]["accuracy"]  # the held-out set is paired data
+
+
+def test_dashboard_names_and_a_picture_of_the_run(workspace, tmp_path):
+    from megatron_rpo.plot import main as plot_main
+    from megatron_rpo.plot import read_scalars
+
+    save = tmp_path / "run"
+    result = run_ranks(_train, 1, _overrides(workspace, save, "train.train_iters=3", "train.eval_interval=2",
+                                             "train.export=false"), timeout=300)[0]
+    scalars = read_scalars(str(save))
+    last = result["history"][-1]
+    # TRL's names for what users compare across tools, ours under contrast/.
+    for tag, key in [("rewards/chosen", "chosen_reward"), ("rewards/rejected", "rejected_reward"),
+                     ("rewards/margins", "reward_margin"), ("rewards/accuracies", "accuracy"),
+                     ("logps/chosen", "chosen_logps"), ("logps/rejected", "rejected_logps"),
+                     ("contrast/matrix_rows", "matrix_rows"), ("contrast/row_entropy", "row_entropy"),
+                     ("contrast/reward_auc", "reward_auc")]:
+        step, value = scalars[f"train/{tag}"][-1]
+        assert step == 3 and value == pytest.approx(last[key], rel=1e-6), tag
+    assert last["chosen_logps"] < 0
+    assert [s for s, _ in scalars["eval/loss"]] == [2, 3] and "train/tflops" in scalars
+    assert plot_main([str(save)]) == 0
+    png = (save / "run.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
