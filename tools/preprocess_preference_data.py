@@ -1,8 +1,14 @@
 #!/usr/bin/env python
-"""Tokenise preference data (JSONL) into a Megatron IndexedDataset with metadata and a manifest.
+"""Tokenise preference data into a Megatron IndexedDataset with metadata and a manifest.
 
     python tools/preprocess_preference_data.py --input data/hh_harmless_slice.jsonl --format hh \\
         --tokenizer tokenizer.model --output-prefix out/hh_train
+    python tools/preprocess_preference_data.py --input Anthropic/hh-rlhf --split test \\
+        --tokenizer tokenizer.model --output-prefix out/hh_test        # needs network access
+
+Inputs: .jsonl / .jsonl.gz files; with the datasets library (pip install 'megatron_rpo[hf]') also
+.parquet files, datasets save_to_disk folders, local dataset folders and hub names (owner/name or
+hf://owner/name; --split picks the split). Without --format the format is detected from the columns.
 
 Bad rows are skipped and listed in PREFIX.manifest.json (file, line, field, reason); with
 --strict the first one is an error. See megatron_rpo/data/preprocess.py for the outputs.
@@ -17,10 +23,12 @@ from megatron_rpo.data.preprocess import preprocess
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help=".jsonl or .jsonl.gz files, read in order")
-    p.add_argument("--format", choices=FORMATS, required=True,
+    p.add_argument("--input", nargs="+", required=True,
+                   help=".jsonl/.jsonl.gz/.parquet files, datasets folders or hub names, read in order")
+    p.add_argument("--split", default=None, help="split of dataset folders and hub datasets (e.g. train, test)")
+    p.add_argument("--format", choices=FORMATS, default=None,
                    help="hh: {chosen, rejected} dialogues; pairs: {prompt, chosen, rejected}; "
-                        "unpaired: {prompt, completion, label}")
+                        "unpaired: {prompt, completion, label}; default: detected from the columns")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file or Hugging Face tokenizer directory")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.npy/.prompts.jsonl/.manifest.json")
     p.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept, from the end (default 256)")
@@ -33,10 +41,12 @@ def main(argv=None) -> int:
     try:
         m = preprocess(a.input, a.format, a.tokenizer, a.output_prefix, max_prompt_length=a.max_prompt_length,
                        max_length=a.max_length, strict=a.strict, keep_identical_pairs=a.keep_identical_pairs,
-                       progress=not a.no_progress).manifest
+                       progress=not a.no_progress, split=a.split).manifest
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if m["format_detected"]:
+        print(f"format: {m['format']} (detected from the columns; --format to choose)")
     print(f"{m['num_sequences']} sequences ({m['num_pairs']} pairs, {m['num_prompts']} prompts) from {m['num_rows']} "
           f"rows; {m['num_skipped']} skipped, {m['truncated_prompts']} prompts and {m['truncated_responses']} "
           f"responses truncated -> {a.output_prefix}.{{bin,idx,meta.npy,prompts.jsonl,manifest.json}}")

@@ -8,21 +8,19 @@
 * ``unpaired``: ``{"prompt", "completion", "label": true|false}``; ``label`` true means the
   completion is a chosen (desirable) one.
 
-Files are ``.jsonl`` or ``.jsonl.gz``, UTF-8. A line that is not valid UTF-8 is a bad row like
-any other; a file that is not UTF-8 text at all (UTF-16, compressed under another name, binary)
-or a truncated ``.gz`` is one error naming the file and what it looks like.
+Rows come from JSON lines, Parquet, ``datasets`` folders or the hub (:mod:`.sources`); a bad row
+is named by its source (a file, or ``dataset[split]``), its line (JSON lines, 1-based) or row
+index (datasets, 0-based), and the field. :func:`detect_format` picks the format from the columns.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
-import zlib
 from dataclasses import dataclass
 from typing import Iterator, Union
 
-__all__ = ["FORMATS", "Example", "BadRow", "read_examples", "check_text_file"]
+from megatron_rpo.data.sources import RowError, Source
+
+__all__ = ["FORMATS", "Example", "BadRow", "read_examples", "detect_format"]
 
 FORMATS = ("hh", "pairs", "unpaired")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -55,49 +53,6 @@ class BadRow(Exception):
 
     def as_dict(self) -> dict:
         return {"file": self.file, "line": self.line, "field": self.field, "reason": self.reason}
-
-
-# Leading bytes of files that are not UTF-8 JSON lines, and what to tell the user.
-_SIGNATURES = (
-    (b"\x1f\x8b", "gzip-compressed data, but its name does not end in .gz (rename it to .jsonl.gz)"),
-    (b"BZh", "bzip2-compressed data (decompress it first)"),
-    (b"\xfd7zXZ\x00", "xz-compressed data (decompress it first)"),
-    (b"\x28\xb5\x2f\xfd", "zstd-compressed data (decompress it first)"),
-    (b"PK\x03\x04", "a zip archive (extract it first)"),
-    (b"\xff\xfe", "UTF-16 text (convert it to UTF-8)"),
-    (b"\xfe\xff", "UTF-16 text (convert it to UTF-8)"),
-)
-
-
-def check_text_file(path: str) -> None:
-    """Raise ValueError naming ``path`` unless it can be read as (gzipped, for .gz) UTF-8 text lines."""
-    if os.path.isdir(path):
-        raise ValueError(f"input {path} is a directory; give .jsonl or .jsonl.gz files")
-    if not os.path.isfile(path):
-        raise ValueError(f"input file {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if path.endswith(".gz"):
-        if not head.startswith(b"\x1f\x8b"):
-            raise ValueError(f"{path}: the name ends in .gz but the file is not gzip-compressed")
-        return
-    for magic, what in _SIGNATURES:
-        if head.startswith(magic):
-            raise ValueError(f"{path}: this looks like {what}, not UTF-8 JSON lines")
-    if b"\x00" in head:
-        raise ValueError(f"{path}: this looks like a binary file (it holds NUL bytes), not UTF-8 JSON lines")
-
-
-def _lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """``(line number, raw bytes)``; a truncated or corrupt gzip stream is a ValueError naming the file."""
-    opener = gzip.open if path.endswith(".gz") else open
-    number = 0
-    try:
-        with opener(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                yield number, raw
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise ValueError(f"{path}: the gzip data is truncated or corrupt after line {number} ({e})") from None
 
 
 def _text(row: dict, field: str, file: str, line: int) -> Text:
@@ -153,34 +108,36 @@ def _parse(fmt: str, row: dict, file: str, line: int) -> Example:
     return Example(file, line, prompt, rejected=completion)
 
 
-def read_examples(paths: list[str], fmt: str) -> Iterator[Example | BadRow]:
+def detect_format(columns: list[str]) -> str:
+    """``unpaired``, ``pairs`` or ``hh`` from a source's columns (or its first JSON object's keys).
+
+    Raises:
+        ValueError: the columns fit none of the formats.
+    """
+    cols = set(columns)
+    if {"prompt", "completion", "label"} <= cols:
+        return "unpaired"
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return "pairs"
+    if {"chosen", "rejected"} <= cols:
+        return "hh"
+    raise ValueError(f"cannot tell the format from the columns {sorted(cols)}: hh needs chosen and rejected, pairs "
+                     "prompt, chosen and rejected, unpaired prompt, completion and label; give --format")
+
+
+def read_examples(sources: list[Source], fmt: str) -> Iterator[Example | BadRow]:
     """Yield an :class:`Example` for every good row and a :class:`BadRow` for every bad one.
 
-    Blank lines are skipped silently. Line numbers are 1-based.
+    Blank lines are skipped silently.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    for path in paths:
-        check_text_file(path)
-        for number, raw in _lines(path):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield BadRow(path, number, "<text>", f"not valid UTF-8: byte 0x{raw[e.start]:02x} at column "
-                                                     f"{e.start + 1}")
-                continue
-            if not text.strip():
+    for source in sources:
+        for index, row in source.rows():
+            if isinstance(row, RowError):
+                yield BadRow(source.name, index, row.field, row.reason)
                 continue
             try:
-                row = json.loads(text.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                # e.msg may end in " at" ("Unterminated string starting at"); the column says where.
-                yield BadRow(path, number, "<json>", f"malformed JSON at column {e.colno}: {e.msg.removesuffix(' at')}")
-                continue
-            if not isinstance(row, dict):
-                yield BadRow(path, number, "<json>", f"expected an object, got {type(row).__name__}")
-                continue
-            try:
-                yield _parse(fmt, row, path, number)
+                yield _parse(fmt, row, source.name, index)
             except BadRow as bad:
                 yield bad

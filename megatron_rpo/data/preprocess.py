@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from megatron_rpo.data.files import StagedOutputs
-from megatron_rpo.data.formats import BadRow, Example, check_text_file, read_examples
-from megatron_rpo.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
+from megatron_rpo.data.formats import BadRow, Example, detect_format, read_examples
+from megatron_rpo.data.sources import open_source
+from megatron_rpo.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["META_DTYPE", "PreprocessResult", "preprocess", "MANIFEST_KIND"]
 
@@ -81,14 +82,6 @@ class _Encoder:
         return ids
 
 
-def _sources(paths: list[str]) -> list[dict]:
-    out = []
-    for path in paths:
-        check_text_file(path)
-        out.append({"path": os.path.abspath(path), "sha256": file_sha256(path)})
-    return out
-
-
 def _check_prefix(prefix: str) -> None:
     if not os.path.basename(prefix) or prefix.endswith(("/", os.sep)):
         raise ValueError(f"the output prefix {prefix!r} ends in a path separator; it names files, "
@@ -97,7 +90,7 @@ def _check_prefix(prefix: str) -> None:
 
 def preprocess(
     inputs: list[str],
-    fmt: str,
+    fmt: str | None,
     tokenizer: str | Tokenizer,
     output_prefix: str,
     *,
@@ -106,12 +99,14 @@ def preprocess(
     strict: bool = False,
     keep_identical_pairs: bool = False,
     progress: bool = True,
+    split: str | None = None,
 ) -> PreprocessResult:
     """Tokenise preference rows into an IndexedDataset (see the module docstring for the files).
 
     Args:
-        inputs: ``.jsonl`` / ``.jsonl.gz`` files, read in order.
-        fmt: ``hh``, ``pairs`` or ``unpaired``.
+        inputs: read in order: ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` files, ``datasets`` folders,
+            hub dataset names (:func:`megatron_rpo.data.sources.open_source`).
+        fmt: ``hh``, ``pairs`` or ``unpaired``; None detects it from the first input's columns.
         tokenizer: a sentencepiece ``.model`` file, a Hugging Face tokenizer directory, or a loaded one.
         output_prefix: where the outputs go (``PREFIX.bin`` etc.).
         max_prompt_length: prompt tokens kept (from the end), ``bos`` included.
@@ -120,6 +115,7 @@ def preprocess(
         keep_identical_pairs: keep pairs whose chosen and rejected responses are the same
             (skipped and listed by default: they carry no preference, only noise).
         progress: show a progress bar with rows/s.
+        split: the split of dataset folders and hub datasets with several.
 
     Raises:
         ValueError: bad options or inputs (a file that is not UTF-8 JSON lines, an output that
@@ -135,7 +131,10 @@ def preprocess(
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     _check_prefix(output_prefix)
-    sources = _sources(inputs)
+    sources = [open_source(spec, split) for spec in inputs]
+    detected = fmt is None
+    if detected:
+        fmt = detect_format(sources[0].columns)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     encoder = _Encoder(tok, max_prompt_length, max_length)
     paired = fmt != "unpaired"
@@ -149,7 +148,7 @@ def preprocess(
         builder = IndexedDatasetBuilder(staged.path(bin_path), dtype=token_dtype)
         prompts_path = f"{output_prefix}.prompts.jsonl"
         with open(staged.path(prompts_path), "w") as prompts_file:
-            bar = tqdm(read_examples(inputs, fmt), unit=" rows", desc="preprocess", disable=not progress)
+            bar = tqdm(read_examples(sources, fmt), unit=" rows", desc="preprocess", disable=not progress)
             for item in bar:
                 rows += 1
                 try:
@@ -186,6 +185,7 @@ def preprocess(
             "kind": MANIFEST_KIND,
             "version": 1,
             "format": fmt,
+            "format_detected": detected,
             "paired": paired,
             "num_rows": rows,
             "num_sequences": len(meta),
@@ -199,7 +199,7 @@ def preprocess(
             "max_length": max_length,
             "token_dtype": np.dtype(token_dtype).name,
             "tokenizer": tok.identity(),
-            "sources": sources,
+            "sources": [source.identity for source in sources],
             "files": [staged.describe(p) for p in (bin_path, idx_path, meta_path, prompts_path)],
             "skipped": skipped,
         }

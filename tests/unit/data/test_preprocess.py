@@ -258,9 +258,12 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(tmp_path, sp_tokeniz
         preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "afile" / "train"), progress=False)
     with pytest.raises(ValueError, match=r"ends in a path separator; it names files, e\.g\. '.*out/train'"):
         preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "out") + "/", progress=False)
-    with pytest.raises(ValueError, match=rf"input {re.escape(str(tmp_path))} is a directory"):
-        preprocess([str(tmp_path)], "pairs", sp_tokenizer, str(tmp_path / "x"), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=rf"input {re.escape(str(tmp_path / 'empty'))} is a folder but not a dataset"):
+        preprocess([str(tmp_path / "empty")], "pairs", sp_tokenizer, str(tmp_path / "x"), progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("x.*"))
+    with pytest.raises(ValueError, match=r"input file .*missing\.jsonl does not exist"):
+        preprocess([str(tmp_path / "missing.jsonl")], "pairs", sp_tokenizer, str(tmp_path / "x"), progress=False)
 
 
 def test_identical_pairs_are_skipped_unless_kept(tmp_path, sp_tokenizer):
