@@ -375,6 +375,16 @@ class TrainConfig(_Section):
     ``<save>/export``). A run whose ``save`` directory already holds a checkpoint resumes from it."""
     tensorboard_dir: Optional[str] = None
     """TensorBoard event directory; None uses ``<save>/tensorboard`` when ``save`` is set."""
+    wandb_project: Optional[str] = None
+    """Also log to Weights & Biases under this project (rank 0; ``pip install 'megatron_rpo[wandb]'``):
+    the same scalars as TensorBoard and the resolved config. A resumed run continues the same
+    W&B run (its id is kept in ``<save>/wandb_run_id``). None: no W&B."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (user or team); None: W&B's default."""
+    wandb_run_name: Optional[str] = None
+    """W&B run name; None: the save directory's name."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """offline writes the run under ``<save>/wandb`` for ``wandb sync`` later (no network needed)."""
     seed: int = 1234
     """Seed of model initialisation and dropout."""
     peak_tflops: Optional[float] = None
@@ -516,7 +526,8 @@ def config_to_dict(config: Config) -> dict:
 RESUMABLE_CHANGES = frozenset({
     "train.train_iters", "train.log_interval", "train.exit_interval", "train.eval_interval", "train.eval_iters",
     "train.save_interval", "train.keep_last", "train.export", "train.tensorboard_dir", "train.allow_config_change",
-    "train.stop_signal", "train.peak_tflops", "data.valid_data_prefix", "parallel.distributed_timeout_minutes",
+    "train.stop_signal", "train.peak_tflops", "train.wandb_project", "train.wandb_entity", "train.wandb_run_name",
+    "train.wandb_mode", "data.valid_data_prefix", "parallel.distributed_timeout_minutes",
     "parallel.sequence_parallel",
 })
 """Keys a resumed run may change freely: they decide how long it runs, how it logs, evaluates and

@@ -4,6 +4,8 @@ written as TensorBoard scalars."""
 from __future__ import annotations
 
 import math
+import os
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -84,23 +86,63 @@ def format_line(step: int, total: int, m: dict, lr: float, grad_norm: float | No
 
 
 class Scalars:
-    """TensorBoard scalars on global rank 0 (no-op elsewhere or without a directory)."""
+    """TensorBoard scalars, and optionally Weights & Biases, on global rank 0 (no-op elsewhere).
 
-    def __init__(self, log_dir: str | None):
+    Both get the same names (:func:`scalar_name`) and values.
+
+    Args:
+        log_dir: the TensorBoard directory, or None.
+        wandb: ``wandb.init`` settings (``project``, ``entity``, ``name``, ``mode``, ``dir``,
+            ``config``) and ``id_file``, where the run id is kept so that a resumed run
+            continues the same W&B run; None for no W&B.
+    """
+
+    def __init__(self, log_dir: str | None, wandb: dict | None = None):
         self.writer = None
-        if log_dir and dist.get_rank() == 0:
+        self.run = None
+        if dist.get_rank() != 0:
+            return
+        if log_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir)
+        if wandb:
+            self.run = _wandb_run(**wandb)
 
     def add(self, prefix: str, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
-            return
-        for key, value in values.items():
-            if value is not None and not math.isnan(value):
-                self.writer.add_scalar(f"{prefix}/{scalar_name(key)}", value, step)
-        self.writer.flush()
+        named = {f"{prefix}/{scalar_name(key)}": float(value) for key, value in values.items()
+                 if value is not None and not math.isnan(value)}
+        if self.writer is not None:
+            for name, value in named.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+        if self.run is not None:
+            self.run.log(named, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _wandb_run(id_file: str | None = None, **settings):
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("train.wandb_project needs Weights & Biases: pip install 'megatron_rpo[wandb]'") from None
+    run_id = None
+    if id_file and os.path.exists(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip() or None
+    if run_id is None:
+        run_id = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits
+        if id_file:
+            os.makedirs(os.path.dirname(id_file), exist_ok=True)
+            with open(id_file, "w") as f:
+                f.write(run_id + "\n")
+    if settings.get("dir"):
+        os.makedirs(settings["dir"], exist_ok=True)
+    return wandb.init(id=run_id, resume="allow", **settings)

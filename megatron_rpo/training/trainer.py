@@ -66,6 +66,11 @@ class Trainer:
         self.valid_data = (PreferenceDataset(c.data.valid_data_prefix, embeddings=needs_emb, reference_logps=needs_ref)
                            if c.data.valid_data_prefix else None)
         self._check_data()
+        if c.train.wandb_project:
+            try:  # on every rank, so that all of them stop here with the same message
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ValueError("train.wandb_project needs Weights & Biases: pip install 'megatron_rpo[wandb]'") from None
 
         self.bf16 = c.optimizer.bf16 and torch.cuda.is_available()
         self.module = model_provider(c, bf16=self.bf16)
@@ -108,12 +113,12 @@ class Trainer:
                 _log(f"resumed from {resume} at step {self.step}" + (
                     "" if state["rng_restored"] else f" (trained as TP x PP x DP = {state.get('layout')}: weights and "
                     "optimizer state resharded, random streams seeded afresh)"))
+            log_dir = c.train.tensorboard_dir or (os.path.join(c.train.save, "tensorboard") if c.train.save else None)
+            self.scalars = Scalars(log_dir, self._wandb_settings())
         except BaseException:
             if self.lock is not None:
                 self.lock.release()
             raise
-        log_dir = c.train.tensorboard_dir or (os.path.join(c.train.save, "tensorboard") if c.train.save else None)
-        self.scalars = Scalars(log_dir)
         if c.train.save and dist.get_rank() == 0:
             self._record_config()
         self.stops = StopRequests(c.train.stop_signal)
@@ -165,6 +170,15 @@ class Trainer:
         for key, old, new in changes:
             _log(f"config change on resume: {key} {old!r} -> {new!r}")
         return True
+
+    def _wandb_settings(self) -> dict | None:
+        t = self.config.train
+        if not t.wandb_project:
+            return None
+        name = t.wandb_run_name or (os.path.basename(os.path.abspath(t.save)) if t.save else None)
+        return {"project": t.wandb_project, "entity": t.wandb_entity, "name": name, "mode": t.wandb_mode,
+                "dir": t.save, "config": config_to_dict(self.config),
+                "id_file": os.path.join(t.save, "wandb_run_id") if t.save else None}
 
     def _record_config(self) -> None:
         """``<save>/config.yaml`` is the config of the latest (re)start; ``<save>/configs/`` keeps every one."""

@@ -150,3 +150,64 @@ def test_dashboard_names_and_a_picture_of_the_run(workspace, tmp_path):
     assert plot_main([str(save)]) == 0
     png = (save / "run.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def _wandb_history(run_file) -> dict[str, dict[int, float]]:
+    """``{name: {step: value}}`` from an offline W&B run file (a LevelDB-style log of protobuf records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, payloads, chunk = 7, [], b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # the rest of a block is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            payloads.append(payload)
+        elif kind == 2:
+            chunk = payload
+        elif kind == 3:
+            chunk += payload
+        elif kind == 4:
+            payloads.append(chunk + payload)
+    history: dict[str, dict[int, float]] = {}
+    for payload in payloads:
+        record = pb.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") != "history":
+            continue
+        items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+        step = int(items.pop("_step"))
+        for name, value in items.items():
+            if not name.startswith("_"):
+                history.setdefault(name, {})[step] = value
+    return history
+
+
+def test_weights_and_biases_offline_matches_tensorboard_and_a_resume_continues_the_run(workspace, tmp_path):
+    from megatron_rpo.plot import read_scalars
+
+    save = tmp_path / "run"
+    argv = _overrides(workspace, save, "train.train_iters=4", "train.eval_interval=2", "train.export=false",
+                      "train.wandb_project=rpo-tests", "train.wandb_mode=offline", "loss.weighting=uniform")
+    run_ranks(_train, 2, argv + ["train.exit_interval=2"], timeout=300)
+    run_id = (save / "wandb_run_id").read_text().strip()
+    run_ranks(_train, 2, argv, timeout=300)  # resumes at step 2: the same W&B run
+    assert (save / "wandb_run_id").read_text().strip() == run_id
+    files = sorted((save / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2  # one per (re)start, both of the same run id
+    logged: dict[str, dict[int, float]] = {}
+    for f in files:
+        for name, values in _wandb_history(f).items():
+            logged.setdefault(name, {}).update(values)
+    tensorboard = read_scalars(str(save))
+    assert set(logged) == set(tensorboard)
+    for name, values in tensorboard.items():
+        assert logged[name] == pytest.approx(dict(values), rel=1e-6), name
+    assert sorted(logged["train/loss"]) == [1, 2, 3, 4] and sorted(logged["eval/rewards/accuracies"]) == [2, 4]
