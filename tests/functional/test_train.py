@@ -180,6 +180,9 @@ def _wandb_history(run_file) -> dict[str, dict[int, float]]:
     for payload in payloads:
         record = pb.Record()
         record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "config":
+            for item in record.config.update:
+                history.setdefault("_config", {})[item.key] = json.loads(item.value_json)
         if record.WhichOneof("record_type") != "history":
             continue
         items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
@@ -206,6 +209,8 @@ def test_weights_and_biases_offline_matches_tensorboard_and_a_resume_continues_t
     for f in files:
         for name, values in _wandb_history(f).items():
             logged.setdefault(name, {}).update(values)
+    config = logged.pop("_config")
+    assert config["loss"]["weighting"] == "uniform" and config["train"]["wandb_mode"] == "offline"  # the resolved config
     tensorboard = read_scalars(str(save))
     assert set(logged) == set(tensorboard)
     for name, values in tensorboard.items():
