@@ -180,8 +180,9 @@ def _wandb_history(run_file) -> dict[str, dict[int, float]]:
     for payload in payloads:
         record = pb.Record()
         record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "config":
-            for item in record.config.update:
+        kind = record.WhichOneof("record_type")
+        if kind in ("run", "config"):  # the config comes with the run record (and later updates)
+            for item in (record.run.config if kind == "run" else record.config).update:
                 history.setdefault("_config", {})[item.key] = json.loads(item.value_json)
         if record.WhichOneof("record_type") != "history":
             continue
