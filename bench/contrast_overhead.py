@@ -122,7 +122,8 @@ def main() -> None:
             p.join(timeout=60)
     times = results[0]
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"{args.ranks} data-parallel rank(s), {args.microbatches} microbatches x {args.pairs} pairs per rank, seq {args.seq}, "
+    print(f"{args.ranks} data-parallel rank(s), {args.microbatches} microbatches x {args.pairs} pairs per rank, "
+          f"seq {args.seq}, "
           f"hidden {args.hidden}, {args.layers} layers; median of {args.steps} steps")
     for name, t in median.items():
         print(f"  {name:<20} {t * 1000:8.1f} ms/step")

@@ -132,8 +132,8 @@ class Ours:
             "loss": dict(loss_type="rpo", reference="online"), "optimizer": dict(optimizer="adam", lr=1e-6)})
         parallel.initialize(self.config.parallel)
         self.module = model_provider(self.config, bf16=bf16)
-        self.model = DistributedDataParallel(self.module.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-                                             self.module)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        self.model = DistributedDataParallel(self.module.config, ddp_config, self.module)
         self.reference = model_provider(self.config, bf16=bf16).requires_grad_(False).eval()
         self.optimizer = build_optimizer(self.config.optimizer, [self.model], bf16=bf16)
 
@@ -278,7 +278,6 @@ def cpu_memory(names, prefix, shape, args) -> dict[str, float]:
 
 
 def profile(names, runners, dataset, steps, args, gpu: bool) -> None:
-    import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -379,12 +378,14 @@ def main() -> None:
             mfu = f"{tflops / peak:.0%}" if gpu and peak else "-"
             mem = f"{memory[n] / 1024:.1f} KiB" if n in memory else "-"
             print(f"{n:<16}{per_step[n] * 1000:>10.1f}{rate[n]:>14.0f}{tflops:>10.2f}{mfu:>8}{mem:>22}")
-        print(f"packed / pad_to_max         useful tokens/s = {rate['packed'] / rate['pad_to_max']:.2f}  (target >= 2.5)")
+        print(f"packed / pad_to_max         useful tokens/s = {rate['packed'] / rate['pad_to_max']:.2f}"
+              "  (target >= 2.5)")
         print(f"packed / pad_to_longest     useful tokens/s = {rate['packed'] / rate['pad_to_longest']:.2f}")
         print(f"packed / pad_to_longest  peak memory/token  = "
               f"{memory['packed'] / memory['pad_to_longest']:.2f}  (target <= 1.0)")
         if "plain" in names:
-            print(f"packed / plain              useful tokens/s = {rate['packed'] / rate['plain']:.2f}  (target >= 2, GPU)")
+            print(f"packed / plain              useful tokens/s = {rate['packed'] / rate['plain']:.2f}"
+                  "  (target >= 2, GPU)")
             print(f"pad_to_longest / plain (equal padded work)  = {rate['pad_to_longest'] / rate['plain']:.2f}"
                   f"  (target >= 1.0, GPU)")
         if args.profile:

@@ -114,8 +114,8 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
 
 
 def _layout() -> list[int]:
-    return [parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_data_parallel_world_size()]
+    return [parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()]
 
 
 def _sharded(module, optimizer, loading: bool, rng: bool = True) -> dict:

@@ -70,7 +70,8 @@ class Trainer:
             try:  # on every rank, so that all of them stop here with the same message
                 import wandb  # noqa: F401
             except ImportError:
-                raise ValueError("train.wandb_project needs Weights & Biases: pip install 'megatron_rpo[wandb]'") from None
+                raise ValueError("train.wandb_project needs Weights & Biases: "
+                                 "pip install 'megatron_rpo[wandb]'") from None
 
         self.bf16 = c.optimizer.bf16 and torch.cuda.is_available()
         self.module = model_provider(c, bf16=self.bf16)

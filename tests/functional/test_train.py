@@ -211,7 +211,8 @@ def test_weights_and_biases_offline_matches_tensorboard_and_a_resume_continues_t
         for name, values in _wandb_history(f).items():
             logged.setdefault(name, {}).update(values)
     config = logged.pop("_config")
-    assert config["loss"]["weighting"] == "uniform" and config["train"]["wandb_mode"] == "offline"  # the resolved config
+    # The resolved config.
+    assert config["loss"]["weighting"] == "uniform" and config["train"]["wandb_mode"] == "offline"
     tensorboard = read_scalars(str(save))
     assert set(logged) == set(tensorboard)
     for name, values in tensorboard.items():

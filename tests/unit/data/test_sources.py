@@ -33,8 +33,9 @@ def hh_as_datasets(tmp_path_factory, hh_slice):
 def test_every_input_kind_gives_the_same_dataset(tmp_path, hh_slice, sp_tokenizer, hh_as_datasets):
     want = preprocess([hh_slice], "hh", sp_tokenizer, str(tmp_path / "jsonl"), progress=False).manifest
     root = hh_as_datasets
-    for name, spec, split in [("parquet", root / "hh.parquet", None), ("saved", root / "saved", None),
-                              ("saved_dict", root / "saved_dict", "test"), ("hub", f"hf://{root / 'hub_like'}", "test")]:
+    kinds = [("parquet", root / "hh.parquet", None), ("saved", root / "saved", None),
+             ("saved_dict", root / "saved_dict", "test"), ("hub", f"hf://{root / 'hub_like'}", "test")]
+    for name, spec, split in kinds:
         got = preprocess([str(spec)], None, sp_tokenizer, str(tmp_path / name), progress=False, split=split).manifest
         assert got["format"] == "hh" and got["format_detected"], name
         assert _sha(tmp_path / f"{name}.bin") == _sha(tmp_path / "jsonl.bin"), name
@@ -64,7 +65,8 @@ def test_bad_rows_of_a_parquet_file_are_named_by_row_index(tmp_path, sp_tokenize
     rows = [{"prompt": f"q{i}?", "completion": f"answer {i}", "label": i % 2 == 0} for i in range(6)]
     rows[3]["completion"] = "   "
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "items.parquet"))
-    m = preprocess([str(tmp_path / "items.parquet")], None, sp_tokenizer, str(tmp_path / "out"), progress=False).manifest
+    m = preprocess([str(tmp_path / "items.parquet")], None, sp_tokenizer, str(tmp_path / "out"),
+                   progress=False).manifest
     assert m["format"] == "unpaired" and m["num_sequences"] == 5
     assert m["skipped"] == [{"file": str(tmp_path / "items.parquet"), "line": 3, "field": "completion",
                              "reason": "empty"}]

@@ -23,7 +23,6 @@ def test_step_flops_by_hand():
     m = ModelConfig(num_layers=2, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2, vocab_size=10)
     n = matmul_params(m)  # 2 * (8 * 24 + 64 + 3 * 128) + 80
     assert n == 2 * (8 * 24 + 64 + 3 * 128) + 80
-    lengths = [3, 5]
     # Policy forward + backward (3 passes), reference forward (1): 2N per token and 2 x hidden x L^2 per layer.
     want = 4 * (2 * n * 8 + 2 * 2 * 8 * (9 + 25))
     assert step_flops(m, 8, 34, reference_forward=True) == want
