@@ -234,8 +234,18 @@ class LossConfig(_Section):
     alpha: float = 0.8
     """Diagonal weight of ``weighting: diagonal``; the rest of a row shares 1 - alpha."""
     row_normalization: Literal["sum", "mean"] = "sum"
-    """sum: each row of weights sums to 1 (paper). mean: rows average 1, so a larger matrix does
-    not shrink the effective beta."""
+    """sum: each row of weights sums to 1 (the paper's text; uniform weights are 1/N). mean: rows
+    average 1, so a larger matrix does not shrink the effective beta (uniform weights are 1, as in
+    the paper's released code)."""
+    diagonal_form: Literal["equations", "released"] = "equations"
+    """Diagonal weighting: ``equations`` puts the weights inside the sigmoid (the paper's Eq. 13-14);
+    ``released`` multiplies the per-cell losses by them, ``alpha l(beta L_ii) + (1 - alpha)
+    mean_{j != i} l(beta L_ij)``, as the paper's released ``RPODiagonalTrainer`` does: the loss is
+    not divided by the N columns, so near the start its gradient is about M times larger (2x at 2
+    pairs, 64x at 64). Needs ``weighting: diagonal`` and ``row_normalization: sum``."""
+    ipo_length_normalized: bool = False
+    """IPO on per-token average log-ratios (divided by the response length), as TRL computes it;
+    false uses the summed log-ratios, as the IPO paper and the RPO paper's code do."""
     gamma: float = 0.5
     """SimPO target reward margin (simpo, simpo_rpo)."""
     contrast_scope: Literal["local", "data_parallel", "global_batch"] = "data_parallel"
@@ -249,6 +259,12 @@ class LossConfig(_Section):
         self._positive("beta", "tau")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"loss.alpha must be in [0, 1], got {self.alpha}")
+        if self.diagonal_form == "released" and (self.weighting != "diagonal" or self.row_normalization != "sum"):
+            raise ValueError(f"loss.diagonal_form='released' is a form of the diagonal weighting with rows summing to 1, "
+                             f"but loss.weighting={self.weighting!r} and loss.row_normalization={self.row_normalization!r}")
+        if self.ipo_length_normalized and self.loss_type != "ipo":
+            raise ValueError(f"loss.ipo_length_normalized=True only changes loss.loss_type='ipo', "
+                             f"got {self.loss_type!r}")
 
     @property
     def uses_reference(self) -> bool:

@@ -3,8 +3,9 @@
 Rows are chosen sequences i = 1..M, columns rejected sequences j = 1..N.
 
 * ``embedding`` (default): ``w_ij = softmax_j(-(1 - cos(e_i, e_j)) / tau)``, each row sums
-  to 1 and prompts that are alike weigh more. (The paper's Eq. 10 writes ``exp(-cos/tau)``;
-  its Algorithm 1 and released code use the cosine distance ``1 - cos``, as here.)
+  to 1 and prompts that are alike weigh more. (The paper's Eq. 10 and its Algorithm 1 write
+  ``exp(-cos/tau)``; only its released code and Listing 1 use the cosine distance ``1 - cos``,
+  which is what makes similar prompts weigh more, and what is used here.)
 * ``uniform``: ``w_ij = 1 / N``.
 * ``diagonal`` (paired data, M == N): ``w_ii = alpha``, ``w_ij = (1 - alpha) / (M - 1)``
   for i != j; a 1 x 1 matrix has the single weight 1 (its row must sum to 1).

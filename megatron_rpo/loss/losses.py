@@ -12,6 +12,11 @@ log-ratio; chosen rows i = 1..M, rejected columns j = 1..N; ``w`` are the contra
 * SimPO + RPO: the contrast matrix over SimPO rewards,
   ``-(1/(M N)) sum_ij log sigmoid(w_ij * (r_c_i - r_r_j - gamma))``; with weight 1 on a
   single pair it is SimPO.
+* Diagonal weights in the paper's released form (``diagonal_form="released"``, the code's
+  ``RPODiagonalTrainer``): the weights multiply the losses instead of the logits,
+  ``(1/M) sum_i [alpha l(beta L_ii) + (1 - alpha) mean_{j != i} l(beta L_ij)]`` with
+  ``l = -log sigmoid``; a single pair is DPO (the released code returns NaN there).
+* IPO with ``length_normalized=True`` (TRL's): log-ratios divided by the response length.
 
 Every loss is computed in float32 (float64 for float64 inputs) whatever the input dtype and
 returns a 0-dim tensor. An empty side (M = 0 or N = 0) has no cell to contrast: the loss is
@@ -46,10 +51,25 @@ def _empty_loss(*tensors: torch.Tensor) -> torch.Tensor:
     return sum(t.sum() * 0.0 for t in tensors).to(compute_dtype(*tensors))
 
 
-def _contrast_loss(chosen_scores, rejected_scores, weights, margin=0.0) -> torch.Tensor:
-    """``-mean_ij log sigmoid(w_ij * (c_i - r_j - margin))`` over the [M, N] matrix."""
+DIAGONAL_FORMS = ("equations", "released")
+
+
+def _contrast_loss(chosen_scores, rejected_scores, weights, margin=0.0, weights_outside: bool = False) -> torch.Tensor:
+    """``-mean_ij log sigmoid(w_ij * (c_i - r_j - margin))`` over the [M, N] matrix; with
+    ``weights_outside``, ``-mean_i sum_j w_ij log sigmoid(c_i - r_j - margin)`` (rows sum to 1)."""
     logits = chosen_scores[:, None] - rejected_scores[None, :] - margin  # [M], [N] -> [M, N]
+    if weights_outside:
+        return -(weights * F.logsigmoid(logits)).sum(dim=1).mean()
     return -F.logsigmoid(weights * logits).mean()
+
+
+def _weights_outside(weighting: str, diagonal_form: str, row_normalization: str) -> bool:
+    if diagonal_form not in DIAGONAL_FORMS:
+        raise ValueError(f"diagonal_form must be one of {DIAGONAL_FORMS}, got {diagonal_form!r}")
+    if diagonal_form == "released" and (weighting != "diagonal" or row_normalization != "sum"):
+        raise ValueError(f'diagonal_form="released" is the diagonal weighting with rows summing to 1; got '
+                         f"weighting={weighting!r}, row_normalization={row_normalization!r}")
+    return diagonal_form == "released"
 
 
 def rpo_loss(
@@ -63,6 +83,7 @@ def rpo_loss(
     tau: float = 0.5,
     alpha: float = 0.8,
     row_normalization: str = "sum",
+    diagonal_form: str = "equations",
 ) -> torch.Tensor:
     """Relative Preference Optimization loss over the M x N contrast matrix.
 
@@ -78,16 +99,19 @@ def rpo_loss(
         tau: temperature of the embedding softmax, > 0.
         alpha: diagonal weight of ``diagonal`` weighting, in [0, 1].
         row_normalization: ``sum`` (paper: rows sum to 1) or ``mean`` (rows average 1).
+        diagonal_form: ``equations`` (the paper's Eq. 13-14: weights inside the sigmoid) or
+            ``released`` (its code: weights outside; diagonal weighting, rows summing to 1).
 
     Returns:
         0-dim float32 (float64 for float64 inputs) loss; 0 when M or N is 0.
 
     Raises:
         ValueError: on any input that :func:`contrast_weights` rejects, non-1-D log-ratios,
-            or beta <= 0.
+            beta <= 0, or ``released`` with other weights.
     """
     check_logratios(chosen_logratios, rejected_logratios)
     _check_beta(beta)
+    outside = _weights_outside(weighting, diagonal_form, row_normalization)
     dtype = compute_dtype(chosen_logratios, rejected_logratios, chosen_prompt_emb, rejected_prompt_emb)
     weights = contrast_weights(
         chosen_prompt_emb,
@@ -103,7 +127,8 @@ def rpo_loss(
     )
     if weights.numel() == 0:
         return _empty_loss(chosen_logratios, rejected_logratios)
-    return _contrast_loss(beta * chosen_logratios.to(dtype), beta * rejected_logratios.to(dtype), weights)
+    return _contrast_loss(beta * chosen_logratios.to(dtype), beta * rejected_logratios.to(dtype), weights,
+                          weights_outside=outside)
 
 
 def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
@@ -123,13 +148,17 @@ def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *
     return -F.logsigmoid(beta * (chosen_logratios.to(dtype) - rejected_logratios.to(dtype))).mean()
 
 
-def ipo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
+def ipo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float = 0.1,
+             chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Identity Preference Optimization: ``(1/M) sum_i ((delta_c_i - delta_r_i) - 1/(2 beta))^2``.
 
     Args:
         chosen_logratios: [M] policy minus reference log-prob of each chosen sequence.
         rejected_logratios: [M] the same for the rejected sequence of the same prompt.
         beta: regularisation strength, > 0 (the target margin is ``1 / (2 beta)``).
+        chosen_lengths, rejected_lengths: [M] response lengths: given, each log-ratio is divided
+            by its length first (TRL's IPO, on per-token average log-probs); omitted, the sums
+            are used as in the IPO paper's and the RPO paper's code.
     """
     check_logratios(chosen_logratios, rejected_logratios)
     _check_paired(chosen_logratios, rejected_logratios, "ipo_loss")
@@ -137,6 +166,11 @@ def ipo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *
     if chosen_logratios.numel() == 0:
         return _empty_loss(chosen_logratios, rejected_logratios)
     dtype = compute_dtype(chosen_logratios, rejected_logratios)
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("ipo_loss: give both chosen_lengths and rejected_lengths, or neither")
+    if chosen_lengths is not None:
+        chosen_logratios = simpo_rewards(chosen_logratios, chosen_lengths, beta=1.0)
+        rejected_logratios = simpo_rewards(rejected_logratios, rejected_lengths, beta=1.0)
     margin = chosen_logratios.to(dtype) - rejected_logratios.to(dtype)
     return ((margin - 1.0 / (2.0 * beta)) ** 2).mean()
 
@@ -203,6 +237,7 @@ def simpo_rpo_loss(
     tau: float = 0.5,
     alpha: float = 0.8,
     row_normalization: str = "sum",
+    diagonal_form: str = "equations",
 ) -> torch.Tensor:
     """SimPO + RPO: ``-(1/(M N)) sum_ij log sigmoid(w_ij * (r_c_i - r_r_j - gamma))``.
 
@@ -212,6 +247,7 @@ def simpo_rpo_loss(
     """
     check_logratios(chosen_logps, rejected_logps, ("chosen_logps", "rejected_logps"))
     _check_beta(beta)
+    outside = _weights_outside(weighting, diagonal_form, row_normalization)
     rc = simpo_rewards(chosen_logps, chosen_lengths, beta=beta)
     rr = simpo_rewards(rejected_logps, rejected_lengths, beta=beta)
     weights = contrast_weights(
@@ -228,4 +264,4 @@ def simpo_rpo_loss(
     )
     if weights.numel() == 0:
         return _empty_loss(chosen_logps, rejected_logps)
-    return _contrast_loss(rc.to(weights.dtype), rr.to(weights.dtype), weights, gamma)
+    return _contrast_loss(rc.to(weights.dtype), rr.to(weights.dtype), weights, gamma, weights_outside=outside)

@@ -80,9 +80,13 @@ def _weighting_kwargs(c: LossConfig) -> dict:
     return dict(weighting=c.weighting, tau=c.tau, alpha=c.alpha, row_normalization=c.row_normalization)
 
 
+def _loss_kwargs(c: LossConfig) -> dict:
+    return dict(_weighting_kwargs(c), diagonal_form=c.diagonal_form)
+
+
 def _rpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
     lc, lr = chosen.logratios(), rejected.logratios()
-    loss = rpo_loss(lc, lr, chosen.prompt_emb, rejected.prompt_emb, beta=c.beta, **_weighting_kwargs(c))
+    loss = rpo_loss(lc, lr, chosen.prompt_emb, rejected.prompt_emb, beta=c.beta, **_loss_kwargs(c))
     return loss, c.beta * lc, c.beta * lr
 
 
@@ -93,7 +97,8 @@ def _dpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
 
 def _ipo(c: LossConfig, chosen: Sequences, rejected: Sequences):
     lc, lr = chosen.logratios(), rejected.logratios()
-    return ipo_loss(lc, lr, beta=c.beta), c.beta * lc, c.beta * lr
+    lengths = dict(chosen_lengths=chosen.lengths, rejected_lengths=rejected.lengths) if c.ipo_length_normalized else {}
+    return ipo_loss(lc, lr, beta=c.beta, **lengths), c.beta * lc, c.beta * lr
 
 
 def _simpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
@@ -106,7 +111,7 @@ def _simpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
 
 def _simpo_rpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
     loss = simpo_rpo_loss(chosen.policy_logps, rejected.policy_logps, chosen.lengths, rejected.lengths,
-                          chosen.prompt_emb, rejected.prompt_emb, beta=c.beta, gamma=c.gamma, **_weighting_kwargs(c))
+                          chosen.prompt_emb, rejected.prompt_emb, beta=c.beta, gamma=c.gamma, **_loss_kwargs(c))
     rc = simpo_rewards(chosen.policy_logps, chosen.lengths, beta=c.beta)
     rr = simpo_rewards(rejected.policy_logps, rejected.lengths, beta=c.beta)
     return loss, rc, rr

@@ -140,3 +140,15 @@ def test_sections_validate_when_built_directly():
     with pytest.raises(ValueError, match="parallel.tensor_model_parallel_size must be an integer"):
         ParallelConfig(tensor_model_parallel_size="2")
     assert dataclasses.replace(LossConfig(), beta=0.3).beta == 0.3
+
+
+def test_loss_forms_that_would_do_nothing_are_refused():
+    from megatron_rpo.config import LossConfig
+
+    with pytest.raises(ValueError, match=r"diagonal_form='released' is a form of the diagonal weighting.*"
+                                         r"loss.weighting='embedding'"):
+        LossConfig(diagonal_form="released")
+    with pytest.raises(ValueError, match=r"ipo_length_normalized=True only changes loss.loss_type='ipo', got 'rpo'"):
+        LossConfig(ipo_length_normalized=True)
+    LossConfig(weighting="diagonal", diagonal_form="released")
+    LossConfig(loss_type="ipo", ipo_length_normalized=True)

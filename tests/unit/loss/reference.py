@@ -68,3 +68,23 @@ def simpo(chosen_logps, rejected_logps, chosen_len, rejected_len, beta, gamma):
         for c, r, lc, lr in zip(chosen_logps, rejected_logps, chosen_len, rejected_len)
     ]
     return -sum(terms) / len(terms)
+
+
+def rpo_diagonal_released(chosen, rejected, beta, alpha):
+    """The paper's released RPODiagonalTrainer: weights outside the log-sigmoid (DPO for one pair)."""
+    M = len(chosen)
+    total = 0.0
+    for i in range(M):
+        own = -log_sigmoid(beta * (chosen[i] - rejected[i]))
+        if M == 1:
+            total += own
+            continue
+        others = [-log_sigmoid(beta * (chosen[i] - rejected[j])) for j in range(M) if j != i]
+        total += alpha * own + (1.0 - alpha) * sum(others) / len(others)
+    return total / M
+
+
+def ipo_length_normalized(chosen, rejected, chosen_len, rejected_len, beta):
+    """TRL's IPO: log-ratios averaged per response token."""
+    margins = [c / lc - r / lr for c, r, lc, lr in zip(chosen, rejected, chosen_len, rejected_len)]
+    return sum((m - 1.0 / (2.0 * beta)) ** 2 for m in margins) / len(margins)

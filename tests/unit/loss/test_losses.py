@@ -215,3 +215,54 @@ def test_errors_name_shapes_and_values():
         dpo_loss(c, r)
     with pytest.raises(ValueError, match=r"response lengths must be > 0, got \[0\]"):
         simpo_loss(c, c, torch.tensor([1, 0, 2]), torch.ones(3))
+
+
+# -- the paper's released code and TRL, where they differ from the equations (documented in the README) --
+@pytest.mark.parametrize("M", [1, 2, 5])
+def test_released_diagonal_form_matches_its_float64_transcription(M):
+    g = torch.Generator().manual_seed(M)
+    c = torch.randn(M, generator=g, dtype=torch.float64) * 5
+    r = torch.randn(M, generator=g, dtype=torch.float64) * 5
+    got = rpo_loss(c, r, beta=0.1, weighting="diagonal", alpha=0.7, diagonal_form="released")
+    assert got.item() == pytest.approx(ref.rpo_diagonal_released(c.tolist(), r.tolist(), 0.1, 0.7), rel=1e-12)
+    if M == 1:  # one pair: DPO (the released code divides by M - 1 = 0 and returns NaN)
+        assert got.item() == pytest.approx(ref.dpo(c.tolist(), r.tolist(), 0.1), rel=1e-12)
+
+
+def test_released_diagonal_gradient_is_about_m_times_the_equations_at_the_start():
+    for M in (2, 64):
+        c = torch.zeros(M, dtype=torch.float64, requires_grad=True)
+        r = torch.zeros(M, dtype=torch.float64)
+        grads = []
+        for form in ("equations", "released"):
+            c.grad = None
+            rpo_loss(c, r, beta=0.1, weighting="diagonal", alpha=0.8, diagonal_form=form).backward()
+            grads.append(c.grad.norm().item())
+        assert grads[1] / grads[0] == pytest.approx(M, rel=1e-9)
+
+
+def test_released_diagonal_form_needs_diagonal_weights_summing_to_one():
+    c = torch.zeros(2)
+    with pytest.raises(ValueError, match='diagonal_form="released" is the diagonal weighting with rows summing to 1'):
+        rpo_loss(c, c, weighting="uniform", diagonal_form="released")
+    with pytest.raises(ValueError, match="row_normalization='mean'"):
+        rpo_loss(c, c, weighting="diagonal", row_normalization="mean", diagonal_form="released")
+
+
+def test_uniform_weights_mean_normalised_are_the_released_codes_weight_one():
+    # The paper's text: w = 1/N (our row_normalization="sum"); its released code: w = 1 (our "mean").
+    g = torch.Generator().manual_seed(7)
+    c, r = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    got = rpo_loss(c, r, beta=0.3, weighting="uniform", row_normalization="mean")
+    want = -sum(ref.log_sigmoid(0.3 * (a - b)) for a in c.tolist() for b in r.tolist()) / 24
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_length_normalised_ipo_is_trls():
+    g = torch.Generator().manual_seed(8)
+    c, r = torch.randn(5, generator=g, dtype=torch.float64) * 9, torch.randn(5, generator=g, dtype=torch.float64) * 9
+    lc, lr = torch.tensor([3, 7, 1, 12, 5]), torch.tensor([4, 2, 9, 6, 5])
+    got = ipo_loss(c, r, beta=0.1, chosen_lengths=lc, rejected_lengths=lr)
+    want = ref.ipo_length_normalized(c.tolist(), r.tolist(), lc.tolist(), lr.tolist(), 0.1)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    assert ipo_loss(c, r, beta=0.1).item() == pytest.approx(ref.ipo(c.tolist(), r.tolist(), 0.1), rel=1e-12)
