@@ -67,6 +67,11 @@ class _Encoder:
 
     def prompt_ids(self, text: str) -> list[int]:
         ids = self.tok.encode(text)
+        bos = self.tok.bos_id
+        if bos is not None and ids[:1] == [bos]:
+            # A chat template that starts with {{ bos_token }} (Llama-3, Mistral-Instruct) already
+            # put it in the text; exactly one is added below, whatever the template does.
+            ids = ids[1:]
         room = self.max_prompt - (self.tok.bos_id is not None)
         if len(ids) > room:
             ids = ids[-room:]  # keep the end of the prompt: the turn being answered

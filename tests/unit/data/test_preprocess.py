@@ -335,3 +335,35 @@ def test_sigterm_and_kill_leave_no_staged_files(tmp_path, sp_tokenizer):
     small.write_text(_pairs())
     preprocess([str(small)], "pairs", sp_tokenizer, str(prefix), progress=False)
     assert staged() == [] and (tmp_path / "out.bin").exists()
+
+
+def _hf_tokenizer_with_bos_template(folder, hh_slice) -> str:
+    """A byte-level BPE tokenizer folder whose chat template starts with {{ bos_token }}, as Llama-3's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([r["chosen"] for r in _rows(hh_slice)],
+                           trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}[assistant] {% endif %}")
+    fast.save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_exactly_one_bos_whatever_the_chat_template_does(tmp_path, hh_slice):
+    tokenizer = _hf_tokenizer_with_bos_template(tmp_path / "tok", hh_slice)
+    bos = load_tokenizer(tokenizer).bos_id
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi there"}],
+                               "chosen": [{"role": "assistant", "content": "hello"}],
+                               "rejected": [{"role": "assistant", "content": "go away"}]}) + "\n"
+                   + json.dumps({"prompt": "plain question?", "chosen": "yes", "rejected": "no"}) + "\n")
+    preprocess([str(src)], "pairs", tokenizer, str(tmp_path / "out"), progress=False)
+    tokens, meta = _read(str(tmp_path / "out"))
+    for k in range(4):  # message rows (the template emits a bos) and string rows alike
+        ids = tokens[k].tolist()
+        assert ids[0] == bos and ids.count(bos) == 1, (k, ids[:6])
