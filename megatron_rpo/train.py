@@ -10,6 +10,18 @@ import sys
 from megatron_rpo.config import load_config
 
 
+def _report(error: ValueError) -> None:
+    """One message for the job: every rank finds the same bad input and rank 0 says it. Under
+    torchrun each rank also records it in its error file, which torchrun's failure summary quotes
+    (so an error only some rank saw is not lost)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_rpo.train", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML recipe (see configs/)")
@@ -18,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(e)
         return 2
     if "RANK" not in os.environ:
         print("no launcher environment (RANK is unset): training in this one process; for several, launch with "
@@ -31,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config)
         trainer.train()
     except ValueError as e:  # bad inputs found before training: say what, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        _report(e)
         return 2
     except Preempted as e:  # stopped on a signal after saving (the trainer said so)
         return e.exit_code

@@ -171,3 +171,12 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(workspace, tmp_p
     assert "no launcher environment (RANK is unset): training in this one process" in single.output()
     assert "Traceback" not in single.output()
     assert (save / "latest").read_text().strip() == f"iter_{int(again.group(1)):07d}"
+
+
+def test_a_bad_input_is_said_once_not_by_every_rank(workspace, tmp_path):
+    argv = overrides(workspace, tmp_path / "run", f"data.valid_data_prefix={tmp_path / 'missing'}")
+    result = subprocess.run(_torchrun(argv), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    lines = [line for line in output.splitlines() if line.startswith("error: ") and "missing.manifest.json" in line]
+    assert len(lines) == 1, output[-3000:]
