@@ -42,6 +42,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "config_changes",
+    "explicit_keys",
     "RESUMABLE_CHANGES",
     "dump_config",
 ]
@@ -290,8 +291,10 @@ class DataConfig(_Section):
     paired: bool = True
     """True: batches hold (chosen, rejected) pairs of one prompt. False: unpaired items, each one
     prompt with one labelled response (paired data is split and shuffled, as in the paper)."""
-    max_prompt_length: int = 256
-    """Longest prompt in tokens; longer prompts keep their end."""
+    max_prompt_length: Optional[int] = None
+    """The prompt limit the datasets were preprocessed with (prompts are cut there, keeping their
+    end: ``--max-prompt-length``, paper 256). None takes the training set's; a value given must match
+    it. The saved ``config.yaml`` records the value that ran."""
     max_length: int = 512
     """Longest prompt + response in tokens; longer responses are cut."""
     seed: int = 1234
@@ -308,7 +311,7 @@ class DataConfig(_Section):
 
     def validate(self) -> None:
         self._positive("max_prompt_length", "max_length", "pack_multiple")
-        if self.max_prompt_length >= self.max_length:
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"data.max_prompt_length ({self.max_prompt_length}) must be less than "
                 f"data.max_length ({self.max_length}) to leave room for the response"
@@ -641,7 +644,18 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         _apply_override(raw, override)
     if overrides:
         source = f"{source} + overrides"
-    return config_from_dict(raw, source)
+    config = config_from_dict(raw, source)
+    # What the recipe and the command line set, as opposed to defaults: the trainer fills the rest
+    # of `model` from the checkpoint and checks only what was set against the dataset.
+    config.explicit_keys = frozenset(f"{section}.{key}" for section, values in raw.items()
+                                     if isinstance(values, dict) for key in values)
+    return config
+
+
+def explicit_keys(config: Config) -> frozenset | None:
+    """The ``section.key`` names a recipe or the command line set (:func:`load_config`); None for a
+    Config built otherwise, whose every value counts as set."""
+    return getattr(config, "explicit_keys", None)
 
 
 def dump_config(config: Config, path: str) -> None:

@@ -19,7 +19,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from megatron_rpo import parallel
-from megatron_rpo.config import Config, config_changes, config_to_dict, dump_config
+from megatron_rpo.config import Config, config_changes, config_to_dict, dump_config, explicit_keys
 from megatron_rpo.convert.save import save_converted
 from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate_step
 from megatron_rpo.device import current_device
@@ -59,12 +59,12 @@ class Trainer:
             raise ValueError("train.load must name the converted checkpoint to start from")
         if not c.data.train_data_prefix:
             raise ValueError("data.train_data_prefix must name a preprocessed dataset")
-        self._check_model(checkpoint_model_config(c.train.load))
         needs_emb = c.loss.uses_matrix and c.loss.weighting == "embedding"
         needs_ref = c.loss.uses_reference and c.loss.reference == "precomputed"
         self.train_data = PreferenceDataset(c.data.train_data_prefix, embeddings=needs_emb, reference_logps=needs_ref)
         self.valid_data = (PreferenceDataset(c.data.valid_data_prefix, embeddings=needs_emb, reference_logps=needs_ref)
                            if c.data.valid_data_prefix else None)
+        self.config = c = self._resolve(c, checkpoint_model_config(c.train.load))
         self._check_data()
         if c.train.wandb_project:
             try:  # on every rank, so that all of them stop here with the same message
@@ -73,7 +73,7 @@ class Trainer:
                 raise ValueError("train.wandb_project needs Weights & Biases: "
                                  "pip install 'megatron_rpo[wandb]'") from None
 
-        self.bf16 = c.optimizer.bf16 and torch.cuda.is_available()
+        self.bf16 = c.optimizer.bf16  # resolved: false without a GPU
         self.module = model_provider(c, bf16=self.bf16)
         load_weights(self.module, c.train.load)
         self.model = DistributedDataParallel(
@@ -193,13 +193,44 @@ class Trainer:
         dump_config(self.config, os.path.join(save, "config.yaml"))
 
     # -- checks -------------------------------------------------------------------------------
-    def _check_model(self, ckpt_model) -> None:
-        mine = dataclasses.asdict(self.config.model)
-        theirs = dataclasses.asdict(ckpt_model)
-        diff = {k: (mine[k], theirs[k]) for k in mine if k != "make_vocab_size_divisible_by" and mine[k] != theirs[k]}
+    def _resolve(self, c: Config, ckpt_model) -> Config:
+        """The config that runs, every value as it takes effect (it is what ``config.yaml`` records).
+
+        * ``model`` comes from the checkpoint, except keys the recipe or command line set, which
+          must agree with it;
+        * ``data.max_prompt_length`` is the training set's (prompts are cut at preprocessing); a
+          value that was set must agree;
+        * ``optimizer.adam_beta1`` is 0 under ``rmsprop``, ``optimizer.bf16`` false without a GPU;
+          a contradicting value that was set is refused.
+        """
+        explicit = explicit_keys(c)
+        given = (lambda key: True) if explicit is None else (lambda key: key in explicit)
+        mine, theirs = dataclasses.asdict(c.model), dataclasses.asdict(ckpt_model)
+        diff = {k: (mine[k], theirs[k]) for k in mine
+                if k != "make_vocab_size_divisible_by" and given(f"model.{k}") and mine[k] != theirs[k]}
         if diff:
             detail = ", ".join(f"model.{k}={a!r} but the checkpoint has {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"{self.config.train.load} does not fit the config: {detail}")
+            raise ValueError(f"{c.train.load} does not fit the config: {detail}")
+        model = dataclasses.replace(c.model, **{k: v for k, v in theirs.items()
+                                                if k != "make_vocab_size_divisible_by" and not given(f"model.{k}")})
+        prompt = self.train_data.manifest["max_prompt_length"]
+        if c.data.max_prompt_length is not None and c.data.max_prompt_length != prompt:
+            raise ValueError(f"data.max_prompt_length={c.data.max_prompt_length} but {self.train_data.prefix} was "
+                             f"preprocessed with {prompt}: prompts are cut when preprocessing, so preprocess again "
+                             "with --max-prompt-length or leave the setting out")
+        o = c.optimizer
+        if o.optimizer == "rmsprop" and given("optimizer.adam_beta1") and explicit is not None and o.adam_beta1 != 0:
+            raise ValueError(f"optimizer.adam_beta1={o.adam_beta1} has no effect with optimizer=rmsprop "
+                             "(RMSprop is Adam with beta1 = 0); leave it out or use optimizer=adam")
+        gpu = torch.cuda.is_available()
+        if o.bf16 and not gpu and given("optimizer.bf16") and explicit is not None:
+            raise ValueError("optimizer.bf16=true needs a GPU; CPU runs are fp32 (leave it out there)")
+        optimizer = dataclasses.replace(o, adam_beta1=0.0 if o.optimizer == "rmsprop" else o.adam_beta1,
+                                        bf16=o.bf16 and gpu)
+        data = dataclasses.replace(c.data, max_prompt_length=min(prompt, c.data.max_length - 1))
+        resolved = dataclasses.replace(c, model=model, data=data, optimizer=optimizer)
+        resolved.explicit_keys = explicit
+        return resolved
 
     def _check_data(self) -> None:
         c = self.config

@@ -218,3 +218,47 @@ def test_weights_and_biases_offline_matches_tensorboard_and_a_resume_continues_t
     for name, values in tensorboard.items():
         assert logged[name] == pytest.approx(dict(values), rel=1e-6), name
     assert sorted(logged["train/loss"]) == [1, 2, 3, 4] and sorted(logged["eval/rewards/accuracies"]) == [2, 4]
+
+
+def _train_recipe(recipe, argv):
+    from megatron_rpo.config import load_config
+    from megatron_rpo.training.trainer import Trainer
+
+    trainer = Trainer(load_config(recipe, argv))
+    try:
+        trainer.train()
+        return {"history": trainer.history}
+    finally:
+        trainer.scalars.close()
+
+
+def test_the_model_comes_from_the_checkpoint_and_the_record_states_what_ran(workspace, tmp_path):
+    import yaml
+
+    # A recipe with no model section: the converted checkpoint says what the model is.
+    recipe = yaml.safe_load(open(RECIPE))
+    ckpt_model = recipe.pop("model")
+    recipe["optimizer"] = {"optimizer": "rmsprop", "lr": 5e-4}
+    recipe["data"].pop("max_prompt_length")
+    path = tmp_path / "no_model.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    save = tmp_path / "run"
+    argv = [a for a in _overrides(workspace, save, "train.train_iters=1", "train.export=false")
+            if not a.startswith("model.")]
+    result = run_ranks(_train_recipe, 1, str(path), argv, timeout=300)[0]
+    assert len(result["history"]) == 1
+    ran = yaml.safe_load((save / "config.yaml").read_text())
+    assert {k: ran["model"][k] for k in ("num_layers", "hidden_size", "num_query_groups")} == {
+        k: ckpt_model[k] for k in ("num_layers", "hidden_size", "num_query_groups")}
+    assert ran["model"]["vocab_size"] == workspace["vocab"]
+    # What took effect, not what the defaults say: RMSprop's beta1, fp32 on CPU, the dataset's prompt limit.
+    assert ran["optimizer"]["adam_beta1"] == 0.0 and ran["optimizer"]["bf16"] is False
+    assert ran["data"]["max_prompt_length"] == 96
+
+    # A key that was set and disagrees is still a clear error; so are settings that would do nothing.
+    for extra, message in [("model.num_layers=2", "model.num_layers=2 but the checkpoint has 4"),
+                           ("data.max_prompt_length=50", "data.max_prompt_length=50 but .* was preprocessed with 96"),
+                           ("optimizer.adam_beta1=0.9", "adam_beta1=0.9 has no effect with optimizer=rmsprop"),
+                           ("optimizer.bf16=true", "optimizer.bf16=true needs a GPU")]:
+        with pytest.raises(RankFailure, match=message):
+            run_ranks(_train_recipe, 1, str(path), argv + [extra, f"train.save={tmp_path / 'bad'}"], timeout=300)

@@ -15,7 +15,7 @@ def test_defaults_are_the_papers():
     c = Config()
     assert (c.loss.beta, c.loss.tau, c.loss.weighting, c.loss.row_normalization) == (0.1, 0.5, "embedding", "sum")
     assert (c.optimizer.optimizer, c.optimizer.lr, c.train.global_batch_size) == ("rmsprop", 5e-7, 64)
-    assert (c.data.max_prompt_length, c.data.max_length) == (256, 512)
+    assert (c.data.max_prompt_length, c.data.max_length) == (None, 512)  # prompts are cut at preprocessing
 
 
 def test_every_field_has_a_docstring():
