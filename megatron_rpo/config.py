@@ -142,6 +142,9 @@ class ModelConfig(_Section):
     """Longest sequence the model is built for."""
     rotary_base: float = 10000.0
     """RoPE theta (Llama-2: 1e4, Llama-3: 5e5, Mistral: 1e6 for v0.2+)."""
+    rope_scaling_factor: Optional[float] = None
+    """Llama-3.1-style RoPE scaling (``rope_type: llama3``) with this factor (Llama-3.1: 8, 3.2: 32),
+    low/high frequency factors 1 and 4 over an original context of 8192; None: plain RoPE."""
     norm_epsilon: float = 1e-5
     """RMSNorm epsilon."""
     untie_embeddings_and_output_weights: bool = True
@@ -152,7 +155,7 @@ class ModelConfig(_Section):
     def validate(self) -> None:
         self._positive("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                        "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "rotary_base",
-                       "norm_epsilon")
+                       "norm_epsilon", "rope_scaling_factor")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) is not divisible by "

@@ -28,12 +28,25 @@ def read_hf_config(hf_dir: str) -> dict:
         raise ValueError(f"{path}: invalid JSON ({e})") from e
 
 
-def _rope(cfg: dict) -> tuple[float, str]:
+# megatron-core's Llama-3.1 RoPE scaling has these fixed; only the factor is a parameter.
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope(cfg: dict, source: str) -> tuple[float, float | None]:
+    """``(theta, llama3 scaling factor or None)``; other RoPE scalings are refused by name."""
     params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
+    scaling = cfg.get("rope_scaling") or params
     theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
-    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type") or "default"
-    return float(theta), kind
+    kind = scaling.get("rope_type", scaling.get("type")) or "default"
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        raise ValueError(f"{source}: RoPE scaling {kind!r} is not supported (plain RoPE and llama3 are)")
+    odd = {k: scaling.get(k) for k, v in LLAMA3_ROPE.items() if float(scaling.get(k, v)) != v}
+    if odd:
+        raise ValueError(f"{source}: llama3 RoPE scaling with {odd} is not supported: megatron-core's uses "
+                         f"{LLAMA3_ROPE}")
+    return float(theta), float(scaling["factor"])
 
 
 def model_config_from_hf(cfg: dict, source: str = "config.json") -> tuple[ModelConfig, str]:
@@ -47,9 +60,7 @@ def model_config_from_hf(cfg: dict, source: str = "config.json") -> tuple[ModelC
     if arch is None:
         raise ValueError(f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
                          f"supported: {sorted(ARCHITECTURES)}")
-    theta, rope_type = _rope(cfg)
-    if rope_type != "default":
-        raise ValueError(f"{source}: RoPE scaling {rope_type!r} is not supported yet (only plain RoPE)")
+    theta, rope_factor = _rope(cfg, source)
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
     if cfg.get("mlp_bias"):
@@ -67,6 +78,7 @@ def model_config_from_hf(cfg: dict, source: str = "config.json") -> tuple[ModelC
             vocab_size=cfg["vocab_size"],
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             rotary_base=theta,
+            rope_scaling_factor=rope_factor,
             norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
             untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
             add_qkv_bias=bool(cfg.get("attention_bias", ARCHITECTURES[arch][1])),
@@ -99,4 +111,6 @@ def hf_config_from_model(model: ModelConfig, architecture: str = "LlamaForCausal
         "tie_word_embeddings": not model.untie_embeddings_and_output_weights,
         "attention_bias": model.add_qkv_bias,
         "hidden_act": "silu",
+        "rope_scaling": None if model.rope_scaling_factor is None else dict(
+            rope_type="llama3", factor=model.rope_scaling_factor, **LLAMA3_ROPE),
     }

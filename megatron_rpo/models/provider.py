@@ -145,5 +145,9 @@ def model_provider(
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=m.rotary_base,
+        # megatron's Llama-3.1 scaling: low/high frequency factors 1 and 4, original context 8192
+        # (what conversion checks the checkpoint's config against).
+        rope_scaling=m.rope_scaling_factor is not None,
+        rope_scaling_factor=m.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )

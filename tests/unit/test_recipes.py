@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 WORLD = {"tiny_cpu.yaml": 2, "mistral7b_hh_rpo_paired.yaml": 8, "mistral7b_hh_rpo_unpaired.yaml": 8,
-         "llama3_8b_rpo_tp2.yaml": 8, "llama2_70b_rpo_tp8_pp4.yaml": 64}
+         "llama3_8b_rpo_tp2.yaml": 8, "llama2_70b_rpo_tp8_pp4.yaml": 64, "llama31_8b_instruct_rpo.yaml": 8}
 
 
 def test_every_recipe_is_listed_here():
@@ -35,3 +35,10 @@ def test_paper_settings():
     # The unpaired recipe inherits everything else from the paired one.
     a, b = config_to_dict(paired), config_to_dict(unpaired)
     assert a["model"] == b["model"] and a["optimizer"] == b["optimizer"]
+
+
+def test_llama31_recipe_takes_its_model_from_the_checkpoint():
+    from megatron_rpo.config import explicit_keys
+
+    config = load_config(os.path.join(REPO, "configs", "llama31_8b_instruct_rpo.yaml"))
+    assert not any(key.startswith("model.") for key in explicit_keys(config))

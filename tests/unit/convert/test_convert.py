@@ -21,6 +21,11 @@ def _hf_model(kind: str):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
     if kind == "llama_gqa":
         model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=500000.0))
+    elif kind == "llama31":
+        # Llama-3.1's RoPE scaling; with head_dim 16 and theta 5e5 most frequencies are rescaled.
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}))
     elif kind == "llama_tied":
         model = LlamaForCausalLM(LlamaConfig(**dict(common, num_key_value_heads=4), tie_word_embeddings=True))
     elif kind == "mistral":
@@ -35,7 +40,7 @@ def _hf_model(kind: str):
     return model.float().eval()
 
 
-@pytest.fixture(scope="module", params=["llama_gqa", "llama_tied", "mistral", "qwen2_bias"])
+@pytest.fixture(scope="module", params=["llama_gqa", "llama_tied", "mistral", "qwen2_bias", "llama31"])
 def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model = _hf_model(request.param)
@@ -89,7 +94,7 @@ def _megatron_logits(ckpt_dir, tp, pp, tokens):
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_converted_logits_equal_transformers(converted, tp, pp):
-    if converted["kind"] in ("mistral", "qwen2_bias") and (tp, pp) in ((2, 1), (1, 2)):
+    if converted["kind"] in ("mistral", "qwen2_bias", "llama31") and (tp, pp) in ((2, 1), (1, 2)):
         pytest.skip("each family runs TP=1 and TP=2 x PP=2; Llama runs every split")
     ranks = run_ranks(_megatron_logits, tp * pp, str(converted["root"] / "megatron"), tp, pp, converted["tokens"],
                       timeout=300)
