@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept, from the end (default 256)")
     p.add_argument("--max-length", type=int, default=512, help="prompt + response tokens kept (default 512)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template file for message lists (default: the tokenizer's; without one, "
+                        "HH style, which the tool says)")
     p.add_argument("--keep-identical-pairs", action="store_true",
                    help="keep pairs whose chosen and rejected responses are the same (skipped by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
     try:
         m = preprocess(a.input, a.format, a.tokenizer, a.output_prefix, max_prompt_length=a.max_prompt_length,
                        max_length=a.max_length, strict=a.strict, keep_identical_pairs=a.keep_identical_pairs,
-                       progress=not a.no_progress, split=a.split).manifest
+                       progress=not a.no_progress, split=a.split, chat_template=a.chat_template).manifest
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

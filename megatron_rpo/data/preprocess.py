@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,12 +52,26 @@ class _Encoder:
         self.truncated_prompts = 0
         self.truncated_responses = 0
 
+    rendered_messages = False
+    """Whether any message list was rendered (the manifest says how)."""
+
     def prompt_text(self, prompt) -> str:
-        return prompt if isinstance(prompt, str) else self.tok.render(prompt, add_generation_prompt=True)
+        if isinstance(prompt, str):
+            return prompt
+        self._note_messages()
+        return self.tok.render(prompt, add_generation_prompt=True)
+
+    def _note_messages(self) -> None:
+        if not self.rendered_messages and self.tok.chat_rendering == "hh":
+            print(f"note: {self.tok.path} has no chat template, so message lists are rendered HH style "
+                  "('\\n\\nHuman: ...\\n\\nAssistant: ...'); --chat-template FILE supplies one", file=sys.stderr,
+                  flush=True)
+        self.rendered_messages = True
 
     def response_text(self, prompt, response) -> str:
         if isinstance(response, str):
             return response
+        self._note_messages()
         # A message list: the chat-rendered conversation minus the rendered prompt.
         prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         head = self.tok.render(prompt_messages, add_generation_prompt=True)
@@ -105,6 +120,7 @@ def preprocess(
     keep_identical_pairs: bool = False,
     progress: bool = True,
     split: str | None = None,
+    chat_template: str | None = None,
 ) -> PreprocessResult:
     """Tokenise preference rows into an IndexedDataset (see the module docstring for the files).
 
@@ -121,6 +137,8 @@ def preprocess(
             (skipped and listed by default: they carry no preference, only noise).
         progress: show a progress bar with rows/s.
         split: the split of dataset folders and hub datasets with several.
+        chat_template: a Jinja chat template file for message lists, replacing the tokenizer's
+            own (or the HH-style rendering of a tokenizer without one).
 
     Raises:
         ValueError: bad options or inputs (a file that is not UTF-8 JSON lines, an output that
@@ -141,6 +159,12 @@ def preprocess(
     if detected:
         fmt = detect_format(sources[0].columns)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    if chat_template is not None:
+        try:
+            with open(chat_template) as f:
+                tok.chat_template = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read the chat template {chat_template}: {e.strerror}") from None
     encoder = _Encoder(tok, max_prompt_length, max_length)
     paired = fmt != "unpaired"
     token_dtype = DType.optimal_dtype(tok.vocab_size)
@@ -191,6 +215,9 @@ def preprocess(
             "version": 1,
             "format": fmt,
             "format_detected": detected,
+            # How message lists became text: "template" or "hh"; None when there were none.
+            "chat_rendering": tok.chat_rendering if encoder.rendered_messages else None,
+            "chat_template_file": os.path.abspath(chat_template) if chat_template else None,
             "paired": paired,
             "num_rows": rows,
             "num_sequences": len(meta),

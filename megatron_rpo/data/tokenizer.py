@@ -46,6 +46,22 @@ class Tokenizer:
     sha256: str
     """Hash of the tokenizer's files: datasets record it, training checks it."""
     _impl: Any = field(repr=False, default=None)
+    chat_template: str | None = None
+    """A Jinja chat template that replaces the tokenizer's own (``--chat-template FILE``)."""
+
+    @property
+    def chat_rendering(self) -> str:
+        """How message lists become text: ``template`` (a chat template) or ``hh`` (HH style)."""
+        own = self.kind == "huggingface" and getattr(self._impl, "chat_template", None)
+        return "template" if self.chat_template or own else "hh"
+
+    def _special(self, token_id: int | None) -> str:
+        # A sentencepiece model reads "<s>" in text as three characters, not as the token: the
+        # template gets "" and the preprocessing adds the one bos (before the prompt) and the
+        # eos (after the response) as ids. A Hugging Face tokenizer reads its special tokens.
+        if token_id is None or self.kind == "sentencepiece":
+            return ""
+        return self._impl.convert_ids_to_tokens(token_id)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with no special tokens added."""
@@ -58,6 +74,12 @@ class Tokenizer:
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """A message list as text: the chat template if there is one, HH style otherwise."""
+        if self.chat_template:
+            import jinja2
+
+            template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token=self._special(self.bos_id), eos_token=self._special(self.eos_id))
         if self.kind == "huggingface" and getattr(self._impl, "chat_template", None):
             return self._impl.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         text = "".join(f"\n\n{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)

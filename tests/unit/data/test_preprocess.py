@@ -367,3 +367,35 @@ def test_exactly_one_bos_whatever_the_chat_template_does(tmp_path, hh_slice):
     for k in range(4):  # message rows (the template emits a bos) and string rows alike
         ids = tokens[k].tolist()
         assert ids[0] == bos and ids.count(bos) == 1, (k, ids[:6])
+
+
+def test_message_lists_say_how_they_were_rendered(tmp_path, sp_tokenizer, capsys):
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi there"}],
+                               "chosen": [{"role": "assistant", "content": "hello"}],
+                               "rejected": [{"role": "assistant", "content": "go away"}]}) + "\n")
+    # A bare sentencepiece model has no chat template: HH style, said on the console and in the manifest.
+    m = preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "hh"), progress=False).manifest
+    assert m["chat_rendering"] == "hh" and m["chat_template_file"] is None
+    assert "has no chat template, so message lists are rendered HH style" in capsys.readouterr().err
+    tok = load_tokenizer(sp_tokenizer)
+    tokens, meta = _read(str(tmp_path / "hh"))
+    assert tok.decode(tokens[0].tolist()[1:int(meta["prompt_length"][0])]).endswith("Human: hi there\n\nAssistant:")
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    m = preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "tpl"), chat_template=str(template),
+                   progress=False).manifest
+    assert m["chat_rendering"] == "template" and m["chat_template_file"] == str(template)
+    assert "rendered HH style" not in capsys.readouterr().err
+    tokens, meta = _read(str(tmp_path / "tpl"))
+    ids = tokens[0].tolist()
+    assert ids.count(tok.bos_id) == 1  # the template's {{ bos_token }} is not doubled
+    assert tok.decode(ids[1:int(meta["prompt_length"][0])]) == "<|user|>hi there\n<|assistant|>"
+    assert tok.decode(ids[int(meta["prompt_length"][0]):-1]) == "hello\n"
+    # String rows need no rendering: the manifest says so.
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "q?", "chosen": "yes", "rejected": "no"}) + "\n")
+    assert preprocess([str(plain)], "pairs", sp_tokenizer, str(tmp_path / "p"), progress=False).manifest[
+        "chat_rendering"] is None
