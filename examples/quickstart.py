@@ -61,6 +61,22 @@ def likelihood_eval(nproc: int, common: list[str], load: str) -> dict:
     return last_eval(out)
 
 
+MARKER = ".megatron_rpo_quickstart"
+
+
+def prepare_workdir(work: str) -> None:
+    """An empty work folder. A previous quickstart's is replaced, and that is said; anything else is refused."""
+    if os.path.isdir(work) and os.listdir(work):
+        if not os.path.exists(os.path.join(work, MARKER)):
+            raise SystemExit(f"{work} exists and was not made by the quickstart; choose another --workdir "
+                             "or remove it yourself")
+        print(f"replacing the previous quickstart run in {work} (its checkpoints too); --workdir elsewhere keeps it",
+              flush=True)
+        shutil.rmtree(work)
+    os.makedirs(work, exist_ok=True)
+    open(os.path.join(work, MARKER), "w").close()
+
+
 def choose_nproc(requested: int | None) -> int:
     """2 gloo processes on CPU; on CUDA one per GPU (NCCL ranks cannot share a GPU), at most 2."""
     if torch.cuda.is_available():
@@ -85,8 +101,7 @@ def main() -> None:
     args.nproc = choose_nproc(args.nproc)
     started = time.time()
     work = os.path.abspath(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    prepare_workdir(work)
 
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -58,8 +58,13 @@ def build_optimizer(config: OptimizerConfig, model_chunks: list, *, bf16: bool):
 
 
 def build_scheduler(optimizer, config: OptimizerConfig, total_steps: int) -> OptimizerParamScheduler:
-    """Linear warmup to ``lr``, then ``lr_decay_style`` to ``min_lr`` at ``total_steps`` (counted in steps)."""
-    return OptimizerParamScheduler(
+    """Linear warmup to ``lr``, then ``lr_decay_style`` to ``min_lr`` at ``total_steps`` (counted in steps).
+
+    Step k (1-based) uses the schedule at k: the first warm-up step already takes ``lr / warmup``
+    (megatron's scheduler, counting from 0, would spend it at learning rate 0) and the last step
+    of a decaying schedule takes ``min_lr``.
+    """
+    scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if config.lr_warmup_iters else config.lr,
         max_lr=config.lr,
@@ -72,3 +77,5 @@ def build_scheduler(optimizer, config: OptimizerConfig, total_steps: int) -> Opt
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
     )
+    scheduler.step(increment=1)
+    return scheduler

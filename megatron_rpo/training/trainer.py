@@ -291,6 +291,10 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Run to ``total_steps``; returns the last evaluation's metrics (empty without validation)."""
         c = self.config
+        if 0 < self.total_steps <= self.step:
+            # A finished run started again: nothing to train, evaluate, save or log a second time.
+            _log(f"the run in {c.train.save} already finished at step {self.step} of {self.total_steps}; nothing to do")
+            return {}
         iterator = iter(self.sampler)
         times = []
         last_eval = {}

@@ -46,3 +46,20 @@ def test_quickstart_runs_one_process_per_gpu(monkeypatch, capsys):
         choose(2)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert choose(None) == 2
+
+
+def test_the_quickstart_replaces_only_its_own_work_folder(tmp_path, capsys):
+    import pytest
+
+    prepare = _quickstart_module().prepare_workdir
+    mine = tmp_path / "qs"
+    prepare(str(mine))
+    (mine / "rpo").mkdir()
+    prepare(str(mine))  # a previous quickstart's: replaced, and said
+    assert "replacing the previous quickstart run" in capsys.readouterr().out and not (mine / "rpo").exists()
+    theirs = tmp_path / "important"
+    theirs.mkdir()
+    (theirs / "checkpoint").write_text("precious")
+    with pytest.raises(SystemExit, match="exists and was not made by the quickstart"):
+        prepare(str(theirs))
+    assert (theirs / "checkpoint").read_text() == "precious"

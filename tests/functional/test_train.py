@@ -262,3 +262,15 @@ def test_the_model_comes_from_the_checkpoint_and_the_record_states_what_ran(work
                            ("optimizer.bf16=true", "optimizer.bf16=true needs a GPU")]:
         with pytest.raises(RankFailure, match=message):
             run_ranks(_train_recipe, 1, str(path), argv + [extra, f"train.save={tmp_path / 'bad'}"], timeout=300)
+
+
+def test_starting_a_finished_run_again_does_nothing(workspace, tmp_path):
+    from megatron_rpo.plot import read_scalars
+
+    save = tmp_path / "run"
+    argv = _overrides(workspace, save, "train.train_iters=2", "train.export=false", "loss.weighting=uniform")
+    run_ranks(_train, 1, argv, timeout=300)
+    before = read_scalars(str(save))
+    again = run_ranks(_train, 1, argv, timeout=300)[0]
+    assert again["history"] == [] and again["eval"] == {}
+    assert read_scalars(str(save)) == before  # no second eval/* written

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from tests.multiprocess import run_ranks
@@ -58,3 +59,31 @@ def test_torch_fallback_runs_the_fused_adamw_and_steps_like_a_plain_one():
     plain.step()
     for n, p in params.items():
         torch.testing.assert_close(r["after"][n], p.detach(), rtol=1e-6, atol=1e-7, msg=n)
+
+
+def _first_lrs():
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_rpo import parallel
+    from megatron_rpo.config import OptimizerConfig
+    from megatron_rpo.models import model_provider
+    from megatron_rpo.training.optimizer import build_optimizer, build_scheduler
+
+    config = tiny_config()
+    parallel.initialize(config.parallel)
+    module = model_provider(config)
+    model = DistributedDataParallel(module.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)
+    opt = OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=0.0, lr_warmup_iters=4, lr_decay_style="linear")
+    optimizer = build_optimizer(opt, [model], bf16=False)
+    scheduler = build_scheduler(optimizer, opt, total_steps=8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer.param_groups[0]["lr"])  # what the step about to run uses
+        scheduler.step(increment=1)
+    return lrs
+
+
+def test_the_first_warmup_step_already_learns_and_the_last_reaches_min_lr():
+    (lrs,) = run_ranks(_first_lrs, 1)
+    want = [2.5e-4, 5e-4, 7.5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0]  # warm-up 1..4 of 4, linear decay to step 8
+    assert lrs == [pytest.approx(w, abs=1e-12) for w in want]
