@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # megatron_rpo on NVIDIA's PyTorch container, which ships torch, transformer-engine and apex.
 #   docker build -t megatron-rpo .
-#   docker run --gpus all --ipc=host --rm -v "$PWD/runs:/workspace/megatron_rpo/runs" megatron-rpo \
-#     torchrun --standalone --nproc-per-node=8 -m megatron_rpo.train --config configs/mistral7b_hh_rpo_paired.yaml
+#   docker run --gpus all --ipc=host --rm -v "$PWD/runs:/workspace/megatron_rpo/runs" \
+#     -v "$PWD/checkpoints:/workspace/megatron_rpo/checkpoints" -v "$PWD/data/hh_mistral:/workspace/megatron_rpo/data/hh_mistral" \
+#     megatron-rpo torchrun --standalone --nproc-per-node=8 -m megatron_rpo.train --config configs/mistral7b_hh_rpo_paired.yaml
 #
 # Why this base: megatron-core 0.16.1 is developed against transformer-engine >= 2.9, < 2.12 (its
 # `dev` extra, built for CUDA 13). NGC PyTorch 25.01, the previous base, ships transformer-engine 1.14,

@@ -663,6 +663,7 @@ def explicit_keys(config: Config) -> frozenset | None:
 
 def dump_config(config: Config, path: str) -> None:
     """Write the resolved config as YAML (atomically: a temporary file renamed into place)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
