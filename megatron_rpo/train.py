@@ -6,6 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
+
+# Deprecation notices from inside torch and megatron-core are for their developers, not for ours.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|megatron)(\.|$)")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch|megatron)(\.|$)")
 
 from megatron_rpo.config import load_config
 

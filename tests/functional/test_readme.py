@@ -39,3 +39,39 @@ def test_every_tool_option_the_readme_shows_exists():
         usage = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True).stdout
         for flag in re.findall(r"(?<=\s)--[a-z][a-z-]+", command[command.index(script):]):  # the tool's own
             assert flag in usage, f"{script} has no {flag} (README: {command.strip()})"
+
+
+def test_the_real_model_steps_run_as_written_on_a_tiny_mistral(tmp_path, hh_slice, sp_tokenizer):
+    """"Using it on a real model", verbatim but for the model (a tiny random Mistral under the same
+    name), 2 CPU processes instead of 8 GPUs, and --device cpu."""
+    import gzip
+
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from megatron_rpo.data.tokenizer import load_tokenizer
+
+    section = README.split("## Using it on a real model", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    torch.manual_seed(0)
+    vocab = load_tokenizer(sp_tokenizer).vocab_size
+    MistralForCausalLM(MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                     sliding_window=None)).save_pretrained(tmp_path / "Mistral-7B-v0.1")
+    shutil.copy(sp_tokenizer, tmp_path / "Mistral-7B-v0.1" / "tokenizer.model")
+    (tmp_path / "hh-rlhf").mkdir()
+    lines = open(hh_slice).read()
+    for split in ("train", "test"):
+        with gzip.open(tmp_path / "hh-rlhf" / f"{split}.jsonl.gz", "wt") as f:
+            f.write(lines)
+    for folder in ("tools", "configs"):
+        os.symlink(os.path.join(REPO, folder), tmp_path / folder)
+    script = re.sub(r"(?m)^(\s*)python ", rf"\1{sys.executable} ", block)
+    script = (script.replace("--nproc-per-node 8", "--nproc-per-node 2").replace("--device cuda", "--device cpu")
+              .replace("torchrun ", f"{sys.executable} -m torch.distributed.run --standalone "))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert (tmp_path / "runs" / "mistral7b_hh_rpo_paired" / "latest").exists()
+    assert (tmp_path / "mistral7b-rpo" / "config.json").exists()
