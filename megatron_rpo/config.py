@@ -264,8 +264,9 @@ class LossConfig(_Section):
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"loss.alpha must be in [0, 1], got {self.alpha}")
         if self.diagonal_form == "released" and (self.weighting != "diagonal" or self.row_normalization != "sum"):
-            raise ValueError(f"loss.diagonal_form='released' is a form of the diagonal weighting with rows summing to 1, "
-                             f"but loss.weighting={self.weighting!r} and loss.row_normalization={self.row_normalization!r}")
+            raise ValueError(f"loss.diagonal_form='released' is a form of the diagonal weighting with rows summing "
+                             f"to 1, but loss.weighting={self.weighting!r} and "
+                             f"loss.row_normalization={self.row_normalization!r}")
         if self.ipo_length_normalized and self.loss_type != "ipo":
             raise ValueError(f"loss.ipo_length_normalized=True only changes loss.loss_type='ipo', "
                              f"got {self.loss_type!r}")

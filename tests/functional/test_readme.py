@@ -35,7 +35,7 @@ def test_every_tool_option_the_readme_shows_exists():
     assert len(commands) >= 6
     for command in commands:
         script = re.search(r"(tools/\w+\.py|megatron_rpo\.train)", command).group(1)
-        argv = [sys.executable, script, "--help"] if script.endswith(".py") else [sys.executable, "-m", script, "--help"]
+        argv = [sys.executable] + ([script] if script.endswith(".py") else ["-m", script]) + ["--help"]
         usage = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True).stdout
         for flag in re.findall(r"(?<=\s)--[a-z][a-z-]+", command[command.index(script):]):  # the tool's own
             assert flag in usage, f"{script} has no {flag} (README: {command.strip()})"

@@ -106,8 +106,8 @@ def test_export_converts_back_to_hugging_face(runs, gpu_workspace, tmp_path):
     _, root = runs
     out = tmp_path / "hf"
     export = str(root / "rpo_online" / "export")
-    subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--megatron-dir", export, "--output-dir", str(out),
-                    "--no-progress"], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--megatron-dir", export,
+                    "--output-dir", str(out), "--no-progress"], check=True, cwd=REPO)
     trained = AutoModelForCausalLM.from_pretrained(out).eval()
     start = AutoModelForCausalLM.from_pretrained(gpu_workspace["root"] / "hf").eval()
     tokens = torch.randint(0, gpu_workspace["vocab"], (1, 16))
