@@ -180,6 +180,7 @@ def collate_step(dataset: PreferenceDataset, microbatches: list[list[int]], seq_
     """
     if not packing:
         return [collate(dataset, indices, seq_length) for indices in microbatches]
-    lengths = np.minimum(dataset.tokens.sequence_lengths, seq_length)
-    length = max(layout.packed_length([int(n) for n in lengths[indices]], pack_multiple) for indices in microbatches)
+    lengths = dataset.tokens.sequence_lengths
+    length = max(layout.packed_length([min(int(n), seq_length) for n in lengths[indices]], pack_multiple)
+                 for indices in microbatches)
     return [collate(dataset, indices, seq_length, packed_length=length) for indices in microbatches]

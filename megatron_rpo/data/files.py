@@ -22,7 +22,7 @@ import uuid
 
 from megatron_rpo.data.tokenizer import file_sha256
 
-__all__ = ["StagedOutputs", "read_manifest", "manifest_path", "verify_files", "remove_stale"]
+__all__ = ["StagedOutputs", "read_manifest", "manifest_path", "verify_files", "remove_stale", "process_alive"]
 
 
 def manifest_path(prefix: str) -> str:
@@ -33,7 +33,8 @@ _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
 _TAG = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (someone else's process counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -48,7 +49,7 @@ def remove_stale(final: str) -> list[str]:
     removed = []
     for path in glob.glob(glob.escape(final) + ".tmp-*"):
         tag = _TAG.search(path[len(final):])
-        if tag and tag["host"] == _HOST and not _alive(int(tag["pid"])):
+        if tag and tag["host"] == _HOST and not process_alive(int(tag["pid"])):
             try:
                 os.remove(path)
                 removed.append(path)
@@ -68,7 +69,6 @@ class StagedOutputs:
         self._tag = f".tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._staged: dict[str, str] = {}
         self._previous_handler = None
-        self.removed_stale: list[str] = []
 
     def path(self, final: str) -> str:
         """The temporary path to write ``final`` to.
@@ -86,7 +86,7 @@ class StagedOutputs:
             raise ValueError(f"cannot write {final}: {existing} is a file, not a directory")
         try:
             os.makedirs(folder, exist_ok=True)
-            self.removed_stale += remove_stale(final)
+            remove_stale(final)
             open(tmp, "wb").close()  # fail here, before any work, if it cannot be written
         except OSError as e:
             raise ValueError(f"cannot write {final}: {e.strerror or e}") from None

@@ -51,9 +51,7 @@ class _Encoder:
         self.tok, self.max_prompt, self.max_length = tokenizer, max_prompt_length, max_length
         self.truncated_prompts = 0
         self.truncated_responses = 0
-
-    rendered_messages = False
-    """Whether any message list was rendered (the manifest says how)."""
+        self.rendered_messages = False  # whether any message list was rendered (the manifest says how)
 
     def prompt_text(self, prompt) -> str:
         if isinstance(prompt, str):
@@ -87,11 +85,11 @@ class _Encoder:
             # A chat template that starts with {{ bos_token }} (Llama-3, Mistral-Instruct) already
             # put it in the text; exactly one is added below, whatever the template does.
             ids = ids[1:]
-        room = self.max_prompt - (self.tok.bos_id is not None)
+        room = self.max_prompt - (bos is not None)
         if len(ids) > room:
             ids = ids[-room:]  # keep the end of the prompt: the turn being answered
             self.truncated_prompts += 1
-        return ([self.tok.bos_id] if self.tok.bos_id is not None else []) + ids
+        return ([bos] if bos is not None else []) + ids
 
     def response_ids(self, body: list[int], prompt_length: int) -> list[int]:
         ids = body + [self.tok.eos_id]

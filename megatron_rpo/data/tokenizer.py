@@ -50,10 +50,13 @@ class Tokenizer:
     """A Jinja chat template that replaces the tokenizer's own (``--chat-template FILE``)."""
 
     @property
+    def _own_template(self) -> bool:
+        return self.kind == "huggingface" and bool(getattr(self._impl, "chat_template", None))
+
+    @property
     def chat_rendering(self) -> str:
         """How message lists become text: ``template`` (a chat template) or ``hh`` (HH style)."""
-        own = self.kind == "huggingface" and getattr(self._impl, "chat_template", None)
-        return "template" if self.chat_template or own else "hh"
+        return "template" if self.chat_template or self._own_template else "hh"
 
     def _special(self, token_id: int | None) -> str:
         # A sentencepiece model reads "<s>" in text as three characters, not as the token: the
@@ -80,7 +83,7 @@ class Tokenizer:
             template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token=self._special(self.bos_id), eos_token=self._special(self.eos_id))
-        if self.kind == "huggingface" and getattr(self._impl, "chat_template", None):
+        if self._own_template:
             return self._impl.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         text = "".join(f"\n\n{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
         return text + ("\n\nAssistant:" if add_generation_prompt else "")

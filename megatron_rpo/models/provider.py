@@ -8,6 +8,8 @@ imports and CUDA is present, otherwise megatron's local spec with our :class:`RM
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -26,8 +28,13 @@ from megatron_rpo.models.layers import RMSNorm, SDPAttention
 __all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "model_provider", "use_transformer_engine"]
 
 
+@functools.lru_cache(maxsize=None)
 def use_transformer_engine() -> bool:
-    """Whether the transformer-engine layer spec is used: CUDA present and transformer_engine imports."""
+    """Whether the transformer-engine layer spec is used: CUDA present and transformer_engine imports.
+
+    Answered once per process: the forward step asks it for every microbatch, and a failed
+    import is searched for again each time.
+    """
     if not torch.cuda.is_available():
         return False
     try:

@@ -14,19 +14,11 @@ import json
 import os
 import socket
 
+from megatron_rpo.data.files import process_alive
+
 __all__ = ["SaveDirLock", "LOCK_FILE"]
 
 LOCK_FILE = ".lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 class SaveDirLock:
@@ -66,7 +58,7 @@ class SaveDirLock:
                 if same_host and holder.get("pid") == self.me["pid"]:
                     self.held = True  # this process took it earlier (e.g. a second run in one process)
                     return None
-                if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                if same_host and isinstance(holder.get("pid"), int) and not process_alive(holder["pid"]):
                     note = (f"took over {self.path} from a job that is gone (pid {holder['pid']} on "
                             f"{holder['host']}, started {holder.get('started')})")
                     try:

@@ -13,7 +13,8 @@ from megatron.core import parallel_state
 
 from megatron_rpo.device import current_device
 
-__all__ = ["METRICS", "TRL_NAMES", "scalar_name", "reduce_reports", "accuracy_text", "format_line", "Scalars"]
+__all__ = ["METRICS", "TRL_NAMES", "scalar_name", "reduce_reports", "accuracy_text", "format_line", "Scalars",
+           "require_wandb"]
 
 METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "reward_auc", "diag_weight",
            "row_entropy", "matrix_rows", "matrix_cols", "chosen_logps", "rejected_logps")
@@ -128,11 +129,17 @@ class Scalars:
             self.run = None
 
 
-def _wandb_run(id_file: str | None = None, **settings):
+def require_wandb():
+    """The ``wandb`` module, or a ValueError naming the extra that installs it."""
     try:
         import wandb
     except ImportError:
         raise ValueError("train.wandb_project needs Weights & Biases: pip install 'megatron_rpo[wandb]'") from None
+    return wandb
+
+
+def _wandb_run(id_file: str | None = None, **settings):
+    wandb = require_wandb()
     run_id = None
     if id_file and os.path.exists(id_file):
         with open(id_file) as f:

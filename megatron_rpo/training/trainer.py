@@ -35,7 +35,7 @@ from megatron_rpo.training.checkpointing import (
 )
 from megatron_rpo.training.interrupts import Preempted, StopRequests
 from megatron_rpo.training.lock import SaveDirLock
-from megatron_rpo.training.metrics_log import Scalars, accuracy_text, format_line, reduce_reports
+from megatron_rpo.training.metrics_log import Scalars, accuracy_text, format_line, reduce_reports, require_wandb
 from megatron_rpo.training.optimizer import build_optimizer, build_scheduler
 from megatron_rpo.training.step import forward_backward
 
@@ -67,11 +67,7 @@ class Trainer:
         self.config = c = self._resolve(c, checkpoint_model_config(c.train.load))
         self._check_data()
         if c.train.wandb_project:
-            try:  # on every rank, so that all of them stop here with the same message
-                import wandb  # noqa: F401
-            except ImportError:
-                raise ValueError("train.wandb_project needs Weights & Biases: "
-                                 "pip install 'megatron_rpo[wandb]'") from None
+            require_wandb()  # on every rank, so that all of them stop here with the same message
 
         self.bf16 = c.optimizer.bf16  # resolved: false without a GPU
         self.module = model_provider(c, bf16=self.bf16)
@@ -204,7 +200,11 @@ class Trainer:
           a contradicting value that was set is refused.
         """
         explicit = explicit_keys(c)
-        given = (lambda key: True) if explicit is None else (lambda key: key in explicit)
+        said = explicit or frozenset()  # refusals need a key the user actually wrote
+
+        def given(key: str) -> bool:  # a Config built in code counts every value as set
+            return explicit is None or key in explicit
+
         mine, theirs = dataclasses.asdict(c.model), dataclasses.asdict(ckpt_model)
         diff = {k: (mine[k], theirs[k]) for k in mine
                 if k != "make_vocab_size_divisible_by" and given(f"model.{k}") and mine[k] != theirs[k]}
@@ -219,11 +219,11 @@ class Trainer:
                              f"preprocessed with {prompt}: prompts are cut when preprocessing, so preprocess again "
                              "with --max-prompt-length or leave the setting out")
         o = c.optimizer
-        if o.optimizer == "rmsprop" and given("optimizer.adam_beta1") and explicit is not None and o.adam_beta1 != 0:
+        if o.optimizer == "rmsprop" and "optimizer.adam_beta1" in said and o.adam_beta1 != 0:
             raise ValueError(f"optimizer.adam_beta1={o.adam_beta1} has no effect with optimizer=rmsprop "
                              "(RMSprop is Adam with beta1 = 0); leave it out or use optimizer=adam")
         gpu = torch.cuda.is_available()
-        if o.bf16 and not gpu and given("optimizer.bf16") and explicit is not None:
+        if o.bf16 and not gpu and "optimizer.bf16" in said:
             raise ValueError("optimizer.bf16=true needs a GPU; CPU runs are fp32 (leave it out there)")
         optimizer = dataclasses.replace(o, adam_beta1=0.0 if o.optimizer == "rmsprop" else o.adam_beta1,
                                         bf16=o.bf16 and gpu)
@@ -270,8 +270,8 @@ class Trainer:
         c = self.config.data
         indices = list(itertools.islice(iterator, count))
         batches = collate_step(data, indices, c.max_length, packing=c.packing, pack_multiple=c.pack_multiple)
-        lengths = np.minimum(data.tokens.sequence_lengths, c.max_length)
-        return batches, np.concatenate([lengths[i] for i in indices]).astype(np.int64)
+        flat = np.concatenate([np.asarray(i) for i in indices])
+        return batches, np.minimum(data.tokens.sequence_lengths[flat], c.max_length).astype(np.int64)
 
     def _throughput(self, lengths: np.ndarray, elapsed: float) -> dict[str, float]:
         """Real tokens/s over all ranks, model TFLOP/s per GPU and (on a known GPU) MFU (models/flops.py)."""
@@ -379,18 +379,19 @@ class Trainer:
         """Save (with ``train.save``) and raise :class:`Preempted`: a clean stop on every rank."""
         where = "no checkpoint (train.save is not set)"
         if self.config.train.save:
-            self.save()
-            where = f"checkpoint {os.path.join(self.config.train.save, f'iter_{self.step:07d}')}"
+            where = f"checkpoint {self.save()}"
         _log(f"received {signal_name}: stopped after step {self.step} with {where}; exiting with code "
              f"{Preempted.exit_code}. Run the same command to resume.")
         raise Preempted(signal_name)
 
-    def save(self) -> None:
+    def save(self) -> str:
+        """Write a checkpoint of this step; returns its path."""
         path = save_training_checkpoint(
             self.config.train.save, self.step, self.module, self.optimizer, self.scheduler,
             {"consumed_samples": self.sampler.consumed_samples, "config": config_to_dict(self.config)},
             self.config.train.keep_last)
         _log(f"saved {path}")
+        return path
 
     def close(self) -> None:
         self.stops.uninstall()
