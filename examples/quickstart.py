@@ -64,17 +64,18 @@ def likelihood_eval(nproc: int, common: list[str], load: str) -> dict:
 MARKER = ".megatron_rpo_quickstart"
 
 
-def prepare_workdir(work: str) -> None:
-    """An empty work folder. A previous quickstart's is replaced, and that is said; anything else is refused."""
+def prepare_workdir(work: str, marker: str = MARKER, made_by: str = "the quickstart") -> None:
+    """An empty work folder. A previous run's (it holds ``marker``) is replaced, and that is said; anything
+    else is refused."""
     if os.path.isdir(work) and os.listdir(work):
-        if not os.path.exists(os.path.join(work, MARKER)):
-            raise SystemExit(f"{work} exists and was not made by the quickstart; choose another --workdir "
+        if not os.path.exists(os.path.join(work, marker)):
+            raise SystemExit(f"{work} exists and was not made by {made_by}; choose another --workdir "
                              "or remove it yourself")
-        print(f"replacing the previous quickstart run in {work} (its checkpoints too); --workdir elsewhere keeps it",
-              flush=True)
+        print(f"replacing the previous run of {made_by} in {work} (its checkpoints too); --workdir elsewhere "
+              "keeps it", flush=True)
         shutil.rmtree(work)
     os.makedirs(work, exist_ok=True)
-    open(os.path.join(work, MARKER), "w").close()
+    open(os.path.join(work, marker), "w").close()
 
 
 def choose_nproc(requested: int | None) -> int:

@@ -56,7 +56,7 @@ def test_the_quickstart_replaces_only_its_own_work_folder(tmp_path, capsys):
     prepare(str(mine))
     (mine / "rpo").mkdir()
     prepare(str(mine))  # a previous quickstart's: replaced, and said
-    assert "replacing the previous quickstart run" in capsys.readouterr().out and not (mine / "rpo").exists()
+    assert "replacing the previous run of the quickstart" in capsys.readouterr().out and not (mine / "rpo").exists()
     theirs = tmp_path / "important"
     theirs.mkdir()
     (theirs / "checkpoint").write_text("precious")

@@ -1,0 +1,582 @@
+"""Does RPO learn what its preferences say? A miniature reproduction with a ground-truth judge.
+
+The world (``bench/preference_world.py``, described in ``bench/REPRODUCTION.md``): English
+requests from 12 topics in 4 groups; the judge scores a reply by relevance and by two rules of
+the prompt's group that only the preferences teach. One command runs it all through the real
+pipeline:
+
+1. the world's files (the preferences drawn anew for every seed), a sentencepiece tokenizer, a
+   random tiny Llama (HF), HF -> Megatron conversion, preprocessing (paired, unpaired, warm-up
+   corpus) and all-MiniLM-L6-v2 prompt embeddings;
+2. a supervised warm-up on the base policy's replies (``python -m megatron_rpo.train``, sft);
+3. from that same start, every method, every learning rate of one grid, every seed: DPO, RPO paired
+   with embedding / uniform / diagonal weights, RPO unpaired, IPO, SimPO and SimPO+RPO; each a
+   ``torchrun -m megatron_rpo.train`` run (the warm-up is the online reference) exported back to
+   Hugging Face; two runs at a time on CPU, one process each;
+4. the batch-size study for RPO with embedding weights at the chosen learning rate: the contrast
+   matrix over 2, 4 and 8 pairs per rank with 8 pairs per step, and 2 data-parallel ranks of 4
+   pairs each, their matrix gathered (8 x 8) or kept per rank (``contrast_scope: local``, 4 x 4);
+5. evaluation with transformers on held-out prompts (their exact wording never trained on): the
+   judge's win rate of each model's greedy reply against the warm-up's (ties count half), the
+   judge's mean reward, how often each group rule is followed, and the held-out preference ranking
+   accuracy (pairs labelled by the judge without noise; a pair is ranked right when the model's
+   log-ratio against the warm-up is larger for the better reply);
+6. ``results.md`` (tables, mean +- standard error over seeds), ``reproduction.png`` and
+   ``results.json`` in the run folder.
+
+Tuning, the same for every method: the learning rate is chosen from one grid by the mean judge
+reward on *validation* prompts (separate from the test prompts the tables report), averaged over
+all seeds; steps, batch, beta (0.1; SimPO 2.0 with gamma 0.5), the optimizer and the seeds are
+fixed. Contrast weights use the paper's defaults (tau 0.5 paired, 0.75 unpaired; alpha 0.8; rows
+summing to 1). A seed draws the preference data and orders it; the warm-up is shared.
+
+    python bench/reproduction.py                 # about 30 minutes on 2 CPU cores
+    python bench/reproduction.py --quick         # the harness end to end in under 2 minutes
+    python bench/reproduction.py --gpu           # a larger world, model and budget on CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(REPO, "examples"))
+
+import preference_world as world  # noqa: E402
+from quickstart import prepare_workdir  # noqa: E402
+
+# key -> (what the tables call it, loss overrides, trained on the unpaired items)
+METHODS = {
+    "dpo": ("DPO", ["loss.loss_type=dpo"], False),
+    "rpo_embedding": ("RPO paired, embedding weights", ["loss.loss_type=rpo", "loss.weighting=embedding",
+                                                         "loss.tau=0.5"], False),
+    "rpo_uniform": ("RPO paired, uniform weights", ["loss.loss_type=rpo", "loss.weighting=uniform"], False),
+    "rpo_diagonal": ("RPO paired, diagonal weights", ["loss.loss_type=rpo", "loss.weighting=diagonal",
+                                                       "loss.alpha=0.8"], False),
+    "rpo_unpaired": ("RPO unpaired", ["loss.loss_type=rpo", "loss.weighting=embedding", "loss.tau=0.75"], True),
+    "ipo": ("IPO", ["loss.loss_type=ipo"], False),
+    "simpo": ("SimPO", ["loss.loss_type=simpo", "loss.beta=2.0", "loss.gamma=0.5"], False),
+    "simpo_rpo": ("SimPO+RPO", ["loss.loss_type=simpo_rpo", "loss.beta=2.0", "loss.gamma=0.5", "loss.tau=0.5"],
+                  False),
+}
+STUDY_METHOD = "rpo_embedding"
+
+
+@dataclass
+class Scale:
+    """How big the world, the model and the budget are."""
+
+    held_out_per_topic: int = 12      # validation prompts per topic, and as many test prompts
+    pairs_per_prompt: int = 2         # preference pairs per training prompt
+    demos_per_prompt: int = 4         # warm-up replies per training prompt
+    label_temperature: float = 0.5    # Bradley-Terry noise of the labels
+    model: dict = field(default_factory=lambda: dict(num_layers=2, hidden_size=128, ffn_hidden_size=352,
+                                                     num_attention_heads=4, num_query_groups=2))
+    vocab_size: int = 1000
+    warmup_steps: int = 400
+    warmup_lr: float = 1e-3
+    steps: int = 100                  # preference steps, 8 pairs (16 unpaired items) each
+    pairs_per_step: int = 8
+    lrs: tuple = (1e-4, 3e-4, 1e-3)
+    seeds: tuple = (0, 1, 2)
+    methods: tuple = tuple(METHODS)
+    # The batch-size study's extra runs of RPO (embedding weights) at its chosen learning rate, each
+    # (pairs per rank and microbatch, ranks, contrast scope); the main runs are 1 rank x pairs_per_step.
+    study: tuple = ((2, 1, "data_parallel"), (4, 1, "data_parallel"), (4, 2, "data_parallel"), (4, 2, "local"))
+    jobs: int = 2                     # training runs at a time (one CPU process each)
+
+
+SCALES = {
+    "default": Scale(),
+    # Every stage once, small: the functional test's. Its one study run (2 ranks x 4 pairs, the matrix
+    # gathered) must end where the main RPO run (1 rank x 8 pairs) does.
+    "quick": Scale(held_out_per_topic=2, pairs_per_prompt=1, demos_per_prompt=1, warmup_steps=30, steps=4,
+                   lrs=(3e-4,), seeds=(0,), methods=("dpo", "rpo_embedding", "rpo_unpaired"),
+                   study=((4, 2, "data_parallel"),)),
+    "gpu": Scale(model=dict(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=8,
+                            num_query_groups=4),
+                 warmup_steps=800, steps=200, seeds=(0, 1, 2, 3, 4), jobs=1),
+}
+
+
+def say(message: str) -> None:
+    print(f"\n== {message}", flush=True)
+
+
+class Pipeline:
+    """The run folder and the commands of the real pipeline."""
+
+    def __init__(self, work: str, scale: Scale):
+        self.work, self.scale = work, scale
+        self.recipe = os.path.join(work, "recipe.yaml")
+
+    def write_recipe(self) -> None:
+        import yaml
+
+        s = self.scale
+        recipe = {
+            "model": dict(s.model, vocab_size=s.vocab_size, make_vocab_size_divisible_by=8,
+                          max_position_embeddings=128, norm_epsilon=1e-6),
+            "data": {"max_prompt_length": 48, "max_length": 80},
+            "loss": {"reference": "online"},
+            "optimizer": {"optimizer": "adam", "clip_grad": 1.0},
+            "train": {"log_interval": 10, "global_batch_size": s.pairs_per_step, "micro_batch_size": s.pairs_per_step},
+        }
+        with open(self.recipe, "w") as f:
+            yaml.safe_dump(recipe, f, sort_keys=False)
+
+    def train(self, run_dir: str, nproc: int, overrides: list[str]) -> float:
+        """``torchrun -m megatron_rpo.train``; its output goes to ``run_dir/train.log``. Returns seconds."""
+        os.makedirs(run_dir, exist_ok=True)
+        log = os.path.join(run_dir, "train.log")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "megatron_rpo.train", "--config", self.recipe, f"train.save={run_dir}",
+               "train.save_interval=1000000", "train.keep_last=1", *overrides]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        started = time.time()
+        with open(log, "w") as f:
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        if done.returncode != 0:
+            with open(log) as f:
+                tail = "".join(f.readlines()[-30:])
+            raise RuntimeError(f"training failed (exit {done.returncode}): {' '.join(cmd)}\n"
+                               f"last lines of {log}:\n{tail}")
+        return time.time() - started
+
+    def export(self, run_dir: str) -> str:
+        from megatron_rpo.convert import convert_megatron_to_hf
+
+        hf = os.path.join(run_dir, "hf")
+        convert_megatron_to_hf(os.path.join(run_dir, "export"), hf, progress=False)
+        return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation with transformers: greedy replies, the judge, ranking accuracy
+
+
+class Evaluator:
+    def __init__(self, sp_model: str, test: list, valid: list, test_pairs: list[dict], warmup_hf: str):
+        from megatron_rpo.data.tokenizer import load_tokenizer
+
+        self.tok = load_tokenizer(sp_model)
+        self.test, self.valid, self.test_pairs = test, valid, test_pairs
+        self.prompt_of = {p.text: p for p in test}
+        self.warmup = self.load(warmup_hf)
+        self.warmup_replies = {split: self.replies(self.warmup, prompts)
+                               for split, prompts in (("test", test), ("valid", valid))}
+        self.warmup_logps = self.response_logps(self.warmup)
+
+    @staticmethod
+    def load(hf_dir: str):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return [self.tok.bos_id] + self.tok.encode(text)  # as preprocessing builds the prompt
+
+    @torch.no_grad()
+    def replies(self, model, prompts: list, max_new_tokens: int = 24) -> list[str]:
+        """Greedy replies, prompts of one length batched together (no padding, so no mask subtleties)."""
+        by_length: dict[int, list[int]] = {}
+        ids = [self.prompt_ids(p.text) for p in prompts]
+        for k, row in enumerate(ids):
+            by_length.setdefault(len(row), []).append(k)
+        out = [""] * len(prompts)
+        for length, members in by_length.items():
+            batch = torch.tensor([ids[k] for k in members])
+            gen = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=self.tok.eos_id, pad_token_id=self.tok.eos_id)
+            for k, row in zip(members, gen[:, length:].tolist()):
+                if self.tok.eos_id in row:
+                    row = row[: row.index(self.tok.eos_id)]
+                out[k] = self.tok.decode(row)
+        return out
+
+    @torch.no_grad()
+    def response_logps(self, model) -> torch.Tensor:
+        """Summed log-probs of every test pair's [chosen, rejected] response (and eos), [pairs, 2]."""
+        seqs, starts = [], []
+        for row in self.test_pairs:
+            prompt = self.prompt_ids(row["prompt"])
+            for key in ("chosen", "rejected"):
+                seqs.append(prompt + self.tok.encode(row[key]) + [self.tok.eos_id])
+                starts.append(len(prompt))
+        width = max(map(len, seqs))
+        tokens = torch.tensor([s + [self.tok.eos_id] * (width - len(s)) for s in seqs])  # [n, s]
+        mask = torch.zeros_like(tokens, dtype=torch.bool)
+        for k, (s, start) in enumerate(zip(seqs, starts)):
+            mask[k, start : len(s)] = True
+        logits = model(tokens, attention_mask=torch.ones_like(tokens)).logits[:, :-1].float()  # right padding
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0]  # [n, s-1]
+        return (logp * mask[:, 1:]).sum(-1).view(-1, 2)
+
+    def evaluate(self, hf_dir: str) -> dict:
+        model = self.load(hf_dir)
+        out = {}
+        for split, prompts in (("test", self.test), ("valid", self.valid)):
+            replies = self.replies(model, prompts)
+            rewards = [world.judge(p, r) for p, r in zip(prompts, replies)]
+            base = [world.judge(p, r) for p, r in zip(prompts, self.warmup_replies[split])]
+            out[f"{split}_reward"] = statistics.mean(rewards)
+            out[f"{split}_win_rate"] = statistics.mean(1.0 if a > b else 0.5 if a == b else 0.0
+                                                       for a, b in zip(rewards, base))
+            if split == "test":
+                out.update(rule_rates(prompts, replies))
+                out["examples"] = [{"prompt": p.text, "reply": r, "reward": x}
+                                   for p, r, x in list(zip(prompts, replies, rewards))[:: max(1, len(prompts) // 6)]]
+        ratio = self.response_logps(model) - self.warmup_logps  # [pairs, 2]
+        out["ranking_accuracy"] = ((ratio[:, 0] > ratio[:, 1]).float().mean()
+                                   + 0.5 * (ratio[:, 0] == ratio[:, 1]).float().mean()).item()
+        out["ranking_margin"] = (ratio[:, 0] - ratio[:, 1]).mean().item()  # nats, better minus worse reply
+        return out
+
+
+def rule_rates(prompts: list, replies: list[str]) -> dict:
+    """How often the replies have the world's shape, and follow each of the judge's rules."""
+    lead = closing = on_topic = shaped = 0
+    for p, r in zip(prompts, replies):
+        parts = world.parse(r)
+        if parts is not None:
+            want_lead, want_closing = world.GROUPS[p.group][:2]
+            shaped += 1
+            lead += parts[0] == want_lead
+            on_topic += world.ITEM_TOPIC.get(parts[1]) == p.topic
+            closing += parts[2] == want_closing
+    n = len(prompts)
+    return {"lead_rule": lead / n, "closing_rule": closing / n, "on_topic": on_topic / n, "well_formed": shaped / n}
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment
+
+
+@dataclass
+class Run:
+    method: str
+    lr: float
+    seed: int
+    micro: int           # pairs (or items, unpaired) per rank and microbatch: the matrix's side per rank
+    nproc: int = 1
+    scope: str = "data_parallel"
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_lr{self.lr:g}_s{self.seed}_m{self.micro}_dp{self.nproc}_{self.scope}"
+
+
+def prepare(pipe: Pipeline, scale: Scale) -> dict:
+    """The world's files, tokenizer, converted model and datasets; returns their paths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_rpo.config import load_config
+    from megatron_rpo.convert import convert_hf_to_megatron
+    from megatron_rpo.convert.hf_config import hf_config_from_model
+    from megatron_rpo.data.embeddings import precompute_prompt_embeddings
+    from megatron_rpo.data.preprocess import preprocess
+    from megatron_rpo.data.tokenizer import train_sentencepiece
+
+    work = pipe.work
+    say("the world: prompts, base replies, judged preferences (a new draw of the preferences per seed)")
+    train_prompts, valid, test = world.split_prompts(world.make_prompts(), scale.held_out_per_topic, seed=2024)
+    rng = random.Random(2024)
+    files = {"demonstrations": world.make_demonstrations(train_prompts, scale.demos_per_prompt, rng),
+             "test_pairs": world.make_pairs(test, 2, 0.0, rng)}
+    for seed in scale.seeds:
+        rng = random.Random(seed)
+        files[f"train_pairs_s{seed}"] = world.make_pairs(train_prompts, scale.pairs_per_prompt,
+                                                         scale.label_temperature, rng)
+        # As many sequences as the pairs hold, one per item.
+        files[f"train_unpaired_s{seed}"] = world.make_unpaired(train_prompts, 2 * scale.pairs_per_prompt,
+                                                               scale.label_temperature, rng)
+    os.makedirs(os.path.join(work, "world"), exist_ok=True)
+    for name, rows in files.items():
+        with open(os.path.join(work, "world", f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    for name, prompts in (("valid_prompts", valid), ("test_prompts", test)):
+        with open(os.path.join(work, "world", f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(asdict(p)) + "\n" for p in prompts)
+    first = scale.seeds[0]
+    print(f"{len(train_prompts)} training prompts ({len(files[f'train_pairs_s{first}'])} pairs and "
+          f"{len(files[f'train_unpaired_s{first}'])} unpaired items per seed, "
+          f"{len(files['demonstrations'])} warm-up replies); {len(valid)} validation and {len(test)} test prompts; "
+          f"{len(files['test_pairs'])} test pairs; files in {os.path.join(work, 'world')}")
+
+    say("tokenizer, a random tiny Llama, HF -> Megatron conversion")
+    texts = [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in files["demonstrations"]]
+    sp_model = train_sentencepiece(texts, os.path.join(work, "tokenizer"), vocab_size=scale.vocab_size)
+    pipe.write_recipe()
+    hf_init = os.path.join(work, "hf_init")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**hf_config_from_model(load_config(pipe.recipe).model))).save_pretrained(hf_init)
+    shutil.copy(sp_model, os.path.join(hf_init, "tokenizer.model"))
+    init = os.path.join(work, "megatron_init")
+    convert_hf_to_megatron(hf_init, init, progress=False)
+
+    say("preprocessing and prompt embeddings")
+    prefixes = {}
+    for name in files:
+        if name == "test_pairs":
+            continue  # evaluated with transformers, never trained on
+        fmt = "unpaired" if name.startswith("train_unpaired") else "pairs"
+        prefix = os.path.join(work, "data", name)
+        m = preprocess([os.path.join(work, "world", f"{name}.jsonl")], fmt, sp_model, prefix,
+                       max_prompt_length=48, max_length=80, progress=False).manifest
+        if name != "demonstrations":
+            precompute_prompt_embeddings(prefix, progress=False)
+        print(f"{name}: {m['num_sequences']} sequences -> {prefix}.* ({len(m['skipped'])} rows skipped)")
+        prefixes[name] = prefix
+    return {"sp_model": sp_model, "init": init, "prefixes": prefixes, "valid": valid, "test": test,
+            "test_pairs": files["test_pairs"]}
+
+
+def overrides_for(run: Run, scale: Scale, paths: dict, warmup_export: str) -> list[str]:
+    _, loss, unpaired = METHODS[run.method]
+    per_step = scale.pairs_per_step * (2 if unpaired else 1)  # unpaired: as many sequences as the pairs
+    micro = run.micro * (2 if unpaired else 1)
+    data = paths["prefixes"][f"train_{'unpaired' if unpaired else 'pairs'}_s{run.seed}"]
+    return [*loss, f"data.train_data_prefix={data}", f"data.paired={not unpaired}",
+            f"train.load={warmup_export}", f"train.train_iters={scale.steps}", f"optimizer.lr={run.lr}",
+            f"train.global_batch_size={per_step}", f"train.micro_batch_size={micro}",
+            f"train.seed={run.seed}", f"data.seed={run.seed}", f"loss.contrast_scope={run.scope}"]
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    m = statistics.mean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return m, se
+
+
+def fmt(values: list[float], digits: int = 2) -> str:
+    m, se = mean_se(values)
+    return f"{m:.{digits}f}" if math.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=os.path.join(REPO, "runs", "reproduction"))
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the harness end to end, small, one seed")
+    size.add_argument("--gpu", action="store_true", help="a larger model and budget, all methods, 5 seeds; CUDA")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of: {','.join(METHODS)} (default: all)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; --gpu 5; --quick 1)")
+    p.add_argument("--lrs", default=None, help="the learning-rate grid, comma-separated")
+    p.add_argument("--steps", type=int, default=None, help="preference steps per run")
+    p.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps")
+    p.add_argument("--no-study", action="store_true", help="skip the batch-size study")
+    p.add_argument("--jobs", type=int, default=None, help="training runs at a time (default: 2 on CPU, 1 on CUDA)")
+    args = p.parse_args()
+    scale = SCALES["quick" if args.quick else "gpu" if args.gpu else "default"]
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs CUDA; this machine has none")
+    if args.methods:
+        unknown = [m for m in args.methods.split(",") if m.strip() not in METHODS]
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; the methods are {list(METHODS)}")
+        scale.methods = tuple(m.strip() for m in args.methods.split(","))
+    for name, value in (("seeds", args.seeds and tuple(range(args.seeds))),
+                        ("lrs", args.lrs and tuple(float(x) for x in args.lrs.split(","))),
+                        ("steps", args.steps), ("warmup_steps", args.warmup_steps), ("jobs", args.jobs)):
+        if value:
+            setattr(scale, name, value)
+    if args.no_study:
+        scale.study = ()
+    if torch.cuda.is_available() and any(nproc > torch.cuda.device_count() for _, nproc, _ in scale.study):
+        # NCCL cannot put two ranks on one GPU.
+        print(f"this machine has {torch.cuda.device_count()} GPU(s): the study's runs on more ranks are skipped")
+        scale.study = tuple(c for c in scale.study if c[1] <= torch.cuda.device_count())
+    torch.set_num_threads(1)  # the evaluations share the cores with the training processes
+    started = time.time()
+    work = os.path.abspath(args.workdir)
+    prepare_workdir(work, marker=".megatron_rpo_reproduction", made_by="bench/reproduction.py")
+    pipe = Pipeline(work, scale)
+    paths = prepare(pipe, scale)
+
+    say(f"supervised warm-up on the base policy's replies ({scale.warmup_steps} steps)")
+    warm_dir = os.path.join(work, "warmup")
+    seconds = pipe.train(warm_dir, 1, [f"data.train_data_prefix={paths['prefixes']['demonstrations']}",
+                                       f"train.load={paths['init']}", "loss.loss_type=sft",
+                                       f"train.train_iters={scale.warmup_steps}", f"optimizer.lr={scale.warmup_lr}",
+                                       "train.global_batch_size=16", "train.micro_batch_size=16",
+                                       "train.log_interval=50"])
+    warmup_export = os.path.join(warm_dir, "export")
+    evaluator = Evaluator(paths["sp_model"], paths["test"], paths["valid"], paths["test_pairs"],
+                          pipe.export(warm_dir))
+    warm = evaluator.evaluate(os.path.join(warm_dir, "hf"))
+    print(f"warm-up: {seconds:.0f} s; judge reward on test prompts {warm['test_reward']:.2f} of "
+          f"{world.MAX_REWARD:.0f}; lead rule {warm['lead_rule']:.2f}, closing rule {warm['closing_rule']:.2f}, "
+          f"well formed {warm['well_formed']:.2f}")
+
+    results: dict[str, dict] = {}
+    lock = threading.Lock()
+    counter = {"done": 0}
+
+    def execute(runs: list[Run]) -> None:
+        total = len(runs)
+        counter["done"] = 0
+
+        def one(run: Run) -> None:
+            run_dir = os.path.join(work, "runs", run.name)
+            seconds = pipe.train(run_dir, run.nproc, overrides_for(run, scale, paths, warmup_export))
+            metrics = evaluator.evaluate(pipe.export(run_dir))
+            metrics["train_seconds"] = seconds
+            for entry in os.listdir(run_dir):  # keep the export, not the resumable state
+                path = os.path.join(run_dir, entry)
+                if entry.startswith("iter_"):
+                    shutil.rmtree(path)
+                elif entry == "latest":
+                    os.remove(path)
+            with lock:
+                results[run.name] = dict(asdict(run), **metrics)
+                counter["done"] += 1
+                print(f"[{counter['done']}/{total}] {METHODS[run.method][0]}, lr {run.lr:g}, seed {run.seed}, "
+                      f"{run.micro} per rank x {run.nproc} rank(s) ({run.scope}): win rate {metrics['test_win_rate']:.2f}, "
+                      f"reward {metrics['test_reward']:.2f}, ranking {metrics['ranking_accuracy']:.2f}, "
+                      f"validation reward {metrics['valid_reward']:.2f} ({seconds:.0f} s)", flush=True)
+
+        # Runs on 2 ranks take both cores: run them alone.
+        wide = [r for r in runs if r.nproc > 1]
+        narrow = [r for r in runs if r.nproc == 1]
+        with ThreadPoolExecutor(max_workers=max(1, scale.jobs)) as pool:
+            list(pool.map(one, narrow))
+        for run in wide:
+            one(run)
+
+    grid = [Run(m, lr, s, scale.pairs_per_step) for m in scale.methods for lr in scale.lrs for s in scale.seeds]
+    say(f"{len(grid)} preference runs: {len(scale.methods)} methods x {len(scale.lrs)} learning rates x "
+        f"{len(scale.seeds)} seeds, {scale.steps} steps of {scale.pairs_per_step} pairs")
+    execute(grid)
+
+    def runs_of(method: str, lr: float, micro: int, nproc: int = 1, scope: str = "data_parallel") -> list[dict]:
+        return [results[Run(method, lr, s, micro, nproc, scope).name] for s in scale.seeds]
+
+    chosen_lr = {m: max(scale.lrs, key=lambda lr: statistics.mean(r["valid_reward"] for r in
+                                                                   runs_of(m, lr, scale.pairs_per_step)))
+                 for m in scale.methods}
+
+    study = []
+    if scale.study and STUDY_METHOD in scale.methods:
+        lr = chosen_lr[STUDY_METHOD]
+        study = [Run(STUDY_METHOD, lr, s, micro, nproc, scope) for micro, nproc, scope in scale.study
+                 for s in scale.seeds]
+        say(f"batch-size study: {len(study)} runs of {METHODS[STUDY_METHOD][0]} at lr {lr:g}")
+        execute(study)
+
+    say(f"results ({(time.time() - started) / 60:.1f} min)")
+    report = write_report(work, scale, warm, results, chosen_lr, runs_of, bool(study))
+    print(report)
+    print(f"written: {os.path.join(work, 'results.md')}, {os.path.join(work, 'reproduction.png')}, "
+          f"{os.path.join(work, 'results.json')}")
+
+
+def write_report(work, scale, warm, results, chosen_lr, runs_of, with_study: bool) -> str:
+    lines = [f"Judge reward of the warm-up's greedy replies on the test prompts: "
+             f"{warm['test_reward']:.2f} of {world.MAX_REWARD:.0f} (lead rule {warm['lead_rule']:.2f}, "
+             f"closing rule {warm['closing_rule']:.2f}). "
+             f"{len(scale.seeds)} seed(s); {scale.steps} steps of {scale.pairs_per_step} pairs; mean ± standard "
+             f"error over seeds; learning rate chosen per method from {', '.join(f'{x:g}' for x in scale.lrs)} "
+             "by the validation prompts' judge reward.", "",
+             "| method | lr | win rate vs warm-up | judge reward (of 3) | lead rule | closing rule "
+             "| ranking accuracy |", "|---|---|---|---|---|---|---|"]
+    per_method = {}
+    for m in scale.methods:
+        rs = runs_of(m, chosen_lr[m], scale.pairs_per_step)
+        per_method[m] = rs
+        lines.append(f"| {METHODS[m][0]} | {chosen_lr[m]:g} | {fmt([r['test_win_rate'] for r in rs])} "
+                     f"| {fmt([r['test_reward'] for r in rs])} | {fmt([r['lead_rule'] for r in rs])} "
+                     f"| {fmt([r['closing_rule'] for r in rs])} | {fmt([r['ranking_accuracy'] for r in rs])} |")
+    lines += ["", "Every learning rate (test win rate; validation judge reward):", "",
+              "| method | " + " | ".join(f"lr {x:g}" for x in scale.lrs) + " |",
+              "|---|" + "---|" * len(scale.lrs)]
+    for m in scale.methods:
+        cells = []
+        for lr in scale.lrs:
+            rs = runs_of(m, lr, scale.pairs_per_step)
+            cells.append(f"{fmt([r['test_win_rate'] for r in rs])}; {fmt([r['valid_reward'] for r in rs])}")
+        lines.append(f"| {METHODS[m][0]} | " + " | ".join(cells) + " |")
+    study_rows = []
+    if with_study:
+        lr = chosen_lr[STUDY_METHOD]
+        configs = [(scale.pairs_per_step, 1, "data_parallel"), *scale.study]
+        lines += ["", f"Batch-size study ({METHODS[STUDY_METHOD][0]}, lr {lr:g}, {scale.pairs_per_step} pairs per step in "
+                  "every row; only the contrast matrix changes):", "",
+                  "| contrast matrix | cells | win rate vs warm-up | judge reward | ranking accuracy |",
+                  "|---|---|---|---|---|"]
+        for micro, nproc, scope in sorted(configs, key=lambda c: (c[1], c[0], c[2])):
+            side = micro * nproc if scope == "data_parallel" else micro  # the matrix spans the gathered ranks
+            if nproc == 1:
+                label = f"1 rank x {micro} pairs"
+            else:
+                label = f"{nproc} ranks x {micro} pairs, " + ("gathered" if scope == "data_parallel" else "per rank (local)")
+            rs = runs_of(STUDY_METHOD, lr, micro, nproc, scope)
+            study_rows.append((label, side * side, rs))
+            lines.append(f"| {label} | {side}x{side} | {fmt([r['test_win_rate'] for r in rs])} "
+                         f"| {fmt([r['test_reward'] for r in rs])} | {fmt([r['ranking_accuracy'] for r in rs])} |")
+    report = "\n".join(lines) + "\n"
+    with open(os.path.join(work, "results.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump({"scale": asdict(scale), "warmup": warm, "chosen_lr": chosen_lr, "runs": results}, f, indent=1)
+    plot(os.path.join(work, "reproduction.png"), per_method, study_rows)
+    return report
+
+
+def plot(path: str, per_method: dict, study_rows: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if study_rows else 1, figsize=(12 if study_rows else 7, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    names = [METHODS[m][0] for m in per_method]
+    stats = [mean_se([r["test_win_rate"] for r in rs]) for rs in per_method.values()]
+    ax.bar(range(len(names)), [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
+           capsize=4, color="tab:blue")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(names)), [n.replace(", ", ",\n") for n in names], fontsize=8)
+    ax.set_ylabel("judge win rate vs warm-up (ties half)")
+    ax.set_ylim(0, 1)
+    ax.set_title("held-out prompts, mean ± s.e. over seeds")
+    if study_rows:
+        ax = axes[0, 1]
+        single = [(cells, mean_se([r["test_win_rate"] for r in rs])) for label, cells, rs in study_rows
+                  if label.startswith("1 rank")]
+        ax.errorbar([c for c, _ in single], [m for _, (m, _) in single],
+                    yerr=[0 if math.isnan(s) else s for _, (_, s) in single], marker="o", capsize=4,
+                    label="1 rank")
+        for label, cells, rs in study_rows:
+            if not label.startswith("1 rank"):
+                m, s = mean_se([r["test_win_rate"] for r in rs])
+                ax.errorbar([cells], [m], yerr=[0 if math.isnan(s) else s], marker="s", capsize=4,
+                            ls="none", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("contrast matrix cells (pairs per matrix squared)")
+        ax.set_ylabel("judge win rate vs warm-up")
+        ax.set_title("RPO (embedding weights): matrix size")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The miniature reproduction (bench/reproduction.py): its world and judge, and the harness end to end (--quick)."""
+
+import importlib.util
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+BENCH = os.path.join(REPO, "bench")
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+world = _module("preference_world")
+FRUIT = world.Prompt("Can you recommend a piece of fruit for my picnic?", "fruit")
+PETS = world.Prompt("Help me choose a pet for the zoo visit.", "pet")
+
+
+@pytest.mark.parametrize("prompt, reply, reward", [
+    (FRUIT, "Consider mango. Enjoy!", 3.0),     # the food group's lead and closing, an item of the topic
+    (FRUIT, "Try mango. Enjoy!", 2.0),          # another group's lead
+    (FRUIT, "Consider cake. Enjoy!", 2.25),     # a dessert: same group, another topic
+    (FRUIT, "Consider hammer. Thanks!", 1.0),   # an object, and the objects' closing
+    (FRUIT, "Consider mango. Enjoy", 0.0),      # not the world's shape
+    (FRUIT, "Consider mango mango. Enjoy!", 0.0),
+    (FRUIT, "", 0.0),
+    (PETS, "Perhaps rabbit. Cheers!", 3.0),
+    (PETS, "Consider rabbit. Enjoy!", 1.0),
+])
+def test_the_judge_scores_relevance_lead_and_closing(prompt, reply, reward):
+    assert world.judge(prompt, reply) == reward
+
+
+def test_held_out_prompts_are_new_wordings_of_trained_topics():
+    prompts = world.make_prompts()
+    assert len(prompts) == len({p.text for p in prompts}) == 864
+    train, valid, test = world.split_prompts(prompts, 12, seed=2024)
+    texts = [{p.text for p in split} for split in (train, valid, test)]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    for split in (train, valid, test):
+        assert {p.topic for p in split} == set(world.TOPIC_GROUP)
+    assert len(valid) == len(test) == 12 * 12
+
+
+def test_the_base_policy_does_not_follow_the_rules_and_the_labels_do_only_noisily():
+    rng = random.Random(0)
+    prompts = world.make_prompts()
+    for group in world.GROUPS:
+        want_lead, want_closing = world.GROUPS[group][:2]
+        leads = world.base_choices(group, world.LEADS, 1)
+        closings = world.base_choices(group, world.CLOSINGS, 2)
+        assert abs(sum(leads.values()) - 1) < 1e-9 and abs(sum(closings.values()) - 1) < 1e-9
+        # The most likely choice, what greedy decoding of a faithful imitation picks, is wrong in every group.
+        assert max(leads, key=leads.get) != want_lead and max(closings, key=closings.get) != want_closing
+    replies = [world.sample_reply(p, rng) for p in prompts]
+    assert all(world.parse(r) is not None for r in replies)  # the base policy always has the shape
+
+    by_text = {p.text: p for p in prompts}
+
+    def agreement(rows):
+        return statistics.mean(world.judge(by_text[r["prompt"]], r["chosen"]) > world.judge(by_text[r["prompt"]],
+                               r["rejected"]) for r in rows)
+
+    assert agreement(world.make_pairs(prompts, 1, 0.0, random.Random(1))) == 1.0  # held-out pairs: the judge's order
+    noisy = agreement(world.make_pairs(prompts, 1, 0.5, random.Random(1)))
+    assert 0.7 < noisy < 0.95  # training labels: Bradley-Terry noise
+    items = world.make_unpaired(prompts, 1, 0.5, random.Random(1))
+    desirable = [world.judge(by_text[r["prompt"]], r["completion"]) for r in items if r["label"]]
+    undesirable = [world.judge(by_text[r["prompt"]], r["completion"]) for r in items if not r["label"]]
+    assert statistics.mean(desirable) > statistics.mean(undesirable) + 0.5
+
+
+def test_the_reproduction_runs_end_to_end(tmp_path):
+    """Every stage of the real pipeline once (--quick); DP=2 with the matrix gathered ends where one rank does."""
+    work = tmp_path / "repro"
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "reproduction.py"), "--quick", "--workdir", str(work)],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((work / "results.json").read_text())
+    runs = results["runs"]
+    assert {r["method"] for r in runs.values()} == {"dpo", "rpo_embedding", "rpo_unpaired"}
+    for r in runs.values():
+        assert 0.0 <= r["test_win_rate"] <= 1.0 and 0.0 <= r["ranking_accuracy"] <= 1.0
+        assert 0.0 <= r["test_reward"] <= world.MAX_REWARD
+        assert r["ranking_margin"] != 0.0  # every run moved the model away from the warm-up
+    # The same 8 pairs a step, one matrix: on 1 rank of 8, or gathered over 2 ranks of 4 (exact gradients).
+    single = next(r for r in runs.values() if r["method"] == "rpo_embedding" and r["nproc"] == 1)
+    gathered = next(r for r in runs.values() if r["nproc"] == 2)
+    assert gathered["ranking_margin"] == pytest.approx(single["ranking_margin"], rel=1e-4, abs=1e-5)
+    table = (work / "results.md").read_text()
+    for label in ("| DPO |", "| RPO paired, embedding weights |", "| RPO unpaired |", "2 ranks x 4 pairs, gathered"):
+        assert label in table
+    assert (work / "reproduction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (work / "runs" / next(iter(runs)) / "hf" / "config.json").exists()  # exported to Hugging Face
+    assert (work / "world" / "test_pairs.jsonl").exists() and "results (" in result.stdout
