@@ -13,9 +13,10 @@ pipeline:
    with embedding / uniform / diagonal weights, RPO unpaired, IPO, SimPO and SimPO+RPO; each a
    ``torchrun -m megatron_rpo.train`` run (the warm-up is the online reference) exported back to
    Hugging Face; two runs at a time on CPU, one process each;
-4. the batch-size study for RPO with embedding weights at the chosen learning rate: the contrast
-   matrix over 2, 4 and 8 pairs per rank with 8 pairs per step, and 2 data-parallel ranks of 4
-   pairs each, their matrix gathered (8 x 8) or kept per rank (``contrast_scope: local``, 4 x 4);
+4. the batch-size study for RPO with embedding weights and rows averaging 1 (so that beta does not
+   shrink as the matrix grows) at its chosen learning rate: the contrast matrix over 2, 4 and 8
+   pairs per rank with 8 pairs per step, and 2 data-parallel ranks of 4 pairs each, their matrix
+   gathered (8 x 8) or kept per rank (``contrast_scope: local``, 4 x 4);
 5. evaluation with transformers on held-out prompts (their exact wording never trained on): the
    judge's win rate of each model's greedy reply against the warm-up's (ties count half), the
    judge's mean reward, how often each group rule is followed, and the held-out preference ranking
@@ -28,9 +29,10 @@ Tuning, the same for every method: the learning rate is chosen from one grid by 
 reward on *validation* prompts (separate from the test prompts the tables report), averaged over
 all seeds; steps, batch, beta (0.1; SimPO 2.0 with gamma 0.5), the optimizer and the seeds are
 fixed. Contrast weights use the paper's defaults (tau 0.5 paired, 0.75 unpaired; alpha 0.8; rows
-summing to 1). A seed draws the preference data and orders it; the warm-up is shared.
+summing to 1), and RPO with embedding weights runs once more with rows averaging 1
+(``row_normalization: mean``). A seed draws the preference data and orders it; the warm-up is shared.
 
-    python bench/reproduction.py                 # about 30 minutes on 2 CPU cores
+    python bench/reproduction.py                 # about 20 minutes on 2 CPU cores
     python bench/reproduction.py --quick         # the harness end to end in under 2 minutes
     python bench/reproduction.py --gpu           # a larger world, model and budget on CUDA
 """
@@ -66,6 +68,9 @@ METHODS = {
     "dpo": ("DPO", ["loss.loss_type=dpo"], False),
     "rpo_embedding": ("RPO paired, embedding weights", ["loss.loss_type=rpo", "loss.weighting=embedding",
                                                          "loss.tau=0.5"], False),
+    "rpo_embedding_mean": ("RPO paired, embedding weights, rows mean 1",
+                           ["loss.loss_type=rpo", "loss.weighting=embedding", "loss.tau=0.5",
+                            "loss.row_normalization=mean"], False),
     "rpo_uniform": ("RPO paired, uniform weights", ["loss.loss_type=rpo", "loss.weighting=uniform"], False),
     "rpo_diagonal": ("RPO paired, diagonal weights", ["loss.loss_type=rpo", "loss.weighting=diagonal",
                                                        "loss.alpha=0.8"], False),
@@ -75,7 +80,9 @@ METHODS = {
     "simpo_rpo": ("SimPO+RPO", ["loss.loss_type=simpo_rpo", "loss.beta=2.0", "loss.gamma=0.5", "loss.tau=0.5"],
                   False),
 }
-STUDY_METHOD = "rpo_embedding"
+# The batch-size study's method: rows averaging 1 keep each cell's beta as the matrix grows (with rows
+# summing to 1 a larger matrix also shrinks the effective beta; DESIGN section 2), so only the matrix changes.
+STUDY_METHOD = "rpo_embedding_mean"
 
 
 @dataclass
@@ -93,10 +100,10 @@ class Scale:
     warmup_lr: float = 1e-3
     steps: int = 100                  # preference steps, 8 pairs (16 unpaired items) each
     pairs_per_step: int = 8
-    lrs: tuple = (1e-4, 3e-4, 1e-3)
+    lrs: tuple = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4)
     seeds: tuple = (0, 1, 2)
     methods: tuple = tuple(METHODS)
-    # The batch-size study's extra runs of RPO (embedding weights) at its chosen learning rate, each
+    # The batch-size study's extra runs of STUDY_METHOD at its chosen learning rate, each
     # (pairs per rank and microbatch, ranks, contrast scope); the main runs are 1 rank x pairs_per_step.
     study: tuple = ((2, 1, "data_parallel"), (4, 1, "data_parallel"), (4, 2, "data_parallel"), (4, 2, "local"))
     jobs: int = 2                     # training runs at a time (one CPU process each)
@@ -107,7 +114,7 @@ SCALES = {
     # Every stage once, small: the functional test's. Its one study run (2 ranks x 4 pairs, the matrix
     # gathered) must end where the main RPO run (1 rank x 8 pairs) does.
     "quick": Scale(held_out_per_topic=2, pairs_per_prompt=1, demos_per_prompt=1, warmup_steps=30, steps=4,
-                   lrs=(3e-4,), seeds=(0,), methods=("dpo", "rpo_embedding", "rpo_unpaired"),
+                   lrs=(3e-4,), seeds=(0,), methods=("dpo", "rpo_embedding", "rpo_embedding_mean", "rpo_unpaired"),
                    study=((4, 2, "data_parallel"),)),
     "gpu": Scale(model=dict(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=8,
                             num_query_groups=4),
@@ -172,12 +179,13 @@ class Pipeline:
 
 
 class Evaluator:
+    """Judges exported models against the warm-up, with transformers: independent of the trainer's code."""
+
     def __init__(self, sp_model: str, test: list, valid: list, test_pairs: list[dict], warmup_hf: str):
         from megatron_rpo.data.tokenizer import load_tokenizer
 
         self.tok = load_tokenizer(sp_model)
         self.test, self.valid, self.test_pairs = test, valid, test_pairs
-        self.prompt_of = {p.text: p for p in test}
         self.warmup = self.load(warmup_hf)
         self.warmup_replies = {split: self.replies(self.warmup, prompts)
                                for split, prompts in (("test", test), ("valid", valid))}
@@ -518,7 +526,7 @@ def write_report(work, scale, warm, results, chosen_lr, runs_of, with_study: boo
         configs = [(scale.pairs_per_step, 1, "data_parallel"), *scale.study]
         lines += ["", f"Batch-size study ({METHODS[STUDY_METHOD][0]}, lr {lr:g}, {scale.pairs_per_step} pairs per step in "
                   "every row; only the contrast matrix changes):", "",
-                  "| contrast matrix | cells | win rate vs warm-up | judge reward | ranking accuracy |",
+                  "| contrast matrix | M x N | win rate vs warm-up | judge reward | ranking accuracy |",
                   "|---|---|---|---|---|"]
         for micro, nproc, scope in sorted(configs, key=lambda c: (c[1], c[0], c[2])):
             side = micro * nproc if scope == "data_parallel" else micro  # the matrix spans the gathered ranks
@@ -527,51 +535,53 @@ def write_report(work, scale, warm, results, chosen_lr, runs_of, with_study: boo
             else:
                 label = f"{nproc} ranks x {micro} pairs, " + ("gathered" if scope == "data_parallel" else "per rank (local)")
             rs = runs_of(STUDY_METHOD, lr, micro, nproc, scope)
-            study_rows.append((label, side * side, rs))
+            study_rows.append((label, side, rs))
             lines.append(f"| {label} | {side}x{side} | {fmt([r['test_win_rate'] for r in rs])} "
                          f"| {fmt([r['test_reward'] for r in rs])} | {fmt([r['ranking_accuracy'] for r in rs])} |")
     report = "\n".join(lines) + "\n"
     with open(os.path.join(work, "results.md"), "w") as f:
         f.write(report)
     with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump({"scale": asdict(scale), "warmup": warm, "chosen_lr": chosen_lr, "runs": results}, f, indent=1)
+        json.dump({"scale": asdict(scale), "warmup": warm, "chosen_lr": chosen_lr, "study_method": STUDY_METHOD,
+                   "runs": results}, f, indent=1)
     plot(os.path.join(work, "reproduction.png"), per_method, study_rows)
     return report
 
 
 def plot(path: str, per_method: dict, study_rows: list) -> None:
+    """Win rate per method (error bars: standard error over seeds); win rate against the matrix size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if study_rows else 1, figsize=(12 if study_rows else 7, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if study_rows else 1, figsize=(13 if study_rows else 8, 5), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]} if study_rows else None)
     ax = axes[0, 0]
-    names = [METHODS[m][0] for m in per_method]
     stats = [mean_se([r["test_win_rate"] for r in rs]) for rs in per_method.values()]
-    ax.bar(range(len(names)), [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
+    ax.bar(range(len(stats)), [m for m, _ in stats], yerr=[0 if math.isnan(e) else e for _, e in stats],
            capsize=4, color="tab:blue")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(names)), [n.replace(", ", ",\n") for n in names], fontsize=8)
+    ax.set_xticks(range(len(stats)), [METHODS[m][0].replace("RPO paired, ", "RPO ") for m in per_method],
+                  rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("judge win rate vs warm-up (ties half)")
     ax.set_ylim(0, 1)
-    ax.set_title("held-out prompts, mean ± s.e. over seeds")
+    ax.set_title("held-out test prompts, mean ± s.e. over seeds")
     if study_rows:
         ax = axes[0, 1]
-        single = [(cells, mean_se([r["test_win_rate"] for r in rs])) for label, cells, rs in study_rows
-                  if label.startswith("1 rank")]
-        ax.errorbar([c for c, _ in single], [m for _, (m, _) in single],
-                    yerr=[0 if math.isnan(s) else s for _, (_, s) in single], marker="o", capsize=4,
-                    label="1 rank")
-        for label, cells, rs in study_rows:
-            if not label.startswith("1 rank"):
-                m, s = mean_se([r["test_win_rate"] for r in rs])
-                ax.errorbar([cells], [m], yerr=[0 if math.isnan(s) else s], marker="s", capsize=4,
-                            ls="none", label=label)
+        for k, (label, side, rs) in enumerate(study_rows):
+            m, e = mean_se([r["test_win_rate"] for r in rs])
+            one_rank = label.startswith("1 rank")
+            ax.errorbar([side * (1 if one_rank else 1.06 + 0.06 * k)], [m], yerr=[0 if math.isnan(e) else e],
+                        marker="o" if one_rank else "s", capsize=4, ls="none",
+                        color="tab:blue" if one_rank else f"C{k}", label=None if one_rank else label)
+        singles = [(side, mean_se([r["test_win_rate"] for r in rs])[0]) for label, side, rs in study_rows
+                   if label.startswith("1 rank")]
+        ax.plot([x for x, _ in singles], [y for _, y in singles], color="tab:blue", label="1 rank")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("contrast matrix cells (pairs per matrix squared)")
+        ax.set_xlabel("pairs in the contrast matrix (M = N)")
         ax.set_ylabel("judge win rate vs warm-up")
-        ax.set_title("RPO (embedding weights): matrix size")
+        ax.set_title(f"{METHODS[STUDY_METHOD][0]}:\nmatrix size (8 pairs per step)", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -90,17 +90,19 @@ def test_the_reproduction_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((work / "results.json").read_text())
     runs = results["runs"]
-    assert {r["method"] for r in runs.values()} == {"dpo", "rpo_embedding", "rpo_unpaired"}
+    assert {r["method"] for r in runs.values()} == {"dpo", "rpo_embedding", "rpo_embedding_mean", "rpo_unpaired"}
     for r in runs.values():
         assert 0.0 <= r["test_win_rate"] <= 1.0 and 0.0 <= r["ranking_accuracy"] <= 1.0
         assert 0.0 <= r["test_reward"] <= world.MAX_REWARD
         assert r["ranking_margin"] != 0.0  # every run moved the model away from the warm-up
     # The same 8 pairs a step, one matrix: on 1 rank of 8, or gathered over 2 ranks of 4 (exact gradients).
-    single = next(r for r in runs.values() if r["method"] == "rpo_embedding" and r["nproc"] == 1)
-    gathered = next(r for r in runs.values() if r["nproc"] == 2)
+    study = results["study_method"]
+    single = next(r for r in runs.values() if r["method"] == study and r["nproc"] == 1)
+    gathered = next(r for r in runs.values() if r["method"] == study and r["nproc"] == 2)
     assert gathered["ranking_margin"] == pytest.approx(single["ranking_margin"], rel=1e-4, abs=1e-5)
     table = (work / "results.md").read_text()
-    for label in ("| DPO |", "| RPO paired, embedding weights |", "| RPO unpaired |", "2 ranks x 4 pairs, gathered"):
+    for label in ("| DPO |", "| RPO paired, embedding weights |", "| RPO paired, embedding weights, rows mean 1 |",
+                  "| RPO unpaired |", "2 ranks x 4 pairs, gathered"):
         assert label in table
     assert (work / "reproduction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (work / "runs" / next(iter(runs)) / "hf" / "config.json").exists()  # exported to Hugging Face
