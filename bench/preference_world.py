@@ -72,7 +72,7 @@ BASE_ITEM = {"topic": 0.75, "group": 0.15, "other": 0.10}  # where the item come
 MAX_REWARD = 3.0
 
 TOPIC_GROUP = {topic: group for group, (_, _, _, topics) in GROUPS.items() for topic in topics}
-TOPIC_ITEMS = {topic: items for _, (_, _, _, topics) in GROUPS.items() for topic, (_, items) in topics.items()}
+TOPIC_ITEMS = {topic: items for (_, _, _, topics) in GROUPS.values() for topic, (_, items) in topics.items()}
 ITEM_TOPIC = {item: topic for topic, items in TOPIC_ITEMS.items() for item in items}
 
 
@@ -162,7 +162,10 @@ def judge(prompt: Prompt, reply: str) -> float:
     lead, item, closing = parts
     want_lead, want_closing = GROUPS[prompt.group][:2]
     topic = ITEM_TOPIC.get(item)
-    relevance = 0.0 if topic is None else 1.0 if topic == prompt.topic else 0.25 if TOPIC_GROUP[topic] == prompt.group else 0.0
+    if topic is None or TOPIC_GROUP[topic] != prompt.group:
+        relevance = 0.0
+    else:
+        relevance = 1.0 if topic == prompt.topic else 0.25
     return relevance + float(lead == want_lead) + float(closing == want_closing)
 
 

@@ -456,7 +456,8 @@ def main() -> None:
                 results[run.name] = dict(asdict(run), **metrics)
                 counter["done"] += 1
                 print(f"[{counter['done']}/{total}] {METHODS[run.method][0]}, lr {run.lr:g}, seed {run.seed}, "
-                      f"{run.micro} per rank x {run.nproc} rank(s) ({run.scope}): win rate {metrics['test_win_rate']:.2f}, "
+                      f"{run.micro} per rank x {run.nproc} rank(s) ({run.scope}): "
+                      f"win rate {metrics['test_win_rate']:.2f}, "
                       f"reward {metrics['test_reward']:.2f}, ranking {metrics['ranking_accuracy']:.2f}, "
                       f"validation reward {metrics['valid_reward']:.2f} ({seconds:.0f} s)", flush=True)
 
@@ -524,8 +525,8 @@ def write_report(work, scale, warm, results, chosen_lr, runs_of, with_study: boo
     if with_study:
         lr = chosen_lr[STUDY_METHOD]
         configs = [(scale.pairs_per_step, 1, "data_parallel"), *scale.study]
-        lines += ["", f"Batch-size study ({METHODS[STUDY_METHOD][0]}, lr {lr:g}, {scale.pairs_per_step} pairs per step in "
-                  "every row; only the contrast matrix changes):", "",
+        lines += ["", f"Batch-size study ({METHODS[STUDY_METHOD][0]}, lr {lr:g}, {scale.pairs_per_step} pairs "
+                  "per step in every row; only the contrast matrix changes):", "",
                   "| contrast matrix | M x N | win rate vs warm-up | judge reward | ranking accuracy |",
                   "|---|---|---|---|---|"]
         for micro, nproc, scope in sorted(configs, key=lambda c: (c[1], c[0], c[2])):
@@ -533,7 +534,8 @@ def write_report(work, scale, warm, results, chosen_lr, runs_of, with_study: boo
             if nproc == 1:
                 label = f"1 rank x {micro} pairs"
             else:
-                label = f"{nproc} ranks x {micro} pairs, " + ("gathered" if scope == "data_parallel" else "per rank (local)")
+                kept = "gathered" if scope == "data_parallel" else "per rank (local)"
+                label = f"{nproc} ranks x {micro} pairs, {kept}"
             rs = runs_of(STUDY_METHOD, lr, micro, nproc, scope)
             study_rows.append((label, side, rs))
             lines.append(f"| {label} | {side}x{side} | {fmt([r['test_win_rate'] for r in rs])} "
