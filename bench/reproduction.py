@@ -400,8 +400,11 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--methods: unknown {unknown}; the methods are {list(METHODS)}")
         scale.methods = tuple(m.strip() for m in args.methods.split(","))
-    for name, value in (("seeds", args.seeds and tuple(range(args.seeds))),
-                        ("lrs", args.lrs and tuple(float(x) for x in args.lrs.split(","))),
+    try:
+        lrs = args.lrs and tuple(float(x) for x in args.lrs.split(","))
+    except ValueError:
+        raise SystemExit(f"--lrs takes comma-separated numbers, e.g. 1e-4,3e-4; got {args.lrs!r}") from None
+    for name, value in (("seeds", args.seeds and tuple(range(args.seeds))), ("lrs", lrs),
                         ("steps", args.steps), ("warmup_steps", args.warmup_steps), ("jobs", args.jobs)):
         if value:
             setattr(scale, name, value)
@@ -482,7 +485,9 @@ def main() -> None:
                  for m in scale.methods}
 
     study = []
-    if scale.study and STUDY_METHOD in scale.methods:
+    if scale.study and STUDY_METHOD not in scale.methods:
+        print(f"no batch-size study: it runs {STUDY_METHOD}, which --methods left out")
+    elif scale.study:
         lr = chosen_lr[STUDY_METHOD]
         study = [Run(STUDY_METHOD, lr, s, micro, nproc, scope) for micro, nproc, scope in scale.study
                  for s in scale.seeds]
