@@ -6,12 +6,26 @@ builds it is ``workspace`` in tests/conftest.py).
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "configs", "tiny_cpu.yaml")
+
+
+def load_script(relative_path: str, name: str):
+    """A script of the repository (tools/, examples/, bench/), imported as module ``name``.
+
+    Registered in ``sys.modules``: dataclasses look their module up there.
+    """
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relative_path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def build(root, hh_slice: str, sp_tokenizer: str) -> dict:

@@ -24,12 +24,9 @@ def test_quickstart_runs_end_to_end(tmp_path):
 
 
 def _quickstart_module():
-    import importlib.util
+    from tests.workspace import load_script
 
-    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(REPO, "examples", "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/quickstart.py", "quickstart")
 
 
 def test_quickstart_runs_one_process_per_gpu(monkeypatch, capsys):

@@ -1,6 +1,5 @@
 """The miniature reproduction (bench/reproduction.py): its world and judge, and the harness end to end (--quick)."""
 
-import importlib.util
 import json
 import os
 import random
@@ -12,19 +11,12 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.workspace import load_script
 
 BENCH = os.path.join(REPO, "bench")
 
 
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-world = _module("preference_world")
+world = load_script("bench/preference_world.py", "preference_world")
 FRUIT = world.Prompt("Can you recommend a piece of fruit for my picnic?", "fruit")
 PETS = world.Prompt("Help me choose a pet for the zoo visit.", "pet")
 

@@ -59,12 +59,9 @@ def gpu_workspace(tmp_path_factory, hh_slice, sp_tokenizer):
 
 
 def _reference_tool(ckpt: str, prefix: str):
-    import importlib.util
-    import os
+    from tests.workspace import load_script
 
-    spec = importlib.util.spec_from_file_location("tool", os.path.join(REPO, "tools", "precompute_reference_logps.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/precompute_reference_logps.py", "reference_tool")
     assert tool.main(["--load", ckpt, "--data-prefix", prefix, "--no-progress"]) == 0
 
 

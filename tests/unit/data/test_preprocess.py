@@ -181,13 +181,9 @@ def test_bad_options(tmp_path, sp_tokenizer):
 
 
 def test_tool_reports_and_fails_cleanly(tmp_path, hh_slice, sp_tokenizer, capsys):
-    import importlib.util
+    from tests.workspace import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "preprocess_tool", os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools",
-                                        "preprocess_preference_data.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/preprocess_preference_data.py", "preprocess_tool")
     prefix = str(tmp_path / "t")
     assert tool.main(["--input", hh_slice, "--format", "hh", "--tokenizer", sp_tokenizer, "--output-prefix", prefix,
                       "--no-progress"]) == 0

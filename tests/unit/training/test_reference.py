@@ -28,14 +28,9 @@ def setup(tmp_path_factory, hh_slice, sp_tokenizer):
 
 
 def _tool(argv):
-    import importlib.util
-    import os
+    from tests.workspace import load_script
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools", "precompute_reference_logps.py")
-    spec = importlib.util.spec_from_file_location("reference_tool", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.main(argv)
+    return load_script("tools/precompute_reference_logps.py", "reference_tool").main(argv)
 
 
 def _online(ckpt, prefix, indices):
