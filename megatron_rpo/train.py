@@ -18,13 +18,21 @@ from megatron_rpo.config import load_config
 def _report(error: ValueError) -> None:
     """One message for the job: every rank finds the same bad input and rank 0 says it. Under
     torchrun each rank also records it in its error file, which torchrun's failure summary quotes
-    (so an error only some rank saw is not lost)."""
+    (so an error only some rank saw is not lost): the message alone, as its "traceback", since a
+    bad input is the user's to fix, not a stack to read."""
+    message = f"error: {error}"
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    if "TORCHELASTIC_ERROR_FILE" in os.environ:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+        print(message, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
 
-        ErrorHandler().record_exception(error)
+        # torchrun's error-file format (torch.distributed.elastic's ErrorHandler.record_exception)
+        # with the message where it would put the Python stack.
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                     "timestamp": str(int(time.time()))}}}, f)
 
 
 def main(argv: list[str] | None = None) -> int:

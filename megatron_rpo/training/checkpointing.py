@@ -118,8 +118,58 @@ def _layout() -> list[int]:
             parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()]
 
 
+def _placeholder_optimizer_state(optimizer) -> None:
+    """Give an optimizer that has not stepped yet the state tensors a checkpoint will fill.
+
+    megatron's distributed optimizer over torch's Adam (no apex or transformer-engine: a pip
+    install, or any CPU run) reads the step count out of the inner optimizer's per-parameter
+    state while it builds the state dict it loads into, and asserts there is exactly one; before
+    the first step there is none. Zero moments and a zero step, all overwritten by the load, are
+    what megatron's own ``init_state_fn`` gives the non-distributed optimizer.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if not isinstance(chained, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    # fused/capturable Adam keeps the step on the parameter's device
+                    device = p.device if group.get("fused") or group.get("capturable") else "cpu"
+                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=device),
+                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _restore_step_counters(optimizer, loaded: dict) -> None:
+    """Put the checkpoint's step count back into each parameter's state after a distributed-optimizer load.
+
+    Without apex or transformer-engine the count lives twice: in the saved param groups, and in
+    every parameter's torch Adam state, which megatron's per-bucket state copies over from the
+    state it loads *into* (the placeholder's zero). The bias correction of every resumed step
+    reads the latter. One tensor per parameter: torch's fused Adam advances each in place.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded] if len(chained) == 1 else [v for _, v in sorted(loaded.items())]
+    for opt, state_dict in zip(chained, states):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        steps = {g.get("step") for g in state_dict["optimizer"]["param_groups"]} - {None}
+        if len(steps) != 1:
+            continue
+        step = float(steps.pop())
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = torch.tensor(step, dtype=torch.float32, device=state["step"].device)
+
+
 def _sharded(module, optimizer, loading: bool, rng: bool = True) -> dict:
     model_sd = module.sharded_state_dict()
+    if loading:
+        _placeholder_optimizer_state(optimizer)
     sharded = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=_OPTIMIZER_METADATA),
@@ -183,9 +233,13 @@ def load_training_checkpoint(path: str, module, optimizer, scheduler, *, keep_sc
         module.load_state_dict(loaded["model"])
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(loaded["optimizer"])
+        _restore_step_counters(optimizer, loaded["optimizer"])
         if not keep_schedule:
             for group, mine in zip(optimizer.param_groups, settings):
                 group.update(mine)
+    # megatron's scheduler adds the saved step count to its own, which build_scheduler already
+    # advanced to step 1: counted from there a resumed run would be one step ahead.
+    scheduler.num_steps = 0
     if keep_schedule:
         scheduler.load_state_dict(state["scheduler"])
     else:

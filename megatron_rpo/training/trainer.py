@@ -92,6 +92,8 @@ class Trainer:
             raise ValueError(f"{c.data.train_data_prefix} holds fewer samples than one global batch "
                              f"({self.samples_per_step})")
         self.total_steps = epoch_steps if c.train.train_iters is None else c.train.train_iters
+        if self.valid_data is not None:
+            self._eval_microbatches()  # a held-out set too small to evaluate is said now, not after training
         self.optimizer = build_optimizer(c.optimizer, [self.model], bf16=self.bf16)
         self.scheduler = build_scheduler(self.optimizer, c.optimizer, self.total_steps)
         self.step = 0
@@ -329,17 +331,16 @@ class Trainer:
             stop = self.stops.poll(current_device())
             if stop:
                 self._stop(stop)
-            if self.valid_data is not None and c.train.eval_interval and self.step % c.train.eval_interval == 0:
-                last_eval = self.evaluate()
+            # The checkpoint first: a failing evaluation must not cost the step it follows.
             if c.train.save and c.train.save_interval and self.step % c.train.save_interval == 0:
                 self.save()
+            if self.valid_data is not None and c.train.eval_interval and self.step % c.train.eval_interval == 0:
+                last_eval = self.evaluate()
             if c.train.exit_interval and self.step % c.train.exit_interval == 0 and self.step < self.total_steps:
                 if c.train.save and not (c.train.save_interval and self.step % c.train.save_interval == 0):
                     self.save()
                 _log(f"exit_interval: stopping at step {self.step}; run again to resume")
                 return last_eval
-        if self.valid_data is not None and self._evaluated_at != self.step:
-            last_eval = self.evaluate()
         if c.train.save and self.step > 0:
             if not (c.train.save_interval and self.step % c.train.save_interval == 0):
                 self.save()
@@ -347,23 +348,49 @@ class Trainer:
                 export = os.path.join(c.train.save, "export")
                 save_converted(self.module, export, c.model, c.train.load)
                 _log(f"exported the final weights to {export}")
+        if self.valid_data is not None and self._evaluated_at != self.step:
+            last_eval = self.evaluate()
         return last_eval
+
+    def _eval_microbatches(self) -> int:
+        """How many microbatches per rank one evaluation runs: the whole held-out set (whole
+        microbatches on every data-parallel rank), or ``train.eval_iters`` steps of it.
+
+        Raises:
+            ValueError: the held-out set does not fill one microbatch on every rank.
+        """
+        c = self.config
+        sampler = self._sampler(self.valid_data, shuffle_seed=0, paired=self.valid_data.paired)
+        chunk = c.train.micro_batch_size * self.dp
+        available = sampler.samples_per_epoch() // chunk
+        if available == 0:
+            kind = "pairs" if self.valid_data.paired else "chosen and rejected items"
+            size = (self.valid_data.manifest["num_pairs"] if self.valid_data.paired else
+                    f"{len(self.valid_data.chosen_indices)} + {len(self.valid_data.rejected_indices)}")
+            raise ValueError(f"{self.valid_data.prefix} holds {size} {kind}, fewer than one microbatch on every "
+                             f"data-parallel rank (train.micro_batch_size {c.train.micro_batch_size} x DP {self.dp} "
+                             f"= {chunk}), the least an evaluation needs: use a larger held-out set, a smaller "
+                             "train.micro_batch_size, or leave data.valid_data_prefix out")
+        if c.train.eval_iters:
+            available = min(available, c.train.eval_iters * self.num_microbatches)
+        return available
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss, reward accuracy and margin over the held-out set (or ``eval_iters`` steps of it)."""
+        """Loss, reward accuracy and margin over the held-out set (or ``eval_iters`` steps of it).
+
+        Steps of ``num_microbatches`` microbatches per rank, as in training; a held-out set that
+        does not fill a whole global batch ends with a shorter step (with ``global_batch``
+        contrast, that step's matrix is smaller).
+        """
         c = self.config
         sampler = self._sampler(self.valid_data, shuffle_seed=0, paired=self.valid_data.paired)
-        steps = sampler.samples_per_epoch() // self.samples_per_step
-        if c.train.eval_iters:
-            steps = min(steps, c.train.eval_iters)
-        if steps == 0:
-            raise ValueError(f"{self.valid_data.prefix} holds fewer samples than one global batch")
+        total = self._eval_microbatches()
         iterator = iter(sampler)
         self.model.eval()
         reports = []
-        for _ in range(steps):
-            batches, _ = self._microbatches(self.valid_data, iterator, self.num_microbatches)
+        for start in range(0, total, self.num_microbatches):
+            batches, _ = self._microbatches(self.valid_data, iterator, min(self.num_microbatches, total - start))
             reports += forward_backward(self.model, batches, c.loss, vocab_size=c.model.vocab_size,
                                         reference=self.reference, forward_only=True, paired=self.valid_data.paired)
         self.model.train()
@@ -371,7 +398,7 @@ class Trainer:
         self._evaluated_at = self.step
         _log(f"eval at step {self.step}: loss {metrics['loss']:.4f} | "
              f"{accuracy_text(metrics, self.valid_data.paired)} | margin {metrics['reward_margin']:+.4f} | "
-             f"{steps * self.samples_per_step} samples")
+             f"{total * c.train.micro_batch_size * self.dp} {'pairs' if self.valid_data.paired else 'items'}")
         self.scalars.add("eval", metrics, self.step)
         return metrics
 

@@ -1,0 +1,86 @@
+"""Launch: ``python -m megatron_rpo.launch [torchrun options] -m megatron_rpo.train --config FILE ...``.
+
+torchrun itself (the same options, run in this process), except for what a scheduler needs on
+preemption. Under plain torchrun a SIGTERM to the launcher (``kill``, Slurm, Kubernetes) or a
+Ctrl-C makes torchrun pass the signal on, give the workers ``--shutdown-timeout`` seconds (30)
+and exit with code 1 whatever they did: a job that saved its checkpoint and stopped cleanly
+looks like a crash, a requeue-on-75 policy never fires, and a save longer than 30 s is killed
+halfway. Here:
+
+* SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 are passed on to every worker, and torchrun keeps
+  watching them: the workers finish their step, save and exit with code 75
+  (:data:`~megatron_rpo.training.interrupts.PREEMPTED_EXIT_CODE`);
+* when every worker that failed exited with 75, the launcher exits with 75 too, with one line
+  instead of torchrun's failure report; any other failure is torchrun's, reported as torchrun
+  reports it;
+* a second Ctrl-C stops the workers at once, as torchrun would on the first.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+__all__ = ["main"]
+
+FORWARDED = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+
+
+class _Forwarder:
+    """Pass stop signals on to the workers (each is a session leader under torchrun)."""
+
+    def __init__(self):
+        self.received: list[int] = []
+
+    def install(self) -> None:
+        for name in FORWARDED:
+            signal.signal(getattr(signal, name), self._forward)
+
+    def _forward(self, signum, frame) -> None:
+        import psutil
+
+        if signum == signal.SIGINT and signum in self.received:
+            from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
+
+            _terminate_process_handler(signum, frame)  # torchrun's own hard stop: raises in the agent
+        self.received.append(signum)
+        print(f"launch: received {signal.Signals(signum).name}; passing it on to the workers, which stop after "
+              "their step with a checkpoint", file=sys.stderr, flush=True)
+        for child in psutil.Process().children():
+            try:
+                os.killpg(child.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+
+    from megatron_rpo.training.interrupts import PREEMPTED_EXIT_CODE
+
+    args = torchrun.parse_args(argv)
+    if not hasattr(args, "signals_to_handle"):
+        print("error: python -m megatron_rpo.launch needs torch >= 2.9 (torchrun's --signals-to-handle); "
+              "use torchrun, whose exit code after a stop signal is 1", file=sys.stderr)
+        return 2
+    # torchrun keeps the signals it would otherwise turn into "kill the workers, exit 1" for
+    # the rest; these come to the forwarder instead.
+    kept = [s.strip() for s in args.signals_to_handle.split(",") if s.strip() and s.strip() not in FORWARDED]
+    args.signals_to_handle = ",".join(kept) or "SIGQUIT"
+    _Forwarder().install()
+    try:
+        record(torchrun.run)(args)
+    except ChildFailedError as e:
+        codes = {failure.exitcode for failure in e.failures.values()}
+        if codes == {PREEMPTED_EXIT_CODE}:
+            print(f"launch: the workers stopped on a signal with a checkpoint saved; exit code {PREEMPTED_EXIT_CODE} "
+                  "(run the same command to resume)", file=sys.stderr, flush=True)
+            return PREEMPTED_EXIT_CODE
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
