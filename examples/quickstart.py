@@ -55,10 +55,21 @@ def last_eval(tensorboard_dir: str) -> dict:
 
 def likelihood_eval(nproc: int, common: list[str], load: str) -> dict:
     """Held-out metrics of a checkpoint under the sft loss (train.train_iters=0: evaluation only)."""
+    print(f"likelihood evaluation of {load}: the held-out pairs under the sft loss, no training", flush=True)
     out = os.path.join(os.path.dirname(load), "eval_likelihood")
     train(nproc, *common, f"train.load={load}", "loss.loss_type=sft", "train.train_iters=0",
           f"train.tensorboard_dir={out}")
     return last_eval(out)
+
+
+def plot_run(run: str) -> str:
+    """Loss, margin and accuracy of ``run`` against the step, ``<run>/run.png`` (or why there is none)."""
+    from megatron_rpo.plot import plot_run as draw
+
+    try:
+        return draw(run)
+    except ImportError as e:
+        return f"none ({e})"
 
 
 MARKER = ".megatron_rpo_quickstart"
@@ -156,6 +167,7 @@ def main() -> None:
           f"train.save={rpo}", f"train.log_interval={max(1, args.rpo_steps // 10)}",
           f"train.eval_interval={max(1, args.rpo_steps // 2)}", f"optimizer.lr={args.rpo_lr}")
     rpo_eval = last_eval(os.path.join(rpo, "tensorboard"))  # rewards against the warm-up model
+    plot = plot_run(rpo)
     after_rpo = likelihood_eval(args.nproc, common, os.path.join(rpo, "export"))
 
     say("export to Hugging Face and one reply with transformers")
@@ -185,8 +197,9 @@ def main() -> None:
     for label, path in (("tokenizer", sp_model), ("initial HF model", hf_init), ("converted checkpoint", ckpt),
                         ("datasets", os.path.join(work, "data")), ("warm-up run", sft), ("RPO run", rpo),
                         ("RPO checkpoints", os.path.join(rpo, "latest")), ("TensorBoard", os.path.join(rpo, "tensorboard")),
-                        ("Hugging Face export", hf_out)):
+                        ("Hugging Face export", hf_out), ("run plot", plot)):
         print(f"  {label:<22} {path}")
+    print(f"redraw the plot of any run: python -m megatron_rpo.plot {rpo}")
 
 
 if __name__ == "__main__":

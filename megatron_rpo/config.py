@@ -258,6 +258,10 @@ class LossConfig(_Section):
     reference: Literal["precomputed", "online"] = "precomputed"
     """Reference log-probs read from the dataset, or computed by a frozen copy of the model.
     Ignored by the reference-free simpo and simpo_rpo."""
+    reference_checkpoint: Optional[str] = None
+    """The converted checkpoint precomputed reference log-probs must come from (their manifest
+    records it); None: ``train.load``, the model training starts from. Set it only when the
+    reference is deliberately another model."""
 
     def validate(self) -> None:
         self._positive("beta", "tau")

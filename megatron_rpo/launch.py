@@ -10,9 +10,9 @@ halfway. Here:
 * SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 are passed on to every worker, and torchrun keeps
   watching them: the workers finish their step, save and exit with code 75
   (:data:`~megatron_rpo.training.interrupts.PREEMPTED_EXIT_CODE`);
-* when every worker that failed exited with 75, the launcher exits with 75 too, with one line
-  instead of torchrun's failure report; any other failure is torchrun's, reported as torchrun
-  reports it;
+* when a worker exited with 75 and every other one that failed was taken down by torchrun
+  (a signal) after it, the launcher exits with 75 too, with one line instead of torchrun's
+  failure report; any other failure is torchrun's, reported as torchrun reports it;
 * a second Ctrl-C stops the workers at once, as torchrun would on the first.
 """
 
@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record(torchrun.run)(args)
     except ChildFailedError as e:
-        codes = {failure.exitcode for failure in e.failures.values()}
-        if codes == {PREEMPTED_EXIT_CODE}:
+        codes = [failure.exitcode for failure in e.failures.values()]
+        # A worker exits with 75 only after the checkpoint is published on every rank (the save
+        # ends in a barrier); torchrun then takes down the workers still closing, with a signal.
+        if PREEMPTED_EXIT_CODE in codes and all(code == PREEMPTED_EXIT_CODE or code < 0 for code in codes):
             print(f"launch: the workers stopped on a signal with a checkpoint saved; exit code {PREEMPTED_EXIT_CODE} "
                   "(run the same command to resume)", file=sys.stderr, flush=True)
             return PREEMPTED_EXIT_CODE

@@ -22,5 +22,12 @@ if ! python -c "import torch" 2>/dev/null; then
     echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0} first"
     python -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
 fi
-echo "[setup] installing megatron_rpo and its test dependencies"
-python -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+# The package is installed editable: code changes need no reinstall, only a change of what it
+# declares (setup.py, pyproject.toml). The stamp records the declaration last installed.
+STAMP="$VENV/.megatron_rpo_installed"
+WANTED="$(cat "$ROOT/setup.py" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $ROOT"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANTED" ] || ! python -c "import megatron_rpo" 2>/dev/null; then
+    echo "[setup] installing megatron_rpo and its test dependencies"
+    python -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+    echo "$WANTED" > "$STAMP"
+fi

@@ -26,7 +26,7 @@ __all__ = ["HFWeights", "ConvertedCheckpoint", "StagedDirectory", "MARKER", "cop
 
 MARKER = "megatron_rpo_checkpoint.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+                   "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
 class HFWeights:

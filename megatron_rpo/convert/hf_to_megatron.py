@@ -7,6 +7,7 @@ names the tensor otherwise. Nothing is left at the output path when conversion f
 from __future__ import annotations
 
 import json
+import uuid
 import os
 
 from tqdm import tqdm
@@ -17,6 +18,26 @@ from megatron_rpo.convert.hf_config import model_config_from_hf, read_hf_config
 from megatron_rpo.convert.layout import FUSE, IGNORED_SUFFIXES, LAYER_MAP, expected_shapes, file_groups, weights_file
 
 __all__ = ["convert_hf_to_megatron"]
+
+
+def _check_tokenizer(hf_dir: str, model: ModelConfig) -> None:
+    """The tokenizer the conversion copies must fit the model's vocabulary: every token id needs an
+    embedding row, and a tokenizer of far fewer tokens than the vocabulary is another model's."""
+    from megatron_rpo.data.tokenizer import load_tokenizer, tokenizer_digests
+
+    if not tokenizer_digests(hf_dir):
+        return  # nothing to copy
+    sp = os.path.join(hf_dir, "tokenizer.model")
+    path = sp if os.path.isfile(sp) and not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else hf_dir
+    size = load_tokenizer(path).vocab_size
+    if size > model.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {size} tokens, more than the model's vocabulary "
+                         f"({model.vocab_size}, config.json vocab_size): ids from {model.vocab_size} on have no "
+                         "embedding. Is it this model's tokenizer?")
+    if size < model.vocab_size // 2:
+        raise ValueError(f"{path}: the tokenizer has {size} tokens for a model vocabulary of {model.vocab_size} "
+                         "(config.json vocab_size): it is not this model's tokenizer. Put the model's own "
+                         "tokenizer files in the folder, or remove them and preprocess with the right one")
 
 
 def _convert(weights: HFWeights, model: ModelConfig, hf_names: list[str], transform: str | None, target: str,
@@ -56,6 +77,7 @@ def convert_hf_to_megatron(
                       "data": {"max_length": min(512, model.max_position_embeddings),
                                "max_prompt_length": min(256, model.max_position_embeddings - 1)}},
                      source=f"converting {hf_dir}")
+    _check_tokenizer(hf_dir, model)
     weights = HFWeights(hf_dir)
     shapes = expected_shapes(model)
     consumed: set[str] = set()
@@ -91,6 +113,7 @@ def convert_hf_to_megatron(
         meta = {
             "kind": "converted",
             "version": 1,
+            "checkpoint_id": uuid.uuid4().hex,  # names these weights (reference log-probs record it)
             "architecture": arch,
             "model": vars(model),
             "dtype": dtype,

@@ -51,7 +51,16 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def load_encoder(name_or_path: str = DEFAULT_MODEL, device: str | None = None):
-    """A SentenceTransformer loaded from a local directory only."""
+    """A SentenceTransformer loaded from a local directory only.
+
+    Raises:
+        ValueError: a CUDA device asked for on a machine where torch sees none.
+    """
+    import torch
+
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no CUDA GPU on this machine (torch {torch.__version__}); "
+                         "embed on the CPU with --device cpu (the default)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 

@@ -22,8 +22,10 @@ def reference_prefix(data_prefix: str) -> str:
     return f"{data_prefix}.ref"
 
 
-def write_reference_logps(data_prefix: str, logps: np.ndarray, *, checkpoint: str | None) -> dict:
-    """Write one float32 per sequence (staged, then renamed) and its manifest."""
+def write_reference_logps(data_prefix: str, logps: np.ndarray, *, checkpoint: str | None,
+                          checkpoint_id: str | None = None) -> dict:
+    """Write one float32 per sequence (staged, then renamed) and its manifest, which names the
+    reference checkpoint by path and by the ``checkpoint_id`` its conversion gave it."""
     prefix = reference_prefix(data_prefix)
     with StagedOutputs() as staged:
         with open(staged.path(f"{prefix}.npy"), "wb") as f:
@@ -32,6 +34,7 @@ def write_reference_logps(data_prefix: str, logps: np.ndarray, *, checkpoint: st
             "kind": REFERENCE_KIND,
             "version": 1,
             "checkpoint": checkpoint,
+            "checkpoint_id": checkpoint_id,
             "num_sequences": int(len(logps)),
             "dataset_manifest_sha256": file_sha256(manifest_path(data_prefix)),
             "files": [staged.describe(f"{prefix}.npy")],

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Tokenizer", "load_tokenizer", "train_sentencepiece", "file_sha256"]
+__all__ = ["Tokenizer", "load_tokenizer", "train_sentencepiece", "file_sha256", "tokenizer_sha256", "tokenizer_digests"]
 
 _HF_TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                        "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja"}
@@ -119,12 +119,32 @@ def load_tokenizer(path: str) -> Tokenizer:
             raise ValueError(f"{path}: not a Hugging Face tokenizer directory: {e}") from e
         if tok.eos_token_id is None:
             raise ValueError(f"{path}: the tokenizer has no eos token")
-        digest = hashlib.sha256()
-        for name in sorted(set(os.listdir(path)) & _HF_TOKENIZER_FILES):
-            digest.update(name.encode())
-            digest.update(file_sha256(os.path.join(path, name)).encode())
-        return Tokenizer("huggingface", path, len(tok), tok.bos_token_id, tok.eos_token_id, digest.hexdigest(), tok)
+        return Tokenizer("huggingface", path, len(tok), tok.bos_token_id, tok.eos_token_id, tokenizer_sha256(path), tok)
     raise ValueError(f"tokenizer {path!r} does not exist (expected a sentencepiece .model file or a directory)")
+
+
+def tokenizer_sha256(path: str) -> str:
+    """What ``load_tokenizer(path).sha256`` is, without loading it: the sentencepiece file's sha256,
+    or for a Hugging Face directory the sha256 over its tokenizer files' names and hashes."""
+    if os.path.isfile(path):
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for name in sorted(set(os.listdir(path)) & _HF_TOKENIZER_FILES):
+        digest.update(name.encode())
+        digest.update(file_sha256(os.path.join(path, name)).encode())
+    return digest.hexdigest()
+
+
+def tokenizer_digests(directory: str) -> set[str]:
+    """The ``sha256`` values a dataset tokenised with the tokenizer in ``directory`` records: the
+    directory's (as a Hugging Face tokenizer) and its ``tokenizer.model``'s (as sentencepiece).
+    Empty when the directory holds no tokenizer file (a checkpoint converted without one)."""
+    if not os.path.isdir(directory) or not set(os.listdir(directory)) & _HF_TOKENIZER_FILES:
+        return set()
+    digests = {tokenizer_sha256(directory)}
+    if os.path.isfile(os.path.join(directory, "tokenizer.model")):
+        digests.add(file_sha256(os.path.join(directory, "tokenizer.model")))
+    return digests
 
 
 def train_sentencepiece(texts, model_prefix: str, vocab_size: int = 1000) -> str:

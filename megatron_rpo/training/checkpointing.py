@@ -38,7 +38,7 @@ from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.convert.load import load_converted
 
 __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
-           "read_training_state", "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
+           "read_training_state", "mark_done", "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
 
 LATEST = "latest"
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -216,6 +216,16 @@ def read_training_state(path: str) -> dict:
     trained with (``config``; absent in checkpoints written before it was recorded)."""
     with open(os.path.join(path, "training_state.json")) as f:
         return json.load(f)
+
+
+def mark_done(path: str, what: str) -> None:
+    """Strike ``what`` ("export", "eval") off the work a checkpoint's step still owes (rank 0 only)."""
+    state = read_training_state(path)
+    state["pending"] = [p for p in state.get("pending", []) if p != what]
+    target = os.path.join(path, "training_state.json")
+    with open(target + ".tmp", "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(target + ".tmp", target)
 
 
 def load_training_checkpoint(path: str, module, optimizer, scheduler, *, keep_schedule: bool = True) -> dict:

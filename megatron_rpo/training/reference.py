@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
+from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.data.dataset import PreferenceDataset, collate_step
 from megatron_rpo.data.reference_logps import write_reference_logps
 from megatron_rpo.training.step import sequence_logps
@@ -70,5 +71,6 @@ def compute_reference_logps(model, data_prefix: str, *, vocab_size: int, micro_b
     if len(merged) != n:
         raise RuntimeError(f"reference log-probs for {n - len(merged)} of {n} sequences are missing")
     logps = np.array([merged[i] for i in range(n)], dtype=np.float32)
-    write_reference_logps(data_prefix, logps, checkpoint=checkpoint)
+    checkpoint_id = ConvertedCheckpoint(checkpoint).meta.get("checkpoint_id") if checkpoint else None
+    write_reference_logps(data_prefix, logps, checkpoint=checkpoint, checkpoint_id=checkpoint_id)
     return logps

@@ -20,8 +20,12 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from megatron_rpo import parallel
 from megatron_rpo.config import Config, config_changes, config_to_dict, dump_config, explicit_keys
+from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.convert.save import save_converted
 from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate_step
+from megatron_rpo.data.files import manifest_path, read_manifest
+from megatron_rpo.data.reference_logps import REFERENCE_KIND, reference_prefix
+from megatron_rpo.data.tokenizer import tokenizer_digests
 from megatron_rpo.device import current_device
 from megatron_rpo.models import model_provider
 from megatron_rpo.models.flops import peak_tflops, step_flops
@@ -30,6 +34,7 @@ from megatron_rpo.training.checkpointing import (
     latest_checkpoint,
     load_training_checkpoint,
     load_weights,
+    mark_done,
     read_training_state,
     save_training_checkpoint,
 )
@@ -99,6 +104,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []  # per-step metrics of this session
         self._evaluated_at = -1
+        self._checkpoint: str | None = None  # the newest checkpoint of this run, written or resumed from
+        self._pending: list[str] = []  # what that checkpoint's step still owes: "export", "eval"
         self.lock = self._lock_save_dir()
         try:
             resume = latest_checkpoint(c.train.save)
@@ -108,6 +115,7 @@ class Trainer:
                 state = load_training_checkpoint(resume, self.module, self.optimizer, self.scheduler,
                                                  keep_schedule=not changed)
                 self.step = state["step"]
+                self._checkpoint, self._pending = resume, list(state.get("pending", []))
                 self.sampler.consumed_samples = state["consumed_samples"]
                 _log(f"resumed from {resume} at step {self.step}" + (
                     "" if state["rng_restored"] else f" (trained as TP x PP x DP = {state.get('layout')}: weights and "
@@ -127,7 +135,8 @@ class Trainer:
         _log(f"world {dist.get_world_size()} = TP {c.parallel.tensor_model_parallel_size} x PP "
              f"{c.parallel.pipeline_model_parallel_size} x DP {self.dp}; {self.num_microbatches} microbatches of "
              f"{c.train.micro_batch_size} {'pairs' if c.data.paired else 'items'} per rank per step; "
-             f"{self.total_steps} steps; loss {c.loss.loss_type} ({c.loss.contrast_scope})")
+             f"{f'{self.total_steps} steps' if self.total_steps else 'no training (train.train_iters=0): evaluation only'}"
+             f"; loss {c.loss.loss_type} ({c.loss.contrast_scope})")
 
     # -- the save directory ---------------------------------------------------------------------
     def _lock_save_dir(self) -> SaveDirLock | None:
@@ -247,6 +256,14 @@ class Trainer:
                                  f"more than data.max_length {c.data.max_length}")
             if c.data.paired and not d.paired:
                 raise ValueError(f"{d.prefix} is unpaired data but data.paired=True")
+        self._check_reference_checkpoint()
+        carried = tokenizer_digests(os.path.join(c.train.load, "tokenizer"))
+        for d in datasets:
+            if carried and d.manifest["tokenizer"]["sha256"] not in carried:
+                raise ValueError(f"{d.prefix} was tokenised with {d.manifest['tokenizer']['path']}, not with the "
+                                 f"tokenizer {c.train.load} carries ({os.path.join(c.train.load, 'tokenizer')}): the "
+                                 "token ids would mean other words to the model; preprocess the data again with "
+                                 "--tokenizer pointing there")
         if self.valid_data is not None:
             a, b = self.train_data.manifest, self.valid_data.manifest
             if a["tokenizer"]["sha256"] != b["tokenizer"]["sha256"]:
@@ -256,6 +273,30 @@ class Trainer:
             if ea and eb and (ea["model"], ea["dim"]) != (eb["model"], eb["dim"]):
                 raise ValueError(f"prompt embeddings differ: {ea['model']} ({ea['dim']}) for training, "
                                  f"{eb['model']} ({eb['dim']}) for validation")
+
+    def _check_reference_checkpoint(self) -> None:
+        """Precomputed reference log-probs must come from ``loss.reference_checkpoint`` (default
+        ``train.load``): by the checkpoint id both record, else by path."""
+        c = self.config
+        if not (c.loss.uses_reference and c.loss.reference == "precomputed"):
+            return
+        expected = c.loss.reference_checkpoint or c.train.load
+        expected_id = ConvertedCheckpoint(expected).meta.get("checkpoint_id")
+        for d in (self.train_data, self.valid_data):
+            if d is None:
+                continue
+            m = read_manifest(reference_prefix(d.prefix), REFERENCE_KIND)
+            recorded = m.get("checkpoint")
+            if m.get("checkpoint_id") and expected_id:
+                same = m["checkpoint_id"] == expected_id
+            else:  # written before checkpoints had ids
+                same = recorded is None or os.path.realpath(recorded) == os.path.realpath(expected)
+            if not same:
+                setting = "loss.reference_checkpoint" if c.loss.reference_checkpoint else "train.load"
+                raise ValueError(f"{manifest_path(reference_prefix(d.prefix))}: the reference log-probs were computed "
+                                 f"with {recorded}, but {setting} is {expected}: rerun tools/precompute_reference_logps"
+                                 f".py --load {expected} --data-prefix {d.prefix}, or, when the reference is meant to "
+                                 f"be that other model, set loss.reference_checkpoint={recorded}")
 
     # -- data -----------------------------------------------------------------------------------
     def _sampler(self, data: PreferenceDataset, shuffle_seed: int, paired: bool | None = None):
@@ -293,13 +334,16 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Run to ``total_steps``; returns the last evaluation's metrics (empty without validation)."""
         c = self.config
+        last_eval = self._finish_pending()
         if 0 < self.total_steps <= self.step:
-            # A finished run started again: nothing to train, evaluate, save or log a second time.
-            _log(f"the run in {c.train.save} already finished at step {self.step} of {self.total_steps}; nothing to do")
-            return {}
+            # A finished run started again: nothing to train, evaluate, save or log a second time
+            # (but what a stop or a crash after its last checkpoint left undone, done above).
+            if not last_eval:
+                _log(f"the run in {c.train.save} already finished at step {self.step} of {self.total_steps}; "
+                     "nothing to do")
+            return last_eval
         iterator = iter(self.sampler)
         times = []
-        last_eval = {}
         self.stops.install()
         while self.step < self.total_steps:
             start = time.perf_counter()
@@ -345,12 +389,43 @@ class Trainer:
             if not (c.train.save_interval and self.step % c.train.save_interval == 0):
                 self.save()
             if c.train.export:
-                export = os.path.join(c.train.save, "export")
-                save_converted(self.module, export, c.model, c.train.load)
-                _log(f"exported the final weights to {export}")
+                self.export()
         if self.valid_data is not None and self._evaluated_at != self.step:
             last_eval = self.evaluate()
         return last_eval
+
+    def _finish_pending(self) -> dict[str, float]:
+        """What the checkpoint this run resumed from left undone at its step (a stop or a crash came
+        between the save and them): the export of a finished run, the evaluation of its step."""
+        last_eval = {}
+        if "export" in self._pending and self.config.train.export and self.step >= self.total_steps:
+            self.export()
+        if "eval" in self._pending and self.valid_data is not None:
+            last_eval = self.evaluate()
+        return last_eval
+
+    def _owed(self) -> list[str]:
+        """What this step still owes once its checkpoint is written (recorded in the checkpoint)."""
+        c = self.config
+        final = self.step >= self.total_steps
+        owed = ["export"] if final and c.train.export else []
+        if self.valid_data is not None and (final or (c.train.eval_interval and self.step % c.train.eval_interval == 0)):
+            owed.append("eval")
+        return owed
+
+    def _done(self, what: str) -> None:
+        """``what`` of the newest checkpoint's step is done: a resume from it must not do it again."""
+        if self._checkpoint and what in self._pending and read_training_state(self._checkpoint)["step"] == self.step:
+            self._pending.remove(what)
+            if dist.get_rank() == 0:
+                mark_done(self._checkpoint, what)
+
+    def export(self) -> None:
+        """The weights of this step as a converted checkpoint, ``<save>/export``."""
+        export = os.path.join(self.config.train.save, "export")
+        save_converted(self.module, export, self.config.model, self.config.train.load)
+        _log(f"exported the final weights to {export}")
+        self._done("export")
 
     def _eval_microbatches(self) -> int:
         """How many microbatches per rank one evaluation runs: the whole held-out set (whole
@@ -396,8 +471,11 @@ class Trainer:
         self.model.train()
         metrics = reduce_reports(reports)
         self._evaluated_at = self.step
-        _log(f"eval at step {self.step}: loss {metrics['loss']:.4f} | "
-             f"{accuracy_text(metrics, self.valid_data.paired)} | margin {metrics['reward_margin']:+.4f} | "
+        self._done("eval")
+        scores = accuracy_text(metrics, self.valid_data.paired)
+        if self.valid_data.paired and not c.data.paired:  # the training line's measure too
+            scores += f" | {accuracy_text(metrics, False)}"
+        _log(f"eval at step {self.step}: loss {metrics['loss']:.4f} | {scores} | margin {metrics['reward_margin']:+.4f} | "
              f"{total * c.train.micro_batch_size * self.dp} {'pairs' if self.valid_data.paired else 'items'}")
         self.scalars.add("eval", metrics, self.step)
         return metrics
@@ -415,14 +493,21 @@ class Trainer:
         """Write a checkpoint of this step; returns its path."""
         path = save_training_checkpoint(
             self.config.train.save, self.step, self.module, self.optimizer, self.scheduler,
-            {"consumed_samples": self.sampler.consumed_samples, "config": config_to_dict(self.config)},
+            {"consumed_samples": self.sampler.consumed_samples, "config": config_to_dict(self.config),
+             "pending": self._owed()},
             self.config.train.keep_last)
+        self._checkpoint, self._pending = path, self._owed()
         _log(f"saved {path}")
         return path
 
-    def close(self) -> None:
+    def close(self, *, keep_process_group: bool = False) -> None:
+        """Release the signal handlers, the logs and the save directory, and tear down the parallel
+        state; ``keep_process_group`` keeps torch.distributed up for another run in this process."""
         self.stops.uninstall()
         self.scalars.close()
         if self.lock is not None and dist.get_rank() == 0:
             self.lock.release()
-        parallel.destroy()
+        if keep_process_group:
+            parallel_state.destroy_model_parallel()
+        else:
+            parallel.destroy()

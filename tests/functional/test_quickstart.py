@@ -21,6 +21,11 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "likelihood accuracy after RPO" in out
     assert (work / "hf_rpo" / "config.json").exists()
     assert (work / "rpo" / "latest").read_text().strip() == "iter_0000002"
+    # The run's picture, and how to draw it again; the evaluation-only passes say what they are.
+    assert (work / "rpo" / "run.png").read_bytes().startswith(b"\x89PNG")
+    assert f"python -m megatron_rpo.plot {work / 'rpo'}" in out
+    assert "no training (train.train_iters=0): evaluation only" in out and "0 steps" not in out
+    assert "likelihood evaluation of" in out
 
 
 def _quickstart_module():

@@ -180,3 +180,103 @@ def test_a_bad_input_is_said_once_not_by_every_rank(workspace, tmp_path):
     output = result.stdout + result.stderr
     lines = [line for line in output.splitlines() if line.startswith("error: ") and "missing.manifest.json" in line]
     assert len(lines) == 1, output[-3000:]
+
+
+def _setups(cases: list[list[str]]) -> list[dict]:
+    """Each case's Trainer in turn in this process: its error, or its run's history and evaluation."""
+    from megatron.core import parallel_state
+
+    from megatron_rpo.config import load_config
+    from megatron_rpo.training.trainer import Trainer
+
+    out = []
+    for argv in cases:
+        trainer = None
+        try:
+            trainer = Trainer(load_config(RECIPE, argv))
+            evaluation = trainer.train()
+            out.append({"history": trainer.history, "eval": evaluation})
+        except ValueError as e:
+            out.append({"error": str(e)})
+        finally:
+            if trainer is not None:
+                trainer.close(keep_process_group=True)
+            else:
+                parallel_state.destroy_model_parallel()
+    return out
+
+
+def test_inputs_that_do_not_belong_together_are_refused_before_any_work(workspace, tmp_path, hh_slice, capfd):
+    """Issue 19, items 4-6 and 11: a held-out set too small for one microbatch, a dataset tokenised
+    by another tokenizer of the same vocabulary size, reference log-probs of another checkpoint;
+    and a held-out set smaller than a global batch is evaluated, after the checkpoint."""
+    import json
+    import shutil
+
+    from megatron_rpo.convert.files import MARKER
+    from megatron_rpo.data.preprocess import preprocess
+    from megatron_rpo.data.reference_logps import write_reference_logps
+    from megatron_rpo.data.tokenizer import load_tokenizer, train_sentencepiece
+
+    root = workspace["root"]
+    # A checkpoint that carries the tokenizer the workspace's data was tokenised with.
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(root / "ckpt", ckpt)
+    manifest = json.loads((root / "train.manifest.json").read_text())
+    shutil.copy(manifest["tokenizer"]["path"], ckpt / "tokenizer" / "tokenizer.model")
+    # Another sentencepiece model of the same vocabulary size, and the held-out rows tokenised with it.
+    rows = [json.loads(line) for line in open(hh_slice)]
+    other = train_sentencepiece([r["rejected"] for r in rows] + [r["chosen"][::-1] for r in rows], str(tmp_path / "other"),
+                                vocab_size=workspace["vocab"])
+    assert load_tokenizer(other).vocab_size == workspace["vocab"]
+    preprocess([str(root / "valid.jsonl")], "hh", other, str(tmp_path / "other_valid"), max_prompt_length=96,
+               max_length=160, progress=False)
+    # Three held-out pairs (a microbatch is 4) and six (a global batch is 8).
+    lines = open(root / "valid.jsonl").readlines()
+    for name, count in (("tiny", 3), ("six", 6)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(lines[:count]))
+        preprocess([str(tmp_path / f"{name}.jsonl")], "hh", manifest["tokenizer"]["path"], str(tmp_path / name),
+                   max_prompt_length=96, max_length=160, progress=False)
+    # Reference log-probs whose manifest names another checkpoint.
+    for f in root.glob("train.*"):
+        if f.name != "train.jsonl":
+            shutil.copy(f, tmp_path / f.name)
+    data = tmp_path / "train"
+    count = json.loads((root / "train.manifest.json").read_text())["num_sequences"]
+    write_reference_logps(str(data), [0.0] * count, checkpoint="checkpoints/tinyllama", checkpoint_id="0" * 32)
+    meant = tmp_path / "tinyllama"
+    shutil.copytree(root / "ckpt", meant)
+    marker = json.loads((meant / MARKER).read_text())
+    (meant / MARKER).write_text(json.dumps(dict(marker, checkpoint_id="0" * 32)))
+
+    def case(name, *extra):
+        return overrides(workspace, tmp_path / name, f"train.load={ckpt}", "loss.weighting=uniform",
+                         "train.export=false", "train.train_iters=2", *extra)
+
+    results = run_ranks(_setups, 1, [
+        case("tiny", f"data.valid_data_prefix={tmp_path / 'tiny'}"),
+        case("tokenizer", f"data.valid_data_prefix={tmp_path / 'other_valid'}"),
+        case("reference", f"data.train_data_prefix={data}", "loss.reference=precomputed", "data.valid_data_prefix=null"),
+        case("meant", f"data.train_data_prefix={data}", "loss.reference=precomputed", "data.valid_data_prefix=null",
+             f"loss.reference_checkpoint={meant}", "train.train_iters=1"),
+        case("six", f"data.valid_data_prefix={tmp_path / 'six'}", "train.save_interval=2", "train.eval_interval=2"),
+        case("unpaired", "data.paired=false", "loss.tau=0.75", "train.micro_batch_size=2",
+             "train.global_batch_size=4", "train.train_iters=1"),
+    ], timeout=600)[0]
+    tiny, tokenizer, reference, meant_run, six, unpaired = results
+    assert tiny["error"] == (f"{tmp_path / 'tiny'} holds 3 pairs, fewer than one microbatch on every data-parallel "
+                             "rank (train.micro_batch_size 4 x DP 1 = 4), the least an evaluation needs: use a larger "
+                             "held-out set, a smaller train.micro_batch_size, or leave data.valid_data_prefix out")
+    assert not (tmp_path / "tiny" / "latest").exists()
+    assert tokenizer["error"].startswith(f"{tmp_path / 'other_valid'} was tokenised with {other}, not with the "
+                                         f"tokenizer {ckpt} carries")
+    assert reference["error"].startswith(f"{data}.ref.manifest.json: the reference log-probs were computed with "
+                                         f"checkpoints/tinyllama, but train.load is {ckpt}: rerun ")
+    assert "set loss.reference_checkpoint=checkpoints/tinyllama" in reference["error"]
+    assert [h["step"] for h in meant_run["history"]] == [1]  # deliberately another model: allowed when said
+    assert six["eval"]["matrix_rows"] == 4 and (tmp_path / "six" / "latest").read_text().strip() == "iter_0000002"
+    out = capfd.readouterr().out
+    assert "eval at step 2: " in out and "| 4 pairs" in out
+    # An unpaired run evaluated on pairs shows the training line's measure next to the pairs' accuracy.
+    assert unpaired["eval"]["reward_auc"] == unpaired["eval"]["reward_auc"]
+    assert re.search(r"eval at step 1: loss \S+ \| acc \S+ \| reward AUC \S+ \| margin", out), out[-2000:]

@@ -224,3 +224,27 @@ def test_corrupt_checkpoints_are_named_value_errors(tmp_path):
     (message,) = run_ranks(_load_into_model, 1, str(wider))
     assert message and "embedding.word_embeddings.weight' has shape (100, 64) but the model expects" in message
     assert "embedding.safetensors" in message
+
+
+def test_a_tokenizer_that_does_not_fit_the_vocabulary_is_refused(tmp_path, sp_tokenizer):
+    """Issue 19: a 3-token tokenizer was copied into a vocabulary-100 checkpoint without comment."""
+    import shutil
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    hf = _small_hf(tmp_path)
+    out = tmp_path / "out"
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1, "</s>": 2}, unk_token="a")),
+                            eos_token="</s>").save_pretrained(hf)
+    with pytest.raises(ValueError, match=rf"{hf}: the tokenizer has 3 tokens for a model vocabulary of {VOCAB} "):
+        convert_hf_to_megatron(str(hf), str(out), progress=False)
+    assert not out.exists()
+    for name in os.listdir(hf):
+        if name.startswith(("tokenizer", "special_tokens")):
+            os.remove(hf / name)
+    shutil.copy(sp_tokenizer, hf / "tokenizer.model")  # 800 sentencepiece tokens, 100 embedding rows
+    with pytest.raises(ValueError, match=rf"tokenizer.model: the tokenizer has 800 tokens, more than the model's "
+                                         rf"vocabulary \({VOCAB}"):
+        convert_hf_to_megatron(str(hf), str(out), progress=False)
+    assert not out.exists()

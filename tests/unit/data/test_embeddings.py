@@ -51,6 +51,17 @@ def test_unknown_model_and_missing_dataset_are_clear_errors(tmp_path):
         precompute_prompt_embeddings(str(tmp_path / "nothing"), progress=False)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_a_gpu_is_one_line_naming_the_cpu(dataset, capsys):
+    from tests.workspace import load_script
+
+    tool = load_script("tools/precompute_prompt_embeddings.py", "precompute_prompt_embeddings_tool")
+    assert tool.main(["--data-prefix", dataset, "--device", "cuda", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: device 'cuda': torch sees no CUDA GPU") and "--device cpu" in err
+    assert len(err.splitlines()) == 1
+
+
 def _sharded(prefix):
     # Under torchrun-like ranks the prompts are split over ranks and rank 0 writes.
     return precompute_prompt_embeddings(prefix, progress=False)

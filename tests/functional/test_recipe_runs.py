@@ -1,0 +1,172 @@
+"""Every shipped recipe, run as users run it (issue 19): ``python -m megatron_rpo.launch`` (torchrun)
+with 2 CPU processes and the recipe's own settings, only paths, lengths, batch and parallel sizes
+shrunk to a tiny model. Each recipe trains, is stopped with SIGTERM (exit code 75, a checkpoint),
+resumes with the same command, and finishes with evaluation and export; the TensorBoard scalars
+of the resumed run, learning rate included, and its export equal those of an uninterrupted run.
+
+A recipe added to configs/ gets this test by being there. The uninterrupted runs of all recipes
+share one 2-process start-up (they are the independent computation; the interrupted runs are
+what users launch).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.functional.test_run_safety import _env, _Job
+from tests.multiprocess import run_ranks
+from tests.workspace import RECIPE as TINY_RECIPE
+
+RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")) if os.path.basename(p) != "tiny_cpu.yaml")
+STEPS, INTERVAL = 8, 4
+SIZE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+             "vocab_size", "max_position_embeddings")
+TIMING = ("step_time", "tokens_per_s", "tflops", "mfu")  # the machine's, not the run's
+
+
+@pytest.fixture(scope="module")
+def recipe_world(tmp_path_factory, workspace, sp_tokenizer):
+    """A tiny Llama whose non-size settings agree with every recipe that sets them (RoPE base
+    500000 and RMSNorm epsilon 1e-5, as the Llama-3 and Llama-2 recipes say), the workspace's
+    datasets and embeddings, and their reference log-probs from that checkpoint (every GPU
+    recipe uses a precomputed reference)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_rpo.config import load_config
+    from megatron_rpo.convert import convert_hf_to_megatron
+
+    root = tmp_path_factory.mktemp("recipes")
+    m = load_config(TINY_RECIPE).model
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=workspace["vocab"], hidden_size=m.hidden_size,
+                                 intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
+                                 num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
+                                 max_position_embeddings=m.max_position_embeddings, rms_norm_eps=1e-5,
+                                 rope_theta=500000.0)).save_pretrained(root / "hf")
+    shutil.copy(sp_tokenizer, root / "hf" / "tokenizer.model")
+    convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), progress=False)
+    for split in ("train", "valid"):
+        for f in glob.glob(str(workspace["root"] / f"{split}.*")):
+            if not f.endswith(f"{split}.jsonl") and ".ref." not in f:
+                shutil.copy(f, root)
+    for split in ("train", "valid"):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             os.path.join(REPO, "tools", "precompute_reference_logps.py"), "--load", str(root / "ckpt"),
+             "--data-prefix", str(root / split), "--no-progress"],
+            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return {"root": root, "vocab": workspace["vocab"]}
+
+
+def recipe_overrides(recipe: str, world: dict, save) -> list[str]:
+    """The recipe shrunk to the tiny world on 2 processes: paths, lengths, batch and parallel sizes."""
+    from megatron_rpo.config import explicit_keys, load_config
+
+    config = load_config(recipe)
+    said = explicit_keys(config) or frozenset()
+    tiny = load_config(TINY_RECIPE).model
+    root = world["root"]
+    out = [f"model.{k}={world['vocab'] if k == 'vocab_size' else getattr(tiny, k)}"
+           for k in SIZE_KEYS if f"model.{k}" in said]
+    p = config.parallel
+    if p.tensor_model_parallel_size > 1:  # TP 2 (sequence parallel as the recipe has it), DP 1
+        out += ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1"]
+        dp = 1
+    elif p.pipeline_model_parallel_size > 1:  # PP 2, DP 1
+        out += ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
+                "parallel.sequence_parallel=false"]
+        dp = 1
+    else:
+        dp = 2
+    micro = min(config.train.micro_batch_size, 2)
+    out += [f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * dp * 2}",
+            "data.max_length=160", f"train.load={root / 'ckpt'}", f"data.train_data_prefix={root / 'train'}",
+            f"data.valid_data_prefix={root / 'valid'}", f"train.save={save}", f"train.train_iters={STEPS}",
+            f"train.save_interval={INTERVAL}", f"train.eval_interval={INTERVAL}", "train.log_interval=1"]
+    if "data.max_prompt_length" in said:
+        out.append("data.max_prompt_length=96")
+    return out
+
+
+def _uninterrupted(runs: list[tuple[str, list[str]]]) -> None:
+    """Each recipe's whole run, one after another in the same processes."""
+    from megatron_rpo.config import load_config
+    from megatron_rpo.training.trainer import Trainer
+
+    for recipe, argv in runs:
+        trainer = Trainer(load_config(recipe, argv))
+        try:
+            trainer.train()
+        finally:
+            trainer.close(keep_process_group=True)  # the process group stays for the next recipe
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(recipe_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    saves = {os.path.basename(r): root / os.path.basename(r) for r in RECIPES}
+    run_ranks(_uninterrupted, 2, [(r, recipe_overrides(r, recipe_world, saves[os.path.basename(r)]))
+                                  for r in RECIPES], timeout=900)
+    return saves
+
+
+def _launch(recipe: str, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "megatron_rpo.launch", "--standalone", "--nproc-per-node=2", "-m",
+            "megatron_rpo.train", "--config", recipe, *argv]
+
+
+def _exports_equal(a, b) -> None:
+    from megatron_rpo.convert.files import ConvertedCheckpoint
+
+    x, y = ConvertedCheckpoint(str(a)), ConvertedCheckpoint(str(b))
+    assert sorted(x.index) == sorted(y.index)
+    for name in x.index:
+        assert torch.equal(x.get(name), y.get(name)), name
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
+def test_recipe_stops_on_sigterm_resumes_and_equals_the_uninterrupted_run(recipe, recipe_world, uninterrupted,
+                                                                          tmp_path):
+    from megatron_rpo.plot import read_scalars
+
+    save = tmp_path / "run"
+    argv = recipe_overrides(recipe, recipe_world, save)
+    job = _Job(_launch(recipe, argv), _env())
+    try:
+        job.wait_for(rf"step 2/{STEPS}", timeout=240)
+        os.kill(job.proc.pid, signal.SIGTERM)  # the launcher, as a scheduler does
+        stopped = job.wait_for(r"received SIGTERM: stopped after step (\d+) with checkpoint", timeout=120)
+        assert job.proc.wait(timeout=120) == 75, job.output()[-3000:]
+    finally:
+        job.kill()
+    step = int(stopped.group(1))
+    assert step < STEPS, "the stop came too late to test a resume"
+    assert (save / "latest").read_text().strip() == f"iter_{step:07d}"
+    assert "Traceback" not in job.output()
+
+    resumed = subprocess.run(_launch(recipe, argv), cwd=REPO, env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"resumed from {save / f'iter_{step:07d}'} at step {step}" in output
+    assert "Warning" not in output, output[-3000:]  # nothing the user cannot act on
+
+    expected, got = read_scalars(str(uninterrupted[os.path.basename(recipe)])), read_scalars(str(save))
+    names = sorted(n for n in expected if n.split("/", 1)[1] not in TIMING)
+    assert "train/lr" in names and "eval/loss" in names
+    assert sorted(n for n in got if n.split("/", 1)[1] not in TIMING) == names
+    for name in names:
+        assert got[name] == expected[name], name  # bitwise on CPU, step by step
+    assert [s for s, _ in got["eval/loss"]] == [INTERVAL, STEPS]
+    _exports_equal(save / "export", uninterrupted[os.path.basename(recipe)] / "export")
