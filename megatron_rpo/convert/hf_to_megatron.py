@@ -7,8 +7,8 @@ names the tensor otherwise. Nothing is left at the output path when conversion f
 from __future__ import annotations
 
 import json
-import uuid
 import os
+import uuid
 
 from tqdm import tqdm
 

@@ -104,7 +104,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []  # per-step metrics of this session
         self._evaluated_at = -1
-        self._checkpoint: str | None = None  # the newest checkpoint of this run, written or resumed from
+        self._checkpoint: tuple[str, int] | None = None  # the newest checkpoint (path, step), written or resumed
         self._pending: list[str] = []  # what that checkpoint's step still owes: "export", "eval"
         self.lock = self._lock_save_dir()
         try:
@@ -115,7 +115,7 @@ class Trainer:
                 state = load_training_checkpoint(resume, self.module, self.optimizer, self.scheduler,
                                                  keep_schedule=not changed)
                 self.step = state["step"]
-                self._checkpoint, self._pending = resume, list(state.get("pending", []))
+                self._checkpoint, self._pending = (resume, self.step), list(state.get("pending", []))
                 self.sampler.consumed_samples = state["consumed_samples"]
                 _log(f"resumed from {resume} at step {self.step}" + (
                     "" if state["rng_restored"] else f" (trained as TP x PP x DP = {state.get('layout')}: weights and "
@@ -415,10 +415,10 @@ class Trainer:
 
     def _done(self, what: str) -> None:
         """``what`` of the newest checkpoint's step is done: a resume from it must not do it again."""
-        if self._checkpoint and what in self._pending and read_training_state(self._checkpoint)["step"] == self.step:
+        if self._checkpoint and self._checkpoint[1] == self.step and what in self._pending:
             self._pending.remove(what)
             if dist.get_rank() == 0:
-                mark_done(self._checkpoint, what)
+                mark_done(self._checkpoint[0], what)
 
     def export(self) -> None:
         """The weights of this step as a converted checkpoint, ``<save>/export``."""
@@ -491,12 +491,13 @@ class Trainer:
 
     def save(self) -> str:
         """Write a checkpoint of this step; returns its path."""
+        owed = self._owed()
         path = save_training_checkpoint(
             self.config.train.save, self.step, self.module, self.optimizer, self.scheduler,
             {"consumed_samples": self.sampler.consumed_samples, "config": config_to_dict(self.config),
-             "pending": self._owed()},
+             "pending": owed},
             self.config.train.keep_last)
-        self._checkpoint, self._pending = path, self._owed()
+        self._checkpoint, self._pending = (path, self.step), list(owed)
         _log(f"saved {path}")
         return path
 

@@ -75,3 +75,29 @@ def test_the_real_model_steps_run_as_written_on_a_tiny_mistral(tmp_path, hh_slic
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert (tmp_path / "runs" / "mistral7b_hh_rpo_paired" / "latest").exists()
     assert (tmp_path / "mistral7b-rpo" / "config.json").exists()
+
+
+def test_the_split_command_holds_out_the_same_rows_every_time(tmp_path, hh_slice):
+    (block,) = [b for b in _blocks("bash") if "shuf " in b]
+    block = block.replace("1000", "40").replace("1001", "41")
+    shutil.copy(hh_slice, tmp_path / "pairs.jsonl")
+    splits = []
+    for _ in range(2):
+        subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, check=True)
+        splits.append(((tmp_path / "test.jsonl").read_text(), (tmp_path / "train.jsonl").read_text()))
+    test, train = splits[0]
+    assert splits[1] == splits[0]
+    rows = open(hh_slice).read().splitlines()
+    assert len(test.splitlines()) == 40 and sorted(test.splitlines() + train.splitlines()) == sorted(rows)
+    assert test.splitlines() != rows[:40]  # shuffled
+
+
+def test_the_test_command_installs_only_when_the_package_declaration_changes():
+    venv = sys.prefix
+    if not os.path.exists(os.path.join(venv, ".megatron_rpo_installed")):
+        import pytest
+
+        pytest.skip("this environment was not set up by scripts/env.sh")
+    result = subprocess.run(["bash", "-c", ". scripts/env.sh"], cwd=REPO, capture_output=True, text=True, check=True,
+                            env=dict(os.environ, MEGATRON_RPO_VENV=venv))
+    assert "[setup]" not in result.stdout + result.stderr  # no virtualenv, torch or package install

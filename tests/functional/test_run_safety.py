@@ -115,8 +115,8 @@ def _env():
     return dict(env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
-def _torchrun(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+def _torchrun(args: list[str], launcher: str = "torch.distributed.run") -> list[str]:
+    return [sys.executable, "-m", launcher, "--standalone", "--nproc-per-node=2", "-m",
             "megatron_rpo.train", "--config", RECIPE, *args]
 
 
@@ -144,13 +144,13 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(workspace, tmp_p
     save = tmp_path / "run"
     argv = overrides(workspace, save, "train.train_iters=400", "train.eval_iters=1", "loss.weighting=uniform",
                      "train.export=false")
-    job = _Job(_torchrun(argv), _env())
+    job = _Job(_torchrun(argv, "megatron_rpo.launch"), _env())
     try:
         job.wait_for(r"step 4/400", timeout=240)
-        os.kill(job.proc.pid, signal.SIGTERM)  # what Slurm and Kubernetes send; torchrun passes it on
+        os.killpg(job.proc.pid, signal.SIGTERM)  # the launcher's process group, as Ctrl-C or a scheduler
         stopped = job.wait_for(r"received SIGTERM: stopped after step (\d+) with checkpoint .*exiting with code 75",
                                timeout=60)
-        job.proc.wait(timeout=60)
+        assert job.proc.wait(timeout=60) == 75  # the launcher's too: plain torchrun would exit with 1
     finally:
         job.kill()
     step = int(stopped.group(1))
@@ -180,6 +180,9 @@ def test_a_bad_input_is_said_once_not_by_every_rank(workspace, tmp_path):
     output = result.stdout + result.stderr
     lines = [line for line in output.splitlines() if line.startswith("error: ") and "missing.manifest.json" in line]
     assert len(lines) == 1, output[-3000:]
+    # torchrun's failure report quotes each rank's error file: the message, not our stack.
+    assert re.search(r"traceback : error: .*missing.manifest.json not found", output), output[-3000:]
+    assert not re.search(r"megatron_rpo/(train|training/|data/)\S*\.py", output), output[-3000:]
 
 
 def _setups(cases: list[list[str]]) -> list[dict]:

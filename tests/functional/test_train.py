@@ -274,3 +274,41 @@ def test_starting_a_finished_run_again_does_nothing(workspace, tmp_path):
     again = run_ranks(_train, 1, argv, timeout=300)[0]
     assert again["history"] == [] and again["eval"] == {}
     assert read_scalars(str(save)) == before  # no second eval/* written
+
+
+def _stopped_then_resumed(uninterrupted_argv, argv, stop_at):
+    """An uninterrupted run; a run stopped (as by SIGTERM) after step ``stop_at``; its resume; once more."""
+    from megatron_rpo.config import load_config
+    from megatron_rpo.training.checkpointing import latest_checkpoint, read_training_state
+    from megatron_rpo.training.interrupts import Preempted
+    from megatron_rpo.training.trainer import Trainer
+
+    def run(overrides, stop=None):
+        trainer = Trainer(load_config(RECIPE, overrides))
+        if stop is not None:
+            trainer.stops.poll = lambda device: "SIGTERM" if trainer.step == stop else None
+        try:
+            return {"eval": trainer.train(), "history": trainer.history}
+        except Preempted:
+            return {"preempted": trainer.step, "pending": read_training_state(latest_checkpoint(trainer.config.train.save))["pending"]}
+        finally:
+            trainer.close(keep_process_group=True)
+
+    return [run(uninterrupted_argv), run(argv, stop_at), run(argv), run(argv)]
+
+
+@pytest.mark.parametrize("stop_at", [2, 4])  # an evaluation step; the last step (export and final evaluation)
+def test_what_a_stop_leaves_undone_after_its_checkpoint_is_done_on_resume(workspace, tmp_path, stop_at):
+    from megatron_rpo.convert.files import ConvertedCheckpoint
+    from megatron_rpo.plot import read_scalars
+
+    common = ["train.train_iters=4", "train.eval_interval=2", "train.save_interval=2", "loss.weighting=uniform"]
+    full, stopped, resumed, again = run_ranks(
+        _stopped_then_resumed, 1, _overrides(workspace, tmp_path / "full", *common),
+        _overrides(workspace, tmp_path / "run", *common), stop_at, timeout=400)[0]
+    assert stopped == {"preempted": stop_at, "pending": ["export", "eval"] if stop_at == 4 else ["eval"]}
+    assert resumed["eval"] == full["eval"] and again == {"eval": {}, "history": []}  # done once, not twice
+    scalars, expected = read_scalars(str(tmp_path / "run")), read_scalars(str(tmp_path / "full"))
+    assert scalars["eval/loss"] == expected["eval/loss"] and [s for s, _ in scalars["eval/loss"]] == [2, 4]
+    a, b = ConvertedCheckpoint(str(tmp_path / "run" / "export")), ConvertedCheckpoint(str(tmp_path / "full" / "export"))
+    assert all(torch.equal(a.get(n), b.get(n)) for n in a.index)

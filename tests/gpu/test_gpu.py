@@ -113,12 +113,16 @@ def test_export_converts_back_to_hugging_face(runs, gpu_workspace, tmp_path):
     assert torch.isfinite(a).all() and not torch.allclose(a, b)
 
 
-def test_resume_continues_the_uninterrupted_run(gpu_workspace, tmp_path):
+# The GPU recipes' optimizer settings (distributed optimizer, RMSprop, warm-up), whichever Adam the
+# container gives megatron (transformer-engine's, apex's or torch's).
+@pytest.mark.parametrize("settings", [[], ["optimizer.use_distributed_optimizer=true", "optimizer.optimizer=rmsprop",
+                                           "optimizer.lr_warmup_iters=3"]], ids=["default", "recipes"])
+def test_resume_continues_the_uninterrupted_run(gpu_workspace, tmp_path, settings):
     argv = overrides(gpu_workspace, tmp_path / "full", "train.train_iters=4", "train.save_interval=2",
-                     "train.export=false")
+                     "train.export=false", *settings)
     full = run_ranks(train, 1, argv, timeout=300)[0]["history"]
     part = overrides(gpu_workspace, tmp_path / "resumed", "train.train_iters=4", "train.save_interval=2",
-                     "train.export=false")
+                     "train.export=false", *settings)
     first = run_ranks(train, 1, part + ["train.exit_interval=2"], timeout=300)[0]["history"]
     second = run_ranks(train, 1, part, timeout=300)[0]["history"]
     assert [h["step"] for h in first + second] == [1, 2, 3, 4]
