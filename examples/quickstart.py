@@ -196,8 +196,9 @@ def main() -> None:
     print("artefacts:")
     for label, path in (("tokenizer", sp_model), ("initial HF model", hf_init), ("converted checkpoint", ckpt),
                         ("datasets", os.path.join(work, "data")), ("warm-up run", sft), ("RPO run", rpo),
-                        ("RPO checkpoints", os.path.join(rpo, "latest")), ("TensorBoard", os.path.join(rpo, "tensorboard")),
-                        ("Hugging Face export", hf_out), ("run plot", plot)):
+                        ("RPO checkpoints", os.path.join(rpo, "latest")),
+                        ("TensorBoard", os.path.join(rpo, "tensorboard")), ("Hugging Face export", hf_out),
+                        ("run plot", plot)):
         print(f"  {label:<22} {path}")
     print(f"redraw the plot of any run: python -m megatron_rpo.plot {rpo}")
 

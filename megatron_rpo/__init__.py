@@ -14,4 +14,4 @@ if not torch.cuda.is_available():
 # megatron's dist_checkpointing loads through torch's ShardedTensor, which torch deprecates, and
 # its optimizers' zero_grad asks every parameter view for a .grad, which torch flags for views.
 warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor")
-warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed")
+warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor is being")

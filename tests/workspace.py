@@ -65,6 +65,33 @@ def overrides(ws: dict, save, *extra: str) -> list[str]:
             f"train.save={save}", "train.train_iters=6", "train.eval_iters=2", "train.keep_last=5", *extra]
 
 
+def train_each(runs: list[list[str] | tuple[str, list[str]]]) -> list[dict]:
+    """Several runs one after another in these processes, sharing their start-up: each is a list of
+    overrides of configs/tiny_cpu.yaml, or ``(recipe, overrides)``. Returns per run its history and
+    last evaluation, or ``{"error": message}`` for a run refused with a ValueError."""
+    from megatron.core import parallel_state
+
+    from megatron_rpo.config import load_config
+    from megatron_rpo.training.trainer import Trainer
+
+    out = []
+    for run in runs:
+        recipe, argv = run if isinstance(run, tuple) else (RECIPE, run)
+        trainer = None
+        try:
+            trainer = Trainer(load_config(recipe, argv))
+            evaluation = trainer.train()
+            out.append({"history": trainer.history, "eval": evaluation})
+        except ValueError as e:
+            out.append({"error": str(e)})
+        finally:
+            if trainer is not None:
+                trainer.close(keep_process_group=True)  # the process group stays for the next run
+            else:
+                parallel_state.destroy_model_parallel()
+    return out
+
+
 def train(overrides: list[str]) -> dict:
     """Train configs/tiny_cpu.yaml with ``overrides``; the per-step history and the last evaluation."""
     from megatron_rpo.config import load_config

@@ -132,11 +132,12 @@ class Trainer:
         # MFU needs a GPU's peak rate: the configured one, else the GPU's by name; none on CPU.
         self.peak_tflops = c.train.peak_tflops or (peak_tflops(torch.cuda.get_device_name())
                                                    if torch.cuda.is_available() else None)
+        steps = (f"{self.total_steps} steps" if self.total_steps else
+                 "no training (train.train_iters=0): evaluation only")
         _log(f"world {dist.get_world_size()} = TP {c.parallel.tensor_model_parallel_size} x PP "
              f"{c.parallel.pipeline_model_parallel_size} x DP {self.dp}; {self.num_microbatches} microbatches of "
              f"{c.train.micro_batch_size} {'pairs' if c.data.paired else 'items'} per rank per step; "
-             f"{f'{self.total_steps} steps' if self.total_steps else 'no training (train.train_iters=0): evaluation only'}"
-             f"; loss {c.loss.loss_type} ({c.loss.contrast_scope})")
+             f"{steps}; loss {c.loss.loss_type} ({c.loss.contrast_scope})")
 
     # -- the save directory ---------------------------------------------------------------------
     def _lock_save_dir(self) -> SaveDirLock | None:
@@ -409,7 +410,8 @@ class Trainer:
         c = self.config
         final = self.step >= self.total_steps
         owed = ["export"] if final and c.train.export else []
-        if self.valid_data is not None and (final or (c.train.eval_interval and self.step % c.train.eval_interval == 0)):
+        eval_step = bool(c.train.eval_interval) and self.step % c.train.eval_interval == 0
+        if self.valid_data is not None and (final or eval_step):
             owed.append("eval")
         return owed
 
@@ -475,8 +477,9 @@ class Trainer:
         scores = accuracy_text(metrics, self.valid_data.paired)
         if self.valid_data.paired and not c.data.paired:  # the training line's measure too
             scores += f" | {accuracy_text(metrics, False)}"
-        _log(f"eval at step {self.step}: loss {metrics['loss']:.4f} | {scores} | margin {metrics['reward_margin']:+.4f} | "
-             f"{total * c.train.micro_batch_size * self.dp} {'pairs' if self.valid_data.paired else 'items'}")
+        samples = f"{total * c.train.micro_batch_size * self.dp} {'pairs' if self.valid_data.paired else 'items'}"
+        _log(f"eval at step {self.step}: loss {metrics['loss']:.4f} | {scores} | "
+             f"margin {metrics['reward_margin']:+.4f} | {samples}")
         self.scalars.add("eval", metrics, self.step)
         return metrics
 

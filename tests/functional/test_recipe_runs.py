@@ -24,8 +24,10 @@ from tests.conftest import REPO
 from tests.functional.test_run_safety import _env, _Job
 from tests.multiprocess import run_ranks
 from tests.workspace import RECIPE as TINY_RECIPE
+from tests.workspace import train_each
 
-RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")) if os.path.basename(p) != "tiny_cpu.yaml")
+RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))
+                 if os.path.basename(p) != "tiny_cpu.yaml")
 STEPS, INTERVAL = 8, 4
 SIZE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
              "vocab_size", "max_position_embeddings")
@@ -35,9 +37,9 @@ TIMING = ("step_time", "tokens_per_s", "tflops", "mfu")  # the machine's, not th
 @pytest.fixture(scope="module")
 def recipe_world(tmp_path_factory, workspace, sp_tokenizer):
     """A tiny Llama whose non-size settings agree with every recipe that sets them (RoPE base
-    500000 and RMSNorm epsilon 1e-5, as the Llama-3 and Llama-2 recipes say), the workspace's
-    datasets and embeddings, and their reference log-probs from that checkpoint (every GPU
-    recipe uses a precomputed reference)."""
+    500000 and RMSNorm epsilon 1e-5, as the Llama-3 and Llama-2 recipes say), and the
+    workspace's datasets and embeddings (their reference log-probs come with the uninterrupted
+    runs)."""
     import shutil
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,13 +61,6 @@ def recipe_world(tmp_path_factory, workspace, sp_tokenizer):
         for f in glob.glob(str(workspace["root"] / f"{split}.*")):
             if not f.endswith(f"{split}.jsonl") and ".ref." not in f:
                 shutil.copy(f, root)
-    for split in ("train", "valid"):
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-             os.path.join(REPO, "tools", "precompute_reference_logps.py"), "--load", str(root / "ckpt"),
-             "--data-prefix", str(root / split), "--no-progress"],
-            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
     return {"root": root, "vocab": workspace["vocab"]}
 
 
@@ -99,25 +94,36 @@ def recipe_overrides(recipe: str, world: dict, save) -> list[str]:
     return out
 
 
-def _uninterrupted(runs: list[tuple[str, list[str]]]) -> None:
-    """Each recipe's whole run, one after another in the same processes."""
-    from megatron_rpo.config import load_config
-    from megatron_rpo.training.trainer import Trainer
+def _uninterrupted(world: dict, runs: list[tuple[str, list[str]]]) -> list[dict]:
+    """The datasets' reference log-probs from the tiny checkpoint (every GPU recipe uses a
+    precomputed reference), then each recipe's whole run, one after another in these processes."""
+    from megatron.core import parallel_state
 
-    for recipe, argv in runs:
-        trainer = Trainer(load_config(recipe, argv))
-        try:
-            trainer.train()
-        finally:
-            trainer.close(keep_process_group=True)  # the process group stays for the next recipe
+    from megatron_rpo import parallel
+    from megatron_rpo.config import Config, DataConfig
+    from megatron_rpo.models import model_provider
+    from megatron_rpo.training.checkpointing import checkpoint_model_config, load_weights
+    from megatron_rpo.training.reference import compute_reference_logps
+
+    ckpt = str(world["root"] / "ckpt")
+    config = Config(model=checkpoint_model_config(ckpt), data=DataConfig(max_prompt_length=96, max_length=160))
+    parallel.initialize(config.parallel)
+    model = model_provider(config)
+    load_weights(model, ckpt)
+    for split in ("train", "valid"):
+        compute_reference_logps(model, str(world["root"] / split), vocab_size=config.model.vocab_size,
+                                checkpoint=ckpt, progress=False)
+    parallel_state.destroy_model_parallel()
+    return train_each(runs)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(recipe_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     saves = {os.path.basename(r): root / os.path.basename(r) for r in RECIPES}
-    run_ranks(_uninterrupted, 2, [(r, recipe_overrides(r, recipe_world, saves[os.path.basename(r)]))
-                                  for r in RECIPES], timeout=900)
+    runs = [(r, recipe_overrides(r, recipe_world, saves[os.path.basename(r)])) for r in RECIPES]
+    results = run_ranks(_uninterrupted, 2, recipe_world, runs, timeout=900)[0]
+    assert not [r["error"] for r in results if "error" in r]
     return saves
 
 
