@@ -26,7 +26,8 @@ fi
 # declares (setup.py, pyproject.toml). The stamp records the declaration last installed.
 STAMP="$VENV/.megatron_rpo_installed"
 WANTED="$(cat "$ROOT/setup.py" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $ROOT"
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANTED" ] || ! python -c "import megatron_rpo" 2>/dev/null; then
+# The import runs outside the repository, where only the installed package can answer it.
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANTED" ] || ! (cd / && python -c "import megatron_rpo") 2>/dev/null; then
     echo "[setup] installing megatron_rpo and its test dependencies"
     python -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
     echo "$WANTED" > "$STAMP"
