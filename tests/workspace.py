@@ -1,4 +1,5 @@
-"""A converted tiny Llama, train/valid datasets with embeddings, and a one-call trainer run.
+"""A converted tiny Llama, train/valid datasets with embeddings, one-call trainer runs, and a
+launched training command watched line by line.
 
 Shared by the functional tests, the device-boundary test and the GPU tier (the fixture that
 builds it is ``workspace`` in tests/conftest.py).
@@ -8,7 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import signal
+import subprocess
 import sys
+import threading
+import time
 
 import torch
 
@@ -103,3 +109,47 @@ def train(overrides: list[str]) -> dict:
         return {"history": trainer.history, "eval": evaluation}
     finally:
         trainer.scalars.close()
+
+
+class Job:
+    """A training command in its own process group, its output collected line by line."""
+
+    def __init__(self, argv: list[str], env: dict | None = None):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.output()[-4000:]}")
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def launch_env() -> dict:
+    """The environment of a launched training command: no rank variables of ours, one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

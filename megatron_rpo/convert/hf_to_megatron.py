@@ -23,9 +23,9 @@ __all__ = ["convert_hf_to_megatron"]
 def _check_tokenizer(hf_dir: str, model: ModelConfig) -> None:
     """The tokenizer the conversion copies must fit the model's vocabulary: every token id needs an
     embedding row, and a tokenizer of far fewer tokens than the vocabulary is another model's."""
-    from megatron_rpo.data.tokenizer import load_tokenizer, tokenizer_digests
+    from megatron_rpo.data.tokenizer import holds_tokenizer, load_tokenizer
 
-    if not tokenizer_digests(hf_dir):
+    if not holds_tokenizer(hf_dir):
         return  # nothing to copy
     sp = os.path.join(hf_dir, "tokenizer.model")
     path = sp if os.path.isfile(sp) and not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else hf_dir

@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Tokenizer", "load_tokenizer", "train_sentencepiece", "file_sha256", "tokenizer_sha256", "tokenizer_digests"]
+__all__ = ["Tokenizer", "load_tokenizer", "train_sentencepiece", "file_sha256", "tokenizer_sha256", "tokenizer_digests",
+           "holds_tokenizer"]
 
 _HF_TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                        "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja"}
@@ -135,11 +136,16 @@ def tokenizer_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def holds_tokenizer(directory: str) -> bool:
+    """Whether ``directory`` holds any tokenizer file (a Hugging Face tokenizer's or a sentencepiece model)."""
+    return os.path.isdir(directory) and bool(set(os.listdir(directory)) & _HF_TOKENIZER_FILES)
+
+
 def tokenizer_digests(directory: str) -> set[str]:
     """The ``sha256`` values a dataset tokenised with the tokenizer in ``directory`` records: the
     directory's (as a Hugging Face tokenizer) and its ``tokenizer.model``'s (as sentencepiece).
     Empty when the directory holds no tokenizer file (a checkpoint converted without one)."""
-    if not os.path.isdir(directory) or not set(os.listdir(directory)) & _HF_TOKENIZER_FILES:
+    if not holds_tokenizer(directory):
         return set()
     digests = {tokenizer_sha256(directory)}
     if os.path.isfile(os.path.join(directory, "tokenizer.model")):

@@ -36,6 +36,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron_rpo.config import ModelConfig
 from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.convert.load import load_converted
+from megatron_rpo.training.optimizer import optimizer_parts
 
 __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
            "read_training_state", "mark_done", "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
@@ -129,7 +130,7 @@ def _placeholder_optimizer_state(optimizer) -> None:
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for chained in optimizer_parts(optimizer):
         inner = getattr(chained, "optimizer", None)
         if not isinstance(chained, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
             continue
@@ -152,7 +153,7 @@ def _restore_step_counters(optimizer, loaded: dict) -> None:
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    chained = optimizer_parts(optimizer)
     states = [loaded] if len(chained) == 1 else [v for _, v in sorted(loaded.items())]
     for opt, state_dict in zip(chained, states):
         if not isinstance(opt, DistributedOptimizer):

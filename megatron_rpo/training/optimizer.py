@@ -21,12 +21,17 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_rpo.config import OptimizerConfig
 
-__all__ = ["build_optimizer", "build_scheduler"]
+__all__ = ["build_optimizer", "build_scheduler", "optimizer_parts"]
+
+
+def optimizer_parts(optimizer) -> list:
+    """The optimizers a MegatronOptimizer is made of: a ChainedOptimizer's parts, else itself."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _use_fused_torch_adam(optimizer) -> None:
     """Fused AdamW for megatron's torch fallback (a no-op under transformer-engine's or apex's Adam)."""
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for chained in optimizer_parts(optimizer):
         inner = getattr(chained, "optimizer", None)
         if isinstance(inner, torch.optim.AdamW) and not inner.state:
             for group in inner.param_groups:

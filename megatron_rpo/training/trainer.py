@@ -98,7 +98,7 @@ class Trainer:
                              f"({self.samples_per_step})")
         self.total_steps = epoch_steps if c.train.train_iters is None else c.train.train_iters
         if self.valid_data is not None:
-            self._eval_microbatches()  # a held-out set too small to evaluate is said now, not after training
+            self._eval_microbatches(self._eval_sampler())  # too small to evaluate: said now, not after training
         self.optimizer = build_optimizer(c.optimizer, [self.model], bf16=self.bf16)
         self.scheduler = build_scheduler(self.optimizer, c.optimizer, self.total_steps)
         self.step = 0
@@ -429,7 +429,10 @@ class Trainer:
         _log(f"exported the final weights to {export}")
         self._done("export")
 
-    def _eval_microbatches(self) -> int:
+    def _eval_sampler(self):
+        return self._sampler(self.valid_data, shuffle_seed=0, paired=self.valid_data.paired)
+
+    def _eval_microbatches(self, sampler) -> int:
         """How many microbatches per rank one evaluation runs: the whole held-out set (whole
         microbatches on every data-parallel rank), or ``train.eval_iters`` steps of it.
 
@@ -437,7 +440,6 @@ class Trainer:
             ValueError: the held-out set does not fill one microbatch on every rank.
         """
         c = self.config
-        sampler = self._sampler(self.valid_data, shuffle_seed=0, paired=self.valid_data.paired)
         chunk = c.train.micro_batch_size * self.dp
         available = sampler.samples_per_epoch() // chunk
         if available == 0:
@@ -461,8 +463,8 @@ class Trainer:
         contrast, that step's matrix is smaller).
         """
         c = self.config
-        sampler = self._sampler(self.valid_data, shuffle_seed=0, paired=self.valid_data.paired)
-        total = self._eval_microbatches()
+        sampler = self._eval_sampler()
+        total = self._eval_microbatches(sampler)
         iterator = iter(sampler)
         self.model.eval()
         reports = []

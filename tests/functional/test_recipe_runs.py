@@ -21,10 +21,9 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.functional.test_run_safety import _env, _Job
 from tests.multiprocess import run_ranks
 from tests.workspace import RECIPE as TINY_RECIPE
-from tests.workspace import train_each
+from tests.workspace import Job, launch_env, train_each
 
 RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))
                  if os.path.basename(p) != "tiny_cpu.yaml")
@@ -148,7 +147,7 @@ def test_recipe_stops_on_sigterm_resumes_and_equals_the_uninterrupted_run(recipe
 
     save = tmp_path / "run"
     argv = recipe_overrides(recipe, recipe_world, save)
-    job = _Job(_launch(recipe, argv), _env())
+    job = Job(_launch(recipe, argv), launch_env())
     try:
         job.wait_for(rf"step 2/{STEPS}", timeout=240)
         os.kill(job.proc.pid, signal.SIGTERM)  # the launcher, as a scheduler does
@@ -161,7 +160,7 @@ def test_recipe_stops_on_sigterm_resumes_and_equals_the_uninterrupted_run(recipe
     assert (save / "latest").read_text().strip() == f"iter_{step:07d}"
     assert "Traceback" not in job.output()
 
-    resumed = subprocess.run(_launch(recipe, argv), cwd=REPO, env=_env(), capture_output=True, text=True,
+    resumed = subprocess.run(_launch(recipe, argv), cwd=REPO, env=launch_env(), capture_output=True, text=True,
                              timeout=600)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]

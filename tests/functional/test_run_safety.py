@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -20,7 +19,7 @@ import yaml
 
 from tests.conftest import RECIPE, REPO
 from tests.multiprocess import RankFailure, run_ranks
-from tests.workspace import overrides, train, train_each
+from tests.workspace import Job, launch_env, overrides, train, train_each
 
 
 def test_resume_refuses_a_changed_config_and_applies_it_only_when_allowed(workspace, tmp_path):
@@ -70,49 +69,6 @@ def test_a_second_job_on_a_save_directory_in_use_is_refused(workspace, tmp_path)
     assert [h["step"] for h in result["history"]] == [1]
 
 
-class _Job:
-    """A training command in its own process group, its output collected line by line."""
-
-    def __init__(self, argv: list[str], env: dict | None = None):
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                match = re.search(pattern, line)
-                if match:
-                    return match
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.kill()
-        raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.output()[-4000:]}")
-
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def kill(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
 def _torchrun(args: list[str], launcher: str = "torch.distributed.run") -> list[str]:
     return [sys.executable, "-m", launcher, "--standalone", "--nproc-per-node=2", "-m",
             "megatron_rpo.train", "--config", RECIPE, *args]
@@ -122,8 +78,9 @@ def test_workers_exit_when_their_launcher_is_killed(workspace, tmp_path):
     import psutil
 
     save = tmp_path / "run"
-    job = _Job(_torchrun(overrides(workspace, save, "train.train_iters=400", "train.save_interval=5",
-                                   "train.keep_last=100", "train.eval_iters=1", "loss.weighting=uniform")), _env())
+    job = Job(_torchrun(overrides(workspace, save, "train.train_iters=400", "train.save_interval=5",
+                                  "train.keep_last=100", "train.eval_iters=1", "loss.weighting=uniform")),
+              launch_env())
     try:
         job.wait_for(r"step 6/400", timeout=240)
         workers = psutil.Process(job.proc.pid).children(recursive=True)
@@ -142,7 +99,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(workspace, tmp_p
     save = tmp_path / "run"
     argv = overrides(workspace, save, "train.train_iters=400", "train.eval_iters=1", "loss.weighting=uniform",
                      "train.export=false")
-    job = _Job(_torchrun(argv, "megatron_rpo.launch"), _env())
+    job = Job(_torchrun(argv, "megatron_rpo.launch"), launch_env())
     try:
         job.wait_for(r"step 4/400", timeout=240)
         os.killpg(job.proc.pid, signal.SIGTERM)  # the launcher's process group, as Ctrl-C or a scheduler
@@ -157,7 +114,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(workspace, tmp_p
 
     # Without a launcher (one process, so DP 1 instead of 2: weights and optimizer state reshard),
     # SIGTERM ends it the same way, with exit code 75.
-    single = _Job([sys.executable, "-m", "megatron_rpo.train", "--config", RECIPE, *argv], _env())
+    single = Job([sys.executable, "-m", "megatron_rpo.train", "--config", RECIPE, *argv], launch_env())
     try:
         single.wait_for(rf"resumed from .*iter_{step:07d} at step {step}", timeout=240)
         single.wait_for(rf"step {step + 2}/400", timeout=120)
@@ -173,7 +130,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(workspace, tmp_p
 
 def test_a_bad_input_is_said_once_not_by_every_rank(workspace, tmp_path):
     argv = overrides(workspace, tmp_path / "run", f"data.valid_data_prefix={tmp_path / 'missing'}")
-    result = subprocess.run(_torchrun(argv), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    result = subprocess.run(_torchrun(argv), cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     lines = [line for line in output.splitlines() if line.startswith("error: ") and "missing.manifest.json" in line]
