@@ -26,7 +26,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -120,7 +120,13 @@ class _Section:
 
 @dataclass
 class ModelConfig(_Section):
-    """A Llama/Mistral/Qwen2-family decoder. The defaults are Llama-2-7B's shape."""
+    """A Llama/Mistral/Qwen2/Qwen3-family decoder, dense or mixture-of-experts (Qwen3-MoE, Mixtral).
+    The defaults are Llama-2-7B's shape.
+
+    Every field but ``make_vocab_size_divisible_by``, ``moe_aux_loss_coeff`` and
+    ``moe_token_dispatcher_type`` is the architecture: training reads it from the converted
+    checkpoint, and a value a recipe sets must agree with it. Those three are training choices a
+    recipe may set freely (the checkpoint's value is the default)."""
 
     _section = "model"
 
@@ -151,12 +157,55 @@ class ModelConfig(_Section):
     """False ties the output layer to the input embedding (e.g. small Qwen2 models)."""
     add_qkv_bias: bool = False
     """Bias on the query/key/value projection (Qwen2)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3)."""
+    kv_channels: Optional[int] = None
+    """Width of one attention head (Hugging Face's ``head_dim``); None: hidden_size / num_attention_heads.
+    Qwen3 sets it apart from that (e.g. Qwen3-0.6B: 128 with hidden 1024 and 16 heads)."""
+    num_moe_experts: Optional[int] = None
+    """Experts per mixture-of-experts layer; None: a dense model."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Width of each expert's SwiGLU MLP; None: ffn_hidden_size (Mixtral). Qwen3-MoE's
+    ``moe_intermediate_size``; ``ffn_hidden_size`` stays the width of its dense layers."""
+    moe_router_pre_softmax: bool = False
+    """False: top-k of the router logits, then softmax over those k (Hugging Face's softmax, top-k,
+    renormalise: Mixtral, Qwen3-MoE with ``norm_topk_prob: true``). True: softmax over every expert,
+    then top-k, weights not renormalised (Qwen3-MoE with ``norm_topk_prob: false``)."""
+    moe_layer_freq: Union[int, list[int]] = 1
+    """Which layers are mixture-of-experts (megatron's meaning): N, every N-th layer from the first;
+    or one 0 (dense) / 1 (experts) per layer (Qwen3-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the router's load-balancing loss (per layer, megatron's form); conversion takes the
+    checkpoint's ``router_aux_loss_coef``. The loss only adds a gradient: it never enters the
+    preference loss, the rewards or the reference log-probs. NeMo-RL trains with 0 (it found the
+    aux loss hurts post-training); TRL's default is 0.001."""
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach their experts' ranks under expert parallelism (megatron's dispatchers);
+    the result is the same, the communication differs (alltoall is megatron's choice for EP > 1)."""
 
     def validate(self) -> None:
         self._positive("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                        "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "rotary_base",
-                       "norm_epsilon", "rope_scaling_factor")
-        if self.hidden_size % self.num_attention_heads:
+                       "norm_epsilon", "rope_scaling_factor", "kv_channels", "num_moe_experts",
+                       "moe_router_topk", "moe_ffn_hidden_size")
+        self._positive("moe_aux_loss_coeff", allow_zero=True)
+        if self.num_moe_experts is not None:
+            if self.moe_router_topk > self.num_moe_experts:
+                raise ValueError(f"model.moe_router_topk ({self.moe_router_topk}) exceeds model.num_moe_experts "
+                                 f"({self.num_moe_experts})")
+            if self.moe_router_topk == 1 and not self.moe_router_pre_softmax:
+                raise ValueError("model.moe_router_topk=1 needs model.moe_router_pre_softmax=true (megatron's rule: "
+                                 "a softmax over the one chosen expert is 1 and has no gradient)")
+            pattern = self.moe_layers
+            if len(pattern) != self.num_layers:
+                raise ValueError(f"model.moe_layer_freq lists {len(pattern)} layers but model.num_layers is "
+                                 f"{self.num_layers}")
+            if any(v not in (0, 1) for v in pattern):
+                raise ValueError(f"model.moe_layer_freq must hold 0 (dense) or 1 (experts) per layer, got "
+                                 f"{self.moe_layer_freq}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) is not divisible by "
                 f"model.num_attention_heads ({self.num_attention_heads})"
@@ -166,6 +215,25 @@ class ModelConfig(_Section):
                 f"model.num_attention_heads ({self.num_attention_heads}) is not divisible by "
                 f"model.num_query_groups ({self.num_query_groups})"
             )
+        if self.moe_layer_freq != 1 and self.num_moe_experts is None:
+            raise ValueError(f"model.moe_layer_freq={self.moe_layer_freq} needs model.num_moe_experts (a dense "
+                             "model has no expert layers)")
+        if isinstance(self.moe_layer_freq, int) and self.moe_layer_freq <= 0:
+            raise ValueError(f"model.moe_layer_freq must be > 0, got {self.moe_layer_freq}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Per layer, 1 where it is mixture-of-experts, 0 where dense (all 0 for a dense model)."""
+        if self.num_moe_experts is None:
+            return [0] * self.num_layers
+        if isinstance(self.moe_layer_freq, list):
+            return list(self.moe_layer_freq)
+        return [1 if i % self.moe_layer_freq == 0 else 0 for i in range(self.num_layers)]
 
 
 @dataclass
@@ -182,13 +250,21 @@ class ParallelConfig(_Section):
     """Splits each sequence across ranks (needs transformer-engine, so GPU only). Not supported
     yet: per-sequence log-probs would have to be summed over the context-parallel group first."""
     sequence_parallel: bool = False
-    """Split layer norms and dropout along the sequence over the tensor-parallel ranks (TP > 1)."""
+    """Split layer norms and dropout along the sequence over the tensor-parallel ranks (TP > 1).
+    Mixture-of-experts models need it whenever TP > 1 (megatron's rule)."""
+    expert_model_parallel_size: int = 1
+    """Expert parallelism: each rank holds num_moe_experts / EP experts of every MoE layer. The
+    EP ranks are carved out of the data-parallel ranks (megatron's layout), so the world is still
+    TP x PP x DP and DP (times TP / ETP) must be a multiple of EP; dense layers stay replicated."""
+    expert_tensor_parallel_size: Optional[int] = None
+    """Tensor parallelism inside each expert; None: tensor_model_parallel_size (megatron's default).
+    1 keeps every expert whole on its rank (what large-EP recipes use)."""
     distributed_timeout_minutes: float = 10.0
     """Collective timeout: a dead rank makes the others fail after this long instead of hanging."""
 
     def validate(self) -> None:
         self._positive("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-                       "distributed_timeout_minutes")
+                       "distributed_timeout_minutes", "expert_model_parallel_size", "expert_tensor_parallel_size")
         if self.context_parallel_size != 1:
             raise ValueError(
                 f"parallel.context_parallel_size={self.context_parallel_size} is not supported yet "
@@ -205,6 +281,11 @@ class ParallelConfig(_Section):
         """Ranks that hold one copy of the model: TP x PP x CP."""
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
+    @property
+    def expert_tensor_size(self) -> int:
+        """Tensor parallelism inside each expert (``expert_tensor_parallel_size`` resolved)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel replicas in a world of ``world_size`` ranks.
 
@@ -216,6 +297,14 @@ class ParallelConfig(_Section):
                 f"world size {world_size} is not divisible by tensor_model_parallel_size "
                 f"({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
                 f"({self.pipeline_model_parallel_size}) x context_parallel_size ({self.context_parallel_size})"
+            )
+        expert_ranks = self.expert_model_parallel_size * self.expert_tensor_size * self.pipeline_model_parallel_size
+        if world_size % expert_ranks:
+            raise ValueError(
+                f"world size {world_size} is not divisible by expert_model_parallel_size "
+                f"({self.expert_model_parallel_size}) x expert_tensor_parallel_size ({self.expert_tensor_size}) x "
+                f"pipeline_model_parallel_size ({self.pipeline_model_parallel_size}): megatron lays the experts "
+                "out over the same ranks as the dense layers"
             )
         return world_size // self.model_parallel_size
 
@@ -497,6 +586,28 @@ class Config:
                 f"model.num_layers ({self.model.num_layers}) is not divisible by "
                 f"parallel.pipeline_model_parallel_size ({pp})"
             )
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        """megatron's rules for mixture-of-experts layouts, before any process group exists."""
+        m, p = self.model, self.parallel
+        ep, etp = p.expert_model_parallel_size, p.expert_tensor_size
+        if m.num_moe_experts is None:
+            if ep != 1 or p.expert_tensor_parallel_size not in (None, p.tensor_model_parallel_size):
+                raise ValueError(f"parallel.expert_model_parallel_size={ep} / expert_tensor_parallel_size="
+                                 f"{p.expert_tensor_parallel_size} need a mixture-of-experts model (model.num_moe_experts "
+                                 "is not set)")
+            return
+        if m.num_moe_experts % ep:
+            raise ValueError(f"model.num_moe_experts ({m.num_moe_experts}) is not divisible by "
+                             f"parallel.expert_model_parallel_size ({ep})")
+        if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+            raise ValueError(f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} with a "
+                             "mixture-of-experts model needs parallel.sequence_parallel=true (megatron's rule)")
+        width = m.moe_ffn_hidden_size or m.ffn_hidden_size
+        if width % etp:
+            raise ValueError(f"the experts' width ({width}, model.moe_ffn_hidden_size) is not divisible by "
+                             f"parallel.expert_tensor_parallel_size ({etp})")
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel size for ``world_size`` ranks, checking that the batch sizes fit it.
@@ -555,7 +666,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.save_interval", "train.keep_last", "train.export", "train.tensorboard_dir", "train.allow_config_change",
     "train.stop_signal", "train.peak_tflops", "train.wandb_project", "train.wandb_entity", "train.wandb_run_name",
     "train.wandb_mode", "data.valid_data_prefix", "parallel.distributed_timeout_minutes",
-    "parallel.sequence_parallel",
+    "parallel.sequence_parallel", "parallel.expert_model_parallel_size", "parallel.expert_tensor_parallel_size",
 })
 """Keys a resumed run may change freely: they decide how long it runs, how it logs, evaluates and
 saves, never what a training step computes."""

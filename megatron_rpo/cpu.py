@@ -16,7 +16,14 @@ assertion in gradient clipping that gradients are ``torch.cuda.FloatTensor``.
   ``get_cuda_rng_tracker().fork()`` still gives tensor-parallel ranks their own
   dropout stream;
 * ``Tensor.type()`` reports a CPU tensor under its CUDA name ('torch.cuda.FloatTensor'),
-  which is what megatron's optimizers and gradient clipping dispatch on.
+  which is what megatron's optimizers and gradient clipping dispatch on;
+* mixture of experts: the router's gating matmul asks for transformer-engine's GEMM by a name
+  that does not exist without it (it is set to None, which selects torch's); the all-to-all
+  token dispatcher copies its split sizes to the host on a side CUDA stream (on CPU they are
+  turned into host lists directly, no stream); and gloo cannot all-gather or reduce-scatter
+  pieces of different lengths, which megatron's uneven first-dimension gather and
+  reduce-scatter (expert tensor parallelism under the all-to-all dispatcher) ask of it: they are
+  done by padding to the longest piece, and by an all-reduce and a slice.
 
 This is the only module in the package that patches megatron or torch. It is a
 no-op when CUDA is available, and :func:`megatron_rpo.parallel.connect` activates
@@ -106,6 +113,53 @@ def _patch_megatron() -> None:
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
+def _patch_moe() -> None:
+    import numpy as np
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    def _host_splits(self, point, tokens_per_expert=None):
+        # megatron moves these to the host at its "dtoh point" on a side stream and synchronises
+        # later; on CPU they are host tensors already: give the all-to-all plain sizes.
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            for name in ("input_splits", "output_splits", "output_splits_tp"):
+                value = getattr(self, name, None)
+                if torch.is_tensor(value):
+                    setattr(self, name, value.numpy())
+        return tokens_per_expert
+
+    token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _host_splits
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = contextlib.nullcontext()
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def _gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in np.asarray(output_split_sizes).tolist()]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)], dim=0)
+
+    def _reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in np.asarray(input_split_sizes).tolist()]
+        total = input_.clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start: start + sizes[group.rank()]].contiguous()
+
+    mappings._gather_along_first_dim = _gather_uneven
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_uneven
+
+
 def _patch_autograd_backward() -> None:
     # Torch-function modes are thread-local and the autograd engine does not carry them into
     # the backward of custom autograd Functions, where megatron's tensor-parallel layers also
@@ -140,6 +194,7 @@ def activate() -> bool:
             _patch_torch_cuda()
             _patch_autograd_backward()
             _patch_megatron()
+            _patch_moe()
             _mode = _CudaToCpuMode()
             _mode.__enter__()
     return True

@@ -62,7 +62,7 @@ def connect(
 
 
 def initialize(config: ParallelConfig | None = None, *, seed: int = 1234) -> None:
-    """Connect (if needed) and build megatron's tensor/pipeline/context/data-parallel groups.
+    """Connect (if needed) and build megatron's tensor/pipeline/context/data/expert-parallel groups.
 
     Args:
         config: the parallel layout; the default is one model copy per rank.
@@ -82,6 +82,8 @@ def initialize(config: ParallelConfig | None = None, *, seed: int = 1234) -> Non
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
         context_parallel_size=config.context_parallel_size,
+        expert_model_parallel_size=config.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.expert_tensor_size,
         distributed_timeout_minutes=max(1, round(config.distributed_timeout_minutes)),
     )
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()

@@ -1,4 +1,5 @@
-"""Hugging Face (Llama 2/3, Mistral, Qwen2) -> our converted Megatron checkpoint, one layer at a time.
+"""Hugging Face (Llama 2/3, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral) -> our converted Megatron
+checkpoint, one layer at a time.
 
 Every source tensor must be consumed and every target must have its expected shape; the error
 names the tensor otherwise. Nothing is left at the output path when conversion fails.
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from megatron_rpo.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_rpo.convert.files import MARKER, HFWeights, StagedDirectory, copy_tokenizer, save_tensors
 from megatron_rpo.convert.hf_config import model_config_from_hf, read_hf_config
-from megatron_rpo.convert.layout import FUSE, IGNORED_SUFFIXES, LAYER_MAP, expected_shapes, file_groups, weights_file
+from megatron_rpo.convert.layout import FUSE, IGNORED_SUFFIXES, expected_shape, file_groups, weights_file
 
 __all__ = ["convert_hf_to_megatron"]
 
@@ -57,12 +58,14 @@ def convert_hf_to_megatron(
     *,
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
     progress: bool = True,
 ) -> dict:
     """Convert a Hugging Face checkpoint; returns the checkpoint's metadata.
 
-    The output holds whole tensors, so it loads at any tensor/pipeline split; the split given
-    here is checked against the model (heads, query groups and layers must divide) and recorded.
+    The output holds whole tensors, so it loads at any tensor/pipeline/expert split; the split given
+    here is checked against the model (heads, query groups, layers and experts must divide) and
+    recorded.
 
     Raises:
         ValueError: unsupported architecture, malformed directory, a missing, unused or
@@ -71,7 +74,10 @@ def convert_hf_to_megatron(
     hf_config = read_hf_config(hf_dir)
     model, arch = model_config_from_hf(hf_config, os.path.join(hf_dir, "config.json"))
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_model_parallel_size,
-                              pipeline_model_parallel_size=pipeline_model_parallel_size)
+                              pipeline_model_parallel_size=pipeline_model_parallel_size,
+                              expert_model_parallel_size=expert_model_parallel_size,
+                              # megatron's rule for experts with TP > 1; it does not change the weights
+                              sequence_parallel=tensor_model_parallel_size > 1 and model.num_moe_experts is not None)
     # The cross-checks of a whole config (heads and layers divisible by the split).
     config_from_dict({"model": vars(model), "parallel": vars(parallel),
                       "data": {"max_length": min(512, model.max_position_embeddings),
@@ -79,25 +85,14 @@ def convert_hf_to_megatron(
                      source=f"converting {hf_dir}")
     _check_tokenizer(hf_dir, model)
     weights = HFWeights(hf_dir)
-    shapes = expected_shapes(model)
     consumed: set[str] = set()
     index: dict[str, str] = {}
     dtype = None
     with StagedDirectory(output_dir) as tmp:
-        groups = file_groups(model)
-        for group, mapping in tqdm(groups, desc="convert", unit=" layers", disable=not progress):
-            tensors = {}
-            if mapping is None:  # a transformer layer
-                layer = int(group.split("_")[1])
-                for key, (hf_keys, transform) in LAYER_MAP.items():
-                    if key not in shapes:
-                        continue  # e.g. no QKV bias
-                    target = f"decoder.layers.{layer}.{key}"
-                    tensors[target] = _convert(weights, model, [f"model.layers.{layer}.{k}" for k in hf_keys],
-                                               transform, target, shapes[key], consumed)
-            else:
-                for target, (hf_keys, transform) in mapping.items():
-                    tensors[target] = _convert(weights, model, hf_keys, transform, target, shapes[target], consumed)
+        for group, mapping in tqdm(file_groups(model, arch), desc="convert", unit=" layers", disable=not progress):
+            tensors = {target: _convert(weights, model, hf_keys, transform, target, expected_shape(model, target),
+                                        consumed)
+                       for target, (hf_keys, transform) in mapping.items()}
             dtype = dtype or str(next(iter(tensors.values())).dtype).replace("torch.", "")
             path = weights_file(group)
             save_tensors(tensors, os.path.join(tmp, path))
@@ -119,7 +114,8 @@ def convert_hf_to_megatron(
             "dtype": dtype,
             "source": os.path.abspath(hf_dir),
             "planned_split": {"tensor_model_parallel_size": tensor_model_parallel_size,
-                              "pipeline_model_parallel_size": pipeline_model_parallel_size},
+                              "pipeline_model_parallel_size": pipeline_model_parallel_size,
+                              "expert_model_parallel_size": expert_model_parallel_size},
             "tokenizer_files": tokenizer,
             "index": index,
         }

@@ -1,8 +1,9 @@
-"""Load a converted checkpoint into this rank's part of a GPTModel, at any tensor/pipeline split.
+"""Load a converted checkpoint into this rank's part of a GPTModel, at any tensor/pipeline/expert split.
 
 Each parameter reads only its own slice from the files: the rows (or columns) this
 tensor-parallel rank holds, honouring megatron's partition stride (``[gate; up]`` splits each
-half), for the layers of this pipeline stage. The vocabulary is padded with zero rows, which the
+half), for the layers of this pipeline stage and the experts of this expert-parallel rank
+(split inside by the expert-tensor-parallel rank). The vocabulary is padded with zero rows, which the
 log-probs mask out. Shapes are checked and a missing tensor is named.
 """
 
@@ -12,8 +13,9 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint
+from megatron_rpo.convert.layout import global_expert_name, is_expert
 
-__all__ = ["load_converted", "canonical_name", "VOCAB_TENSORS"]
+__all__ = ["load_converted", "canonical_name", "tensor_split", "VOCAB_TENSORS"]
 
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 # transformer-engine's layer spec fuses the norms into the following linear layer.
@@ -24,19 +26,33 @@ _TE_ALIASES = {
 
 
 def canonical_name(model, name: str) -> str:
-    """A local parameter name -> the checkpoint's name (global layer number, local-spec names)."""
+    """A local parameter name -> the checkpoint's name (global layer and expert numbers, local-spec names)."""
     parts = name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
-        rest = ".".join(parts[3:])
-        if rest in _TE_ALIASES:
-            return ".".join(parts[:3] + [_TE_ALIASES[rest]])
-    return ".".join(parts)
+    if parts[:2] != ["decoder", "layers"]:
+        return name
+    layer = model.decoder.layers[int(parts[2])]
+    parts[2] = str(layer.layer_number - 1)
+    rest = ".".join(parts[3:])
+    if rest in _TE_ALIASES:
+        return ".".join(parts[:3] + [_TE_ALIASES[rest]])
+    name = ".".join(parts)
+    if is_expert(name):
+        local = layer.mlp.experts.num_local_experts
+        name = global_expert_name(name, parallel_state.get_expert_model_parallel_rank() * local)
+    return name
 
 
-def _tp_ranges(param, full: int) -> list[tuple[int, int]]:
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    size = parallel_state.get_tensor_model_parallel_world_size()
+def tensor_split(name: str) -> tuple[int, int, object]:
+    """``(rank, size, group)`` of the tensor parallelism that splits the checkpoint tensor ``name``:
+    the expert-tensor-parallel group for an expert's weights, the tensor-parallel group otherwise."""
+    if is_expert(name):
+        return (parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_tensor_parallel_world_size(),
+                parallel_state.get_expert_tensor_parallel_group())
+    return (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_group())
+
+
+def _tp_ranges(param, full: int, rank: int, size: int) -> list[tuple[int, int]]:
     stride = getattr(param, "partition_stride", 1)
     chunk = full // (size * stride)
     return [((k * size + rank) * chunk, (k * size + rank + 1) * chunk) for k in range(stride)]
@@ -66,11 +82,11 @@ def load_converted(model, path: str) -> None:
         ValueError: a tensor is missing, or a slice does not match the parameter's shape.
     """
     ckpt = ConvertedCheckpoint(path)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     for local, param in model.named_parameters():
         name = canonical_name(model, local)
         if name == "output_layer.weight" and name not in ckpt.index:
             name = "embedding.word_embeddings.weight"  # tied embeddings: the last stage holds a copy
+        rank, tp, _ = tensor_split(name)
         shape = ckpt.shape(name)
         split = getattr(param, "tensor_model_parallel", False) and tp > 1
         dim = param.partition_dim if split else 0
@@ -78,13 +94,13 @@ def load_converted(model, path: str) -> None:
         if name in VOCAB_TENSORS:
             # Rows [start, start + rows) of the padded vocabulary; rows past the real ones stay 0.
             rows = param.shape[0]
-            start = parallel_state.get_tensor_model_parallel_rank() * rows if split else 0
+            start = rank * rows if split else 0
             real = max(0, min(rows, shape[0] - start))
             value = torch.zeros(param.shape, dtype=param.dtype)
             if real:
                 value[:real] = ckpt.rows(name, 0, [(start, start + real)])
         elif split:
-            value = ckpt.rows(name, dim, _tp_ranges(param, shape[dim]))
+            value = ckpt.rows(name, dim, _tp_ranges(param, shape[dim], rank, tp))
         else:
             value = ckpt.get(name)
         if tuple(value.shape) != tuple(param.shape):

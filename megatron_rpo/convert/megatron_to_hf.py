@@ -13,7 +13,7 @@ import shutil
 from tqdm import tqdm
 
 from megatron_rpo.convert.files import ConvertedCheckpoint, StagedDirectory, save_tensors
-from megatron_rpo.convert.layout import LAYER_MAP, SPLIT, file_groups
+from megatron_rpo.convert.layout import SPLIT, file_groups
 
 __all__ = ["convert_megatron_to_hf"]
 
@@ -36,20 +36,11 @@ def convert_megatron_to_hf(megatron_dir: str, output_dir: str, *, progress: bool
         hf_config = json.load(f)
     weight_map: dict[str, str] = {}
     with StagedDirectory(output_dir) as tmp:
-        groups = file_groups(model)
+        groups = file_groups(model, ckpt.meta["architecture"])
         for number, (group, mapping) in enumerate(tqdm(groups, desc="export", unit=" layers", disable=not progress)):
             tensors = {}
-            if mapping is None:
-                layer = int(group.split("_")[1])
-                for key, (hf_keys, transform) in LAYER_MAP.items():
-                    target = f"decoder.layers.{layer}.{key}"
-                    if key.endswith(".bias") and target not in ckpt.index:
-                        continue
-                    tensors.update(_unfuse(ckpt, target, [f"model.layers.{layer}.{k}" for k in hf_keys],
-                                           transform, model))
-            else:
-                for target, (hf_keys, transform) in mapping.items():
-                    tensors.update(_unfuse(ckpt, target, hf_keys, transform, model))
+            for target, (hf_keys, transform) in mapping.items():
+                tensors.update(_unfuse(ckpt, target, hf_keys, transform, model))
             name = f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors"
             save_tensors(tensors, os.path.join(tmp, name))
             weight_map.update({k: name for k in tensors})

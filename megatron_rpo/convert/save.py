@@ -2,7 +2,9 @@
 
 The inverse of :mod:`.load`: tensor-parallel slices are gathered (honouring the partition
 stride), each pipeline stage's first data-parallel, first tensor-parallel rank writes its
-layers' files, and global rank 0 writes the index and renames the directory into place. The
+layers' files, the first expert-data-parallel, first expert-tensor-parallel rank of each
+expert-parallel rank writes its experts beside them, and global rank 0 writes the index and
+renames the directory into place. The
 result is what ``tools/convert_megatron_to_hf.py`` reads and what ``train.load`` accepts.
 Every rank must call it; the output directory must be on a filesystem all ranks share.
 """
@@ -21,15 +23,15 @@ from megatron.core import parallel_state
 from megatron_rpo.config import ModelConfig
 from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint, save_tensors
 from megatron_rpo.convert.layout import group_of, weights_file
-from megatron_rpo.convert.load import VOCAB_TENSORS, canonical_name
+from megatron_rpo.convert.layout import is_expert
+from megatron_rpo.convert.load import VOCAB_TENSORS, canonical_name, tensor_split
 
 __all__ = ["save_converted"]
 
 
-def _whole(param: torch.Tensor) -> torch.Tensor:
-    """All tensor-parallel slices of ``param`` put back together (every TP rank must call this)."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    size = parallel_state.get_tensor_model_parallel_world_size()
+def _whole(param: torch.Tensor, name: str) -> torch.Tensor:
+    """All tensor-parallel slices of ``param`` put back together (every rank of its group must call this)."""
+    _, size, group = tensor_split(name)
     data = param.detach()
     if not getattr(param, "tensor_model_parallel", False) or size == 1:
         return data.cpu()
@@ -53,6 +55,9 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
     """
     tmp = f"{os.path.abspath(output_dir)}.tmp"
     writer = (parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0)
+    expert_writer = (parallel_state.get_expert_data_parallel_rank() == 0
+                     and parallel_state.get_expert_tensor_parallel_rank() == 0)
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -61,12 +66,15 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
     tied = not model_config.untie_embeddings_and_output_weights
     for local, param in model.named_parameters():
         name = canonical_name(model, local)
-        tensor = _whole(param)
-        if not writer or (tied and name == "output_layer.weight"):
+        tensor = _whole(param, name)
+        expert = is_expert(name)
+        if not (expert_writer if expert else writer) or (tied and name == "output_layer.weight"):
             continue
         if name in VOCAB_TENSORS:
             tensor = tensor[: model_config.vocab_size]  # drop the padding rows
-        files.setdefault(weights_file(group_of(name)), {})[name] = tensor.contiguous()
+        # Each expert-parallel rank holds other experts of the same layer: a file of its own.
+        group = f"{group_of(name)}_experts{ep_rank:04d}" if expert else group_of(name)
+        files.setdefault(weights_file(group), {})[name] = tensor.contiguous()
         if len(files) > 1:  # one layer at a time in memory: flush the finished files
             for path in list(files)[:-1]:
                 save_tensors(files.pop(path), os.path.join(tmp, path))

@@ -1,6 +1,8 @@
-"""ModelConfig -> megatron TransformerConfig -> GPTModel, for the Llama/Mistral/Qwen2 family.
+"""ModelConfig -> megatron TransformerConfig -> GPTModel, for the Llama/Mistral/Qwen2/Qwen3 family.
 
-RMSNorm, SwiGLU, RoPE, grouped-query attention, optional QKV bias, tied or untied embeddings.
+RMSNorm, SwiGLU, RoPE, grouped-query attention, optional QKV bias and q/k norms, tied or untied
+embeddings, and megatron's mixture-of-experts layers (top-k router, SequentialMLP experts,
+expert parallelism; dense and expert layers as ``moe_layer_freq`` says).
 :func:`layer_spec` is the one place a layer spec is chosen: transformer-engine's when it
 imports and CUDA is present, otherwise megatron's local spec with our :class:`RMSNorm`
 (sequence-parallel aware) and :class:`SDPAttention`.
@@ -15,11 +17,13 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rpo.config import Config, ModelConfig, ParallelConfig
@@ -55,6 +59,30 @@ def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor
     return -(-vocab_size // multiple) * multiple
 
 
+def _moe_settings(model: ModelConfig) -> dict:
+    """megatron's mixture-of-experts fields for ``model`` (none for a dense one)."""
+    if model.num_moe_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=model.num_moe_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_hidden_size,
+        moe_router_pre_softmax=model.moe_router_pre_softmax,
+        moe_layer_freq=model.moe_layer_freq,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=model.moe_token_dispatcher_type,
+        # Dropless: every token reaches its k experts, so no padding or batch-mate changes a
+        # token's output (the log-probs of a sequence do not depend on what it is packed with).
+        moe_expert_capacity_factor=None,
+        # Hugging Face takes the softmax in float32; the gating matmul in float32 too costs little.
+        moe_router_dtype="fp32",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+    )
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool | None = None) -> TransformerConfig:
     """Megatron's TransformerConfig for our model and parallel layout.
 
@@ -80,6 +108,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
+        kv_channels=model.head_dim,
+        qk_layernorm=model.qk_layernorm,
+        **_moe_settings(model),
         # Fine-tuning: no dropout (Llama, Mistral and Qwen2 checkpoints are trained without it).
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -91,6 +122,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_size,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=bf16,
@@ -101,19 +134,44 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     )
 
 
-def layer_spec(config: TransformerConfig, vp_stage: int | None = None):
-    """The decoder spec: transformer-engine's layer on GPU when available, our local one otherwise."""
-    if use_transformer_engine():
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+def _local_layer_spec(config: TransformerConfig, experts: bool) -> ModuleSpec:
+    """megatron's local layer with our norms (q/k norms included) and attention."""
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts if experts else None, moe_grouped_gemm=False,
+                                    qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     norm = ModuleSpec(module=RMSNorm)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = SDPAttention
+    if config.qk_layernorm:
+        # megatron's torch norm for q/k refuses sequence parallelism; ours is the same arithmetic.
+        attention.q_layernorm = attention.k_layernorm = norm
+    return spec
+
+
+def layer_spec(config: TransformerConfig, vp_stage: int | None = None):
+    """The decoder spec: transformer-engine's layers on GPU when available, our local ones otherwise.
+
+    One spec per layer of this pipeline stage: dense or mixture-of-experts as
+    ``config.moe_layer_freq`` says (megatron's rule, :func:`get_gpt_decoder_block_spec`).
+    """
+    if use_transformer_engine():
+        if config.num_moe_experts is None:
+            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm",
+                                          vp_stage=vp_stage)
+    dense = _local_layer_spec(config, experts=False)
+    pattern = [0] * config.num_layers
+    if config.num_moe_experts is not None:
+        moe = _local_layer_spec(config, experts=True)
+        freq = config.moe_layer_freq
+        pattern = freq if isinstance(freq, list) else [int(i % freq == 0) for i in range(config.num_layers)]
+    specs = [moe if expert else dense for expert in pattern]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     # The block spec names the final norm too; a bare layer spec would get megatron's torch
     # norm there, which refuses sequence parallelism.
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm)
+    return TransformerBlockSubmodules(layer_specs=specs[offset: offset + num_layers], layer_norm=ModuleSpec(module=RMSNorm))
 
 
 def model_provider(

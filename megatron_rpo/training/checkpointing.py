@@ -115,8 +115,12 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
 
 
 def _layout() -> list[int]:
-    return [parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()]
+    """TP, PP, DP (and EP when experts are split): the layout per-rank RNG states belong to."""
+    layout = [parallel_state.get_tensor_model_parallel_world_size(),
+              parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()]
+    ep, etp = (parallel_state.get_expert_model_parallel_world_size(),
+               parallel_state.get_expert_tensor_parallel_world_size())
+    return layout + ([ep, etp] if (ep, etp) != (1, layout[0]) else [])
 
 
 def _placeholder_optimizer_state(optimizer) -> None:
