@@ -593,11 +593,7 @@ class Config:
         m, p = self.model, self.parallel
         ep, etp = p.expert_model_parallel_size, p.expert_tensor_size
         if m.num_moe_experts is None:
-            if ep != 1 or p.expert_tensor_parallel_size not in (None, p.tensor_model_parallel_size):
-                raise ValueError(f"parallel.expert_model_parallel_size={ep} / expert_tensor_parallel_size="
-                                 f"{p.expert_tensor_parallel_size} need a mixture-of-experts model (model.num_moe_experts "
-                                 "is not set)")
-            return
+            return  # a recipe's model is completed from the checkpoint; models.transformer_config checks again
         if m.num_moe_experts % ep:
             raise ValueError(f"model.num_moe_experts ({m.num_moe_experts}) is not divisible by "
                              f"parallel.expert_model_parallel_size ({ep})")

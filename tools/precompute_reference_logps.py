@@ -3,6 +3,8 @@
 
     torchrun --nproc-per-node 8 tools/precompute_reference_logps.py --load ckpt/mistral7b \\
         --data-prefix out/hh_train --tensor-model-parallel-size 2 --micro-batch-size 8
+    torchrun --nproc-per-node 8 tools/precompute_reference_logps.py --load ckpt/qwen3_30b_a3b \\
+        --data-prefix out/hh_train --expert-model-parallel-size 8
 
 Writes PREFIX.ref.{npy,manifest.json}; training with loss.reference=precomputed reads them and
 never builds the reference model. Runs on CPU (gloo) too.
@@ -27,6 +29,10 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass per rank")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="mixture-of-experts models: experts split over this many ranks (out of the data-parallel ones)")
+    p.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="tensor parallelism inside each expert (default: --tensor-model-parallel-size)")
     p.add_argument("--no-packing", action="store_true",
                    help="pad every sequence to the dataset's max_length instead of packing each microbatch "
                         "into one row (the values are the same; packing skips the padding)")
@@ -34,10 +40,16 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         dataset = read_manifest(a.data_prefix, MANIFEST_KIND)
+        model_config = checkpoint_model_config(a.load)
         config = Config(
-            model=checkpoint_model_config(a.load),
+            model=model_config,
             parallel=ParallelConfig(tensor_model_parallel_size=a.tensor_model_parallel_size,
-                                    pipeline_model_parallel_size=a.pipeline_model_parallel_size),
+                                    pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+                                    expert_model_parallel_size=a.expert_model_parallel_size,
+                                    expert_tensor_parallel_size=a.expert_tensor_parallel_size,
+                                    # megatron's rule for experts under TP; the values are the same
+                                    sequence_parallel=(a.tensor_model_parallel_size > 1
+                                                       and model_config.num_moe_experts is not None)),
             data=DataConfig(max_prompt_length=dataset["max_prompt_length"], max_length=dataset["max_length"]),
         )
         parallel.initialize(config.parallel)

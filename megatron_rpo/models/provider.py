@@ -21,6 +21,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -91,6 +92,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         parallel: the parallel layout.
         bf16: bf16 parameters and compute; default: on GPU, never on CPU.
     """
+    if model.num_moe_experts is None and (parallel.expert_model_parallel_size != 1
+                                          or parallel.expert_tensor_size != parallel.tensor_model_parallel_size):
+        raise ValueError(f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} / "
+                         f"expert_tensor_parallel_size={parallel.expert_tensor_parallel_size} need a mixture-of-experts "
+                         "model, and this one is dense (model.num_moe_experts is not set)")
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu if bf16 is None else bf16
     if bf16 and not on_gpu:
@@ -199,7 +205,7 @@ def model_provider(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     tconfig = transformer_config(config.model, config.parallel, bf16=bf16)
     m = config.model
-    return GPTModel(
+    model = GPTModel(
         config=tconfig,
         transformer_layer_spec=layer_spec(tconfig, vp_stage),
         vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
@@ -216,3 +222,19 @@ def model_provider(
         rope_scaling_factor=m.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
+    _mark_experts(model)
+    return model
+
+
+def _mark_experts(model: GPTModel) -> None:
+    """Treat expert weights as expert-parallel at EP = 1 too (megatron does only for EP > 1).
+
+    megatron's DDP and optimizer keep expert-parallel weights in buffers and an optimizer of their
+    own (a chained optimizer), so the optimizer state a checkpoint holds would otherwise change
+    shape between EP = 1 and EP > 1, and a run could not resume at another EP size. At EP = 1 the
+    expert-data-parallel group is the data-parallel group, so the gradients are reduced the same.
+    """
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            for param in module.experts.parameters():
+                param.allreduce = False

@@ -38,6 +38,7 @@ from megatron_rpo.training.checkpointing import (
     read_training_state,
     save_training_checkpoint,
 )
+from megatron_rpo.training.experts import ExpertMetrics
 from megatron_rpo.training.interrupts import Preempted, StopRequests
 from megatron_rpo.training.lock import SaveDirLock
 from megatron_rpo.training.metrics_log import Scalars, accuracy_text, format_line, reduce_reports, require_wandb
@@ -45,6 +46,9 @@ from megatron_rpo.training.optimizer import build_optimizer, build_scheduler
 from megatron_rpo.training.step import forward_backward
 
 __all__ = ["Trainer"]
+
+# model keys that are not the architecture: a recipe sets them freely (ModelConfig's docstring)
+TRAINING_CHOICES = frozenset({"make_vocab_size_divisible_by", "moe_aux_loss_coeff", "moe_token_dispatcher_type"})
 
 
 def _log(message: str) -> None:
@@ -91,6 +95,8 @@ class Trainer:
 
         self.samples_per_step = c.train.global_batch_size
         self.num_microbatches = c.train.global_batch_size // (c.train.micro_batch_size * self.dp)
+        self.experts = (ExpertMetrics(self.module, c.model.num_layers, c.model.num_moe_experts, self.num_microbatches)
+                        if c.model.num_moe_experts else None)
         self.sampler = self._sampler(self.train_data, shuffle_seed=c.data.seed)
         epoch_steps = self.sampler.samples_per_epoch() // self.samples_per_step
         if epoch_steps == 0 and c.train.train_iters is None:
@@ -134,8 +140,12 @@ class Trainer:
                                                    if torch.cuda.is_available() else None)
         steps = (f"{self.total_steps} steps" if self.total_steps else
                  "no training (train.train_iters=0): evaluation only")
+        experts = (f" (experts: EP {c.parallel.expert_model_parallel_size} x ETP {c.parallel.expert_tensor_size}, "
+                   f"{c.model.num_moe_experts // c.parallel.expert_model_parallel_size} of {c.model.num_moe_experts} "
+                   f"per rank, top {c.model.moe_router_topk}, aux loss coeff {c.model.moe_aux_loss_coeff:g})"
+                   if c.model.num_moe_experts else "")
         _log(f"world {dist.get_world_size()} = TP {c.parallel.tensor_model_parallel_size} x PP "
-             f"{c.parallel.pipeline_model_parallel_size} x DP {self.dp}; {self.num_microbatches} microbatches of "
+             f"{c.parallel.pipeline_model_parallel_size} x DP {self.dp}{experts}; {self.num_microbatches} microbatches of "
              f"{c.train.micro_batch_size} {'pairs' if c.data.paired else 'items'} per rank per step; "
              f"{steps}; loss {c.loss.loss_type} ({c.loss.contrast_scope})")
 
@@ -219,10 +229,11 @@ class Trainer:
 
         mine, theirs = dataclasses.asdict(c.model), dataclasses.asdict(ckpt_model)
         diff = {k: (mine[k], theirs[k]) for k in mine
-                if k != "make_vocab_size_divisible_by" and given(f"model.{k}") and mine[k] != theirs[k]}
+                if k not in TRAINING_CHOICES and given(f"model.{k}") and mine[k] != theirs[k]}
         if diff:
             detail = ", ".join(f"model.{k}={a!r} but the checkpoint has {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{c.train.load} does not fit the config: {detail}")
+        # The checkpoint's value of a training choice is the default; a value that was set wins.
         model = dataclasses.replace(c.model, **{k: v for k, v in theirs.items()
                                                 if k != "make_vocab_size_divisible_by" and not given(f"model.{k}")})
         prompt = self.train_data.manifest["max_prompt_length"]
@@ -352,6 +363,8 @@ class Trainer:
             batches, lengths = self._microbatches(self.train_data, iterator, self.num_microbatches)
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
+            if self.experts is not None:
+                self.experts.reset()
             reports = forward_backward(self.model, batches, c.loss, vocab_size=c.model.vocab_size,
                                        reference=self.reference, paired=c.data.paired)
             finalize_model_grads([self.model])
@@ -373,6 +386,8 @@ class Trainer:
                                  avg * (self.total_steps - self.step), paired=c.data.paired, tflops=speed["tflops"],
                                  mfu=speed.get("mfu")))
             self.scalars.add("train", dict(metrics, lr=lr, grad_norm=grad_norm, step_time=elapsed, **speed), self.step)
+            if self.experts is not None:
+                self.scalars.add("moe", self.experts.read(), self.step)
             stop = self.stops.poll(current_device())
             if stop:
                 self._stop(stop)
