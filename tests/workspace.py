@@ -63,6 +63,52 @@ def build(root, hh_slice: str, sp_tokenizer: str) -> dict:
     return {"root": root, "vocab": vocab}
 
 
+def hf_family_model(kind: str, **sizes):
+    """A tiny random Hugging Face model of ``kind`` with the shape ``sizes`` (vocab_size, hidden_size,
+    intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, ...): Qwen3 with
+    head_dim 1.5 x hidden / heads and tied embeddings; Qwen3-MoE (4 experts, top 2, expert width
+    hidden / 2) with ``norm_topk_prob`` false (or true: ``qwen3_moe_norm``) and layer 1 dense; Mixtral
+    (4 experts, top 2)."""
+    from transformers import (
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    head = sizes["hidden_size"] // sizes["num_attention_heads"]
+    if kind == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**sizes, head_dim=head * 3 // 2, tie_word_embeddings=True))
+    if kind.startswith("qwen3_moe"):
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            **sizes, head_dim=head, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=sizes["hidden_size"] // 2,
+            norm_topk_prob=kind.endswith("_norm"), mlp_only_layers=[1], router_aux_loss_coef=0.01))
+    return MixtralForCausalLM(MixtralConfig(**sizes, num_local_experts=4, num_experts_per_tok=2, sliding_window=None))
+
+
+def family_checkpoint(root, kind: str, vocab: int, tokenizer: str) -> str:
+    """A tiny random ``kind`` (:func:`hf_family_model`) with configs/tiny_cpu.yaml's shape and
+    ``tokenizer``, converted at ``root/<kind>/ckpt``; returns that path."""
+    import shutil
+
+    from megatron_rpo.config import load_config
+    from megatron_rpo.convert import convert_hf_to_megatron
+
+    m = load_config(RECIPE).model
+    torch.manual_seed(0)
+    model = hf_family_model(kind, vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+                            num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                            num_key_value_heads=m.num_query_groups, max_position_embeddings=m.max_position_embeddings,
+                            rms_norm_eps=m.norm_epsilon)
+    model.save_pretrained(root / kind / "hf")
+    shutil.copy(tokenizer, root / kind / "hf" / "tokenizer.model")
+    convert_hf_to_megatron(str(root / kind / "hf"), str(root / kind / "ckpt"), progress=False)
+    return str(root / kind / "ckpt")
+
+
 def overrides(ws: dict, save, *extra: str) -> list[str]:
     """Command-line overrides of configs/tiny_cpu.yaml for a 6-step run on the workspace."""
     root = ws["root"]

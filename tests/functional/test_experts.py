@@ -1,0 +1,188 @@
+"""Preference training on mixture-of-experts models (issue 20), on 2 gloo processes.
+
+* One step's gradients at EP 2 equal EP 1 on the same per-rank microbatches, with the router's
+  load-balancing loss on; the gathered contrast matrix (the loss and its report) is the one
+  without EP; the aux loss adds a gradient and never enters the loss value.
+* A run stopped at EP 2 resumes at EP 1 and ends where the uninterrupted EP 2 run ends; it logs
+  ``moe/aux_loss`` and each MoE layer's load imbalance.
+* The reference tool's per-sequence log-probs equal transformers' own sums over the response
+  tokens for Qwen3, Qwen3-MoE and Mixtral at TP 1, TP 2 (+ sequence parallel) and EP 2.
+
+Every case of one world shares one spawn.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.multiprocess import run_ranks
+from tests.workspace import family_checkpoint, overrides, train_each
+
+FAMILIES = ("qwen3", "qwen3_moe_norm", "mixtral")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(workspace, sp_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {kind: family_checkpoint(root, kind, workspace["vocab"], sp_tokenizer) for kind in FAMILIES}
+
+
+def _step_gradients(argv: list[str]) -> dict:
+    """One training step's whole gradients (experts gathered over EP) and loss report, by checkpoint name."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_rpo.config import load_config
+    from megatron_rpo.convert.layout import is_expert
+    from megatron_rpo.convert.load import canonical_name
+    from megatron_rpo.training.step import forward_backward
+    from megatron_rpo.training.trainer import Trainer
+    from tests.workspace import RECIPE
+
+    trainer = Trainer(load_config(RECIPE, argv))
+    try:
+        c = trainer.config
+        batches, _ = trainer._microbatches(trainer.train_data, iter(trainer.sampler), trainer.num_microbatches)
+        trainer.model.zero_grad_buffer()
+        reports = forward_backward(trainer.model, batches, c.loss, vocab_size=c.model.vocab_size,
+                                   reference=trainer.reference, paired=c.data.paired)
+        finalize_model_grads([trainer.model])
+        grads = {}
+        for local, param in trainer.module.named_parameters():
+            name = canonical_name(trainer.module, local)
+            grad = param.main_grad.detach().clone()
+            if is_expert(name):  # each EP rank holds other experts: every rank gets all of them
+                group = ps.get_expert_model_parallel_group()
+                names = [None] * dist.get_world_size(group)
+                dist.all_gather_object(names, name, group=group)
+                pieces = [torch.empty_like(grad) for _ in names]
+                dist.all_gather(pieces, grad, group=group)
+                grads.update(zip(names, pieces))
+            else:
+                grads[name] = grad
+        return {"grads": grads, "loss": float(reports[0]["loss"]), "matrix": (reports[0]["matrix_rows"],
+                                                                               reports[0]["matrix_cols"])}
+    finally:
+        trainer.close(keep_process_group=True)
+
+
+def _reference_logps(ckpt: str, prefix: str, tp: int, ep: int):
+    from megatron.core import parallel_state as ps
+
+    from tests.workspace import load_script
+
+    tool = load_script("tools/precompute_reference_logps.py", "reference_tool")
+    argv = ["--load", ckpt, "--data-prefix", prefix, "--micro-batch-size", "5", "--tensor-model-parallel-size",
+            str(tp), "--expert-model-parallel-size", str(ep), "--no-progress"]
+    # the tool tears its parallel state down; the process group stays for the next case
+    import megatron_rpo.parallel as parallel
+
+    destroy, parallel.destroy = parallel.destroy, ps.destroy_model_parallel
+    try:
+        assert tool.main(argv) == 0
+    finally:
+        parallel.destroy = destroy
+    from megatron_rpo.data.dataset import PreferenceDataset
+
+    return PreferenceDataset(prefix, reference_logps=True).ref_logps.copy()
+
+
+def _cases(gradient_runs, training_runs, reference_cases):
+    return {"gradients": [_step_gradients(argv) for argv in gradient_runs],
+            "training": train_each(training_runs),
+            "reference": [_reference_logps(*case) for case in reference_cases]}
+
+
+def _transformers_logps(hf_dir: str, prefix: str) -> np.ndarray:
+    """Each sequence's response log-prob from transformers itself (float32, padded rows)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_rpo.data.dataset import PreferenceDataset, collate
+
+    ds = PreferenceDataset(prefix)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
+    batch = collate(ds, list(range(len(ds))), ds.manifest["max_length"])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(batch["tokens"]).logits.float(), dim=-1)
+    token = logps.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)  # [b, s]
+    return (token * batch["loss_mask"]).sum(-1).numpy()
+
+
+@pytest.fixture(scope="module")
+def results(workspace, checkpoints, tmp_path_factory):
+    import glob
+    import shutil
+
+    root = tmp_path_factory.mktemp("expert_runs")
+    moe = checkpoints["qwen3_moe_norm"]
+    model = [f"train.load={moe}", "model.num_query_groups=2"]
+
+    def argv(save, *extra):
+        return overrides(workspace, root / save, *model, "train.train_iters=4", "train.save_interval=2",
+                         "train.eval_iters=1", *extra)
+
+    gradient_runs = [argv("g1", "train.save=null"), argv("g2", "train.save=null", "parallel.expert_model_parallel_size=2"),
+                     argv("g0", "train.save=null", "parallel.expert_model_parallel_size=2", "model.moe_aux_loss_coeff=0")]
+    training_runs = [argv("ep2", "parallel.expert_model_parallel_size=2"),
+                     argv("stopped", "parallel.expert_model_parallel_size=2", "train.exit_interval=2"),
+                     argv("stopped")]  # resumed at EP 1
+    prefixes = {}
+    for kind in FAMILIES:  # a small dataset per case: the tool writes PREFIX.ref beside it
+        for tp, ep in [(1, 1), (2, 1)] + ([(1, 2)] if kind != "qwen3" else []):
+            prefix = root / f"{kind}_tp{tp}_ep{ep}" / "valid"
+            prefix.parent.mkdir()
+            for f in glob.glob(str(workspace["root"] / "valid.*")):
+                if ".ref." not in f and not f.endswith("valid.jsonl"):
+                    shutil.copy(f, prefix.parent)
+            prefixes[(kind, tp, ep)] = str(prefix)
+    reference_cases = [(checkpoints[kind], prefix, tp, ep) for (kind, tp, ep), prefix in prefixes.items()]
+    out = run_ranks(_cases, 2, gradient_runs, training_runs, reference_cases, timeout=900)[0]
+    out.update(root=root, prefixes=prefixes)
+    return out
+
+
+def test_gradients_at_ep2_equal_ep1_with_the_aux_loss_and_the_matrix_is_the_same(results):
+    ep1, ep2, no_aux = results["gradients"]
+    assert ep1["grads"].keys() == ep2["grads"].keys()
+    assert any(".mlp.experts.local_experts.3." in n for n in ep1["grads"])
+    for name, grad in ep1["grads"].items():
+        torch.testing.assert_close(ep2["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert ep2["matrix"] == ep1["matrix"] == (8, 8)  # the whole data-parallel batch, 2 ranks x 4 pairs
+    assert ep2["loss"] == pytest.approx(ep1["loss"], abs=1e-6)
+    # The aux loss never enters the loss value, only the gradient (the routers' above all).
+    assert no_aux["loss"] == pytest.approx(ep2["loss"], abs=1e-6)
+    router = "decoder.layers.2.mlp.router.weight"
+    assert (no_aux["grads"][router] - ep2["grads"][router]).abs().max() > 1e-4
+
+
+def test_a_run_stopped_at_ep2_resumes_at_ep1_and_ends_where_the_uninterrupted_run_ends(results):
+    from megatron_rpo.convert.files import ConvertedCheckpoint
+    from megatron_rpo.plot import read_scalars
+
+    uninterrupted, stopped, resumed = results["training"]
+    assert not [r["error"] for r in results["training"] if "error" in r]
+    assert [h["step"] for h in stopped["history"]] == [1, 2] and [h["step"] for h in resumed["history"]] == [3, 4]
+    for a, b in zip(uninterrupted["history"], stopped["history"] + resumed["history"]):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    x, y = (ConvertedCheckpoint(str(results["root"] / d / "export")) for d in ("ep2", "stopped"))
+    assert sorted(x.index) == sorted(y.index)
+    for name in x.index:
+        torch.testing.assert_close(y.get(name), x.get(name), rtol=1e-4, atol=1e-5, msg=name)
+    scalars = read_scalars(str(results["root"] / "ep2"))
+    assert [s for s, _ in scalars["moe/aux_loss"]] == [1, 2, 3, 4]
+    assert all(v > 0.5 for _, v in scalars["moe/aux_loss"])  # about 1 when balanced (megatron's form)
+    layers = sorted(n for n in scalars if n.startswith("moe/load_imbalance/"))
+    assert layers == ["moe/load_imbalance/layer_00", "moe/load_imbalance/layer_02", "moe/load_imbalance/layer_03"]
+    assert all(1.0 <= v <= 2.0 for n in layers for _, v in scalars[n])  # 4 experts, top 2: at most 2
+
+
+def test_reference_logps_equal_transformers_at_tp1_tp2_ep2(results, checkpoints):
+    import os
+
+    for ((kind, tp, ep), prefix), got in zip(results["prefixes"].items(), results["reference"]):
+        hf = os.path.join(os.path.dirname(checkpoints[kind]), "hf")
+        np.testing.assert_allclose(got, _transformers_logps(hf, prefix), rtol=1e-4, atol=1e-3,
+                                   err_msg=f"{kind} TP {tp} EP {ep}")
