@@ -30,8 +30,11 @@ AUX_LOSS = "load_balancing_loss"  # megatron's tracker name
 class ExpertMetrics:
     """Hooks on ``module``'s routers; :meth:`reset` before a step, :meth:`read` after it (every rank)."""
 
-    def __init__(self, module, num_layers: int, num_experts: int, num_microbatches: int):
+    def __init__(self, module, num_layers: int, num_experts: int, num_microbatches: int, aux_loss_coeff: float):
         self.num_microbatches = num_microbatches
+        self.aux_loss = aux_loss_coeff > 0
+        # megatron's tracker is global to the process: drop what an earlier model left in it
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
         # on the device: the hook adds to it without a device-to-host copy per layer and microbatch
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=current_device())
         self.layers: list[int] = []
@@ -59,7 +62,7 @@ class ExpertMetrics:
         counts = counts.cpu()
         out = {}
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-        if AUX_LOSS in tracker:
+        if self.aux_loss and AUX_LOSS in tracker:
             moe_utils.reduce_aux_losses_tracker_across_ranks([AUX_LOSS])
             values = tracker[AUX_LOSS]["values"].double().cpu()
             moe = [i for i in range(len(values)) if counts[i].sum() > 0]

@@ -95,8 +95,8 @@ class Trainer:
 
         self.samples_per_step = c.train.global_batch_size
         self.num_microbatches = c.train.global_batch_size // (c.train.micro_batch_size * self.dp)
-        self.experts = (ExpertMetrics(self.module, c.model.num_layers, c.model.num_moe_experts, self.num_microbatches)
-                        if c.model.num_moe_experts else None)
+        self.experts = (ExpertMetrics(self.module, c.model.num_layers, c.model.num_moe_experts, self.num_microbatches,
+                                      c.model.moe_aux_loss_coeff) if c.model.num_moe_experts else None)
         self.sampler = self._sampler(self.train_data, shuffle_seed=c.data.seed)
         epoch_steps = self.sampler.samples_per_epoch() // self.samples_per_step
         if epoch_steps == 0 and c.train.train_iters is None:

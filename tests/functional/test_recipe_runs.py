@@ -23,7 +23,7 @@ import torch
 from tests.conftest import REPO
 from tests.multiprocess import run_ranks
 from tests.workspace import RECIPE as TINY_RECIPE
-from tests.workspace import Job, launch_env, train_each
+from tests.workspace import Job, family_checkpoint, launch_env, train_each
 
 RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))
                  if os.path.basename(p) != "tiny_cpu.yaml")
@@ -36,7 +36,8 @@ TIMING = ("step_time", "tokens_per_s", "tflops", "mfu")  # the machine's, not th
 @pytest.fixture(scope="module")
 def recipe_world(tmp_path_factory, workspace, sp_tokenizer):
     """A tiny Llama whose non-size settings agree with every recipe that sets them (RoPE base
-    500000 and RMSNorm epsilon 1e-5, as the Llama-3 and Llama-2 recipes say), and the
+    500000 and RMSNorm epsilon 1e-5, as the Llama-3 and Llama-2 recipes say), a tiny Qwen3,
+    Qwen3-MoE and Mixtral for the recipes of those families, and per family a copy of the
     workspace's datasets and embeddings (their reference log-probs come with the uninterrupted
     runs)."""
     import shutil
@@ -56,11 +57,28 @@ def recipe_world(tmp_path_factory, workspace, sp_tokenizer):
                                  rope_theta=500000.0)).save_pretrained(root / "hf")
     shutil.copy(sp_tokenizer, root / "hf" / "tokenizer.model")
     convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), progress=False)
-    for split in ("train", "valid"):
-        for f in glob.glob(str(workspace["root"] / f"{split}.*")):
-            if not f.endswith(f"{split}.jsonl") and ".ref." not in f:
-                shutil.copy(f, root)
-    return {"root": root, "vocab": workspace["vocab"]}
+    families = {"llama": {"ckpt": str(root / "ckpt"), "data": root}}
+    for kind in ("qwen3", "qwen3_moe", "mixtral"):
+        families[kind] = {"ckpt": family_checkpoint(root, kind, workspace["vocab"], sp_tokenizer), "data": root / kind}
+    for family in families.values():  # the datasets, a copy per family: each gets its own reference log-probs
+        for split in ("train", "valid"):
+            for f in glob.glob(str(workspace["root"] / f"{split}.*")):
+                if not f.endswith(f"{split}.jsonl") and ".ref." not in f:
+                    shutil.copy(f, family["data"])
+    return {"root": root, "vocab": workspace["vocab"], "families": families}
+
+
+def family_of(recipe: str) -> str:
+    """The family of the tiny model a recipe trains: the file name's (qwen3, mixtral), a Qwen3
+    recipe with expert parallelism Qwen3-MoE, Llama otherwise."""
+    from megatron_rpo.config import load_config
+
+    name = os.path.basename(recipe)
+    if name.startswith("mixtral"):
+        return "mixtral"
+    if name.startswith("qwen3"):
+        return "qwen3_moe" if load_config(recipe).parallel.expert_model_parallel_size > 1 else "qwen3"
+    return "llama"
 
 
 def recipe_overrides(recipe: str, world: dict, save) -> list[str]:
@@ -70,11 +88,16 @@ def recipe_overrides(recipe: str, world: dict, save) -> list[str]:
     config = load_config(recipe)
     said = explicit_keys(config) or frozenset()
     tiny = load_config(TINY_RECIPE).model
-    root = world["root"]
+    family = world["families"][family_of(recipe)]
+    root = family["data"]
     out = [f"model.{k}={world['vocab'] if k == 'vocab_size' else getattr(tiny, k)}"
            for k in SIZE_KEYS if f"model.{k}" in said]
     p = config.parallel
-    if p.tensor_model_parallel_size > 1:  # TP 2 (sequence parallel as the recipe has it), DP 1
+    if p.expert_model_parallel_size > 1:  # EP 2 over DP 2 (the experts whole, as the recipe has them)
+        out += ["parallel.expert_model_parallel_size=2", "parallel.tensor_model_parallel_size=1",
+                "parallel.pipeline_model_parallel_size=1", "parallel.sequence_parallel=false"]
+        dp = 2
+    elif p.tensor_model_parallel_size > 1:  # TP 2 (sequence parallel as the recipe has it), DP 1
         out += ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1"]
         dp = 1
     elif p.pipeline_model_parallel_size > 1:  # PP 2, DP 1
@@ -85,7 +108,7 @@ def recipe_overrides(recipe: str, world: dict, save) -> list[str]:
         dp = 2
     micro = min(config.train.micro_batch_size, 2)
     out += [f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * dp * 2}",
-            "data.max_length=160", f"train.load={root / 'ckpt'}", f"data.train_data_prefix={root / 'train'}",
+            "data.max_length=160", f"train.load={family['ckpt']}", f"data.train_data_prefix={root / 'train'}",
             f"data.valid_data_prefix={root / 'valid'}", f"train.save={save}", f"train.train_iters={STEPS}",
             f"train.save_interval={INTERVAL}", f"train.eval_interval={INTERVAL}", "train.log_interval=1"]
     if "data.max_prompt_length" in said:
@@ -104,15 +127,16 @@ def _uninterrupted(world: dict, runs: list[tuple[str, list[str]]]) -> list[dict]
     from megatron_rpo.training.checkpointing import checkpoint_model_config, load_weights
     from megatron_rpo.training.reference import compute_reference_logps
 
-    ckpt = str(world["root"] / "ckpt")
-    config = Config(model=checkpoint_model_config(ckpt), data=DataConfig(max_prompt_length=96, max_length=160))
-    parallel.initialize(config.parallel)
-    model = model_provider(config)
-    load_weights(model, ckpt)
-    for split in ("train", "valid"):
-        compute_reference_logps(model, str(world["root"] / split), vocab_size=config.model.vocab_size,
-                                checkpoint=ckpt, progress=False)
-    parallel_state.destroy_model_parallel()
+    for family in world["families"].values():
+        ckpt = family["ckpt"]
+        config = Config(model=checkpoint_model_config(ckpt), data=DataConfig(max_prompt_length=96, max_length=160))
+        parallel.initialize(config.parallel)
+        model = model_provider(config)
+        load_weights(model, ckpt)
+        for split in ("train", "valid"):
+            compute_reference_logps(model, str(family["data"] / split), vocab_size=config.model.vocab_size,
+                                    checkpoint=ckpt, progress=False)
+        parallel_state.destroy_model_parallel()
     return train_each(runs)
 
 

@@ -10,7 +10,8 @@ from tests.conftest import REPO
 
 RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 WORLD = {"tiny_cpu.yaml": 2, "mistral7b_hh_rpo_paired.yaml": 8, "mistral7b_hh_rpo_unpaired.yaml": 8,
-         "llama3_8b_rpo_tp2.yaml": 8, "llama2_70b_rpo_tp8_pp4.yaml": 64, "llama31_8b_instruct_rpo.yaml": 8}
+         "llama3_8b_rpo_tp2.yaml": 8, "llama2_70b_rpo_tp8_pp4.yaml": 64, "llama31_8b_instruct_rpo.yaml": 8,
+         "qwen3_8b_rpo.yaml": 8, "qwen3_30b_a3b_rpo.yaml": 32, "mixtral_8x7b_rpo.yaml": 32}
 
 
 def test_every_recipe_is_listed_here():
@@ -42,3 +43,42 @@ def test_llama31_recipe_takes_its_model_from_the_checkpoint():
 
     config = load_config(os.path.join(REPO, "configs", "llama31_8b_instruct_rpo.yaml"))
     assert not any(key.startswith("model.") for key in explicit_keys(config))
+
+
+# The published config.json of each family's model, the fields conversion reads.
+HUB_CONFIGS = {
+    "qwen3_8b_rpo.yaml": dict(
+        architectures=["Qwen3ForCausalLM"], num_hidden_layers=36, hidden_size=4096, intermediate_size=12288,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False),
+    "qwen3_30b_a3b_rpo.yaml": dict(
+        architectures=["Qwen3MoeForCausalLM"], num_hidden_layers=48, hidden_size=2048, intermediate_size=6144,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        router_aux_loss_coef=0.001),
+    "mixtral_8x7b_rpo.yaml": dict(
+        architectures=["MixtralForCausalLM"], num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
+        rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, num_local_experts=8,
+        num_experts_per_tok=2, router_aux_loss_coef=0.02, sliding_window=None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_family_recipes_fit_their_models_and_worlds(name):
+    """The recipe's layout with the model its checkpoint will carry: experts divide over EP, heads
+    and layers over TP and PP, the world factors (what the trainer checks once it reads the model)."""
+    import dataclasses
+
+    from megatron_rpo.config import config_from_dict
+    from megatron_rpo.convert.hf_config import model_config_from_hf
+
+    model, _ = model_config_from_hf(HUB_CONFIGS[name], name)
+    raw = config_to_dict(load_config(os.path.join(REPO, "configs", name)))
+    said = {k: v for k, v in raw["model"].items() if k in ("moe_aux_loss_coeff", "moe_token_dispatcher_type")}
+    raw["model"] = dict(dataclasses.asdict(model), **said)
+    config = config_from_dict(raw, name)
+    assert config.data_parallel_size(WORLD[name]) >= 1
+    if model.num_moe_experts:
+        assert model.num_moe_experts % config.parallel.expert_model_parallel_size == 0
