@@ -152,3 +152,46 @@ def test_loss_forms_that_would_do_nothing_are_refused():
         LossConfig(ipo_length_normalized=True)
     LossConfig(weighting="diagonal", diagonal_form="released")
     LossConfig(loss_type="ipo", ipo_length_normalized=True)
+
+
+MOE = ["model.num_layers=4", "model.num_moe_experts=8", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=64"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (MOE + ["parallel.expert_model_parallel_size=3"],
+     r"model.num_moe_experts \(8\) is not divisible by parallel.expert_model_parallel_size \(3\)"),
+    (MOE + ["parallel.tensor_model_parallel_size=2"],
+     r"tensor_model_parallel_size=2 with a mixture-of-experts model needs parallel.sequence_parallel=true"),
+    (MOE + ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+            "parallel.expert_tensor_parallel_size=3"],
+     r"the experts' width \(64, model.moe_ffn_hidden_size\) is not divisible by parallel.expert_tensor_parallel_size \(3\)"),
+    (MOE + ["model.moe_router_topk=9"], r"model.moe_router_topk \(9\) exceeds model.num_moe_experts \(8\)"),
+    (MOE + ["model.moe_router_topk=1"], r"model.moe_router_topk=1 needs model.moe_router_pre_softmax=true"),
+    (MOE + ["model.moe_layer_freq=[1,0,1]"], r"model.moe_layer_freq lists 3 layers but model.num_layers is 4"),
+    (MOE + ["model.moe_layer_freq=[1,0,2,1]"], r"must hold 0 \(dense\) or 1 \(experts\) per layer"),
+    (["model.moe_layer_freq=2"], r"model.moe_layer_freq=2 needs model.num_moe_experts"),
+    (MOE + ["parallel.expert_model_parallel_size=0"], r"parallel.expert_model_parallel_size must be > 0"),
+])
+def test_expert_layouts_are_checked_with_megatrons_rules(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_expert_parallel_world_must_factor():
+    c = load_config(None, MOE + ["parallel.expert_model_parallel_size=4", "parallel.pipeline_model_parallel_size=2",
+                                 "train.global_batch_size=8", "train.micro_batch_size=1"])
+    assert c.data_parallel_size(8) == 4
+    with pytest.raises(ValueError, match=r"world size 12 is not divisible by expert_model_parallel_size \(4\) x "
+                                         r"expert_tensor_parallel_size \(1\) x pipeline_model_parallel_size \(2\)"):
+        c.data_parallel_size(12)
+    assert c.model.moe_layers == [1, 1, 1, 1]
+    assert load_config(None, MOE + ["model.moe_layer_freq=2"]).model.moe_layers == [1, 0, 1, 0]
+
+
+def test_expert_parallelism_on_a_dense_model_is_refused_when_the_model_is_known():
+    from megatron_rpo.models import transformer_config
+
+    c = load_config(None, ["parallel.expert_model_parallel_size=2"])  # the model may still come from a checkpoint
+    with pytest.raises(ValueError, match=r"expert_model_parallel_size=2 .* need a mixture-of-experts model, and this "
+                                         r"one is dense"):
+        transformer_config(c.model, c.parallel)
