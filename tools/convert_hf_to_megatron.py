@@ -33,7 +33,8 @@ def main(argv=None) -> int:
         return 1
     m = meta["model"]
     experts = f", {m['num_moe_experts']} experts (top {m['moe_router_topk']})" if m.get("num_moe_experts") else ""
-    print(f"{meta['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}{experts}, "
+    print(f"{meta['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}, "
+          f"vocab {m['vocab_size']}{experts}, "
           f"{meta['dtype']} -> {a.output_dir} (tokenizer files: {', '.join(meta['tokenizer_files']) or 'none'})")
     return 0
 

@@ -46,7 +46,8 @@ def tensor_split(name: str) -> tuple[int, int, object]:
     """``(rank, size, group)`` of the tensor parallelism that splits the checkpoint tensor ``name``:
     the expert-tensor-parallel group for an expert's weights, the tensor-parallel group otherwise."""
     if is_expert(name):
-        return (parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_tensor_parallel_world_size(),
+        return (parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size(),
                 parallel_state.get_expert_tensor_parallel_group())
     return (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_tensor_model_parallel_group())

@@ -22,8 +22,7 @@ from megatron.core import parallel_state
 
 from megatron_rpo.config import ModelConfig
 from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint, save_tensors
-from megatron_rpo.convert.layout import group_of, weights_file
-from megatron_rpo.convert.layout import is_expert
+from megatron_rpo.convert.layout import group_of, is_expert, weights_file
 from megatron_rpo.convert.load import VOCAB_TENSORS, canonical_name, tensor_split
 
 __all__ = ["save_converted"]

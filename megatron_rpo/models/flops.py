@@ -36,7 +36,8 @@ def matmul_params(model: ModelConfig) -> int:
     dense = 3 * h * model.ffn_hidden_size  # gate/up/down
     moe = 0
     if model.num_moe_experts is not None:
-        moe = h * model.num_moe_experts + model.moe_router_topk * 3 * h * (model.moe_ffn_hidden_size or model.ffn_hidden_size)
+        expert = 3 * h * (model.moe_ffn_hidden_size or model.ffn_hidden_size)
+        moe = h * model.num_moe_experts + model.moe_router_topk * expert  # the router and the top-k experts
     return sum(attention + (moe if expert else dense) for expert in model.moe_layers) + model.vocab_size * h
 
 

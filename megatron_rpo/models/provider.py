@@ -24,8 +24,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_rpo.config import Config, ModelConfig, ParallelConfig
 from megatron_rpo.models.layers import RMSNorm, SDPAttention
@@ -95,8 +95,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     if model.num_moe_experts is None and (parallel.expert_model_parallel_size != 1
                                           or parallel.expert_tensor_size != parallel.tensor_model_parallel_size):
         raise ValueError(f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} / "
-                         f"expert_tensor_parallel_size={parallel.expert_tensor_parallel_size} need a mixture-of-experts "
-                         "model, and this one is dense (model.num_moe_experts is not set)")
+                         f"expert_tensor_parallel_size={parallel.expert_tensor_parallel_size} need a "
+                         "mixture-of-experts model, and this one is dense (model.num_moe_experts is not set)")
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu if bf16 is None else bf16
     if bf16 and not on_gpu:
@@ -177,7 +177,8 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None = None):
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     # The block spec names the final norm too; a bare layer spec would get megatron's torch
     # norm there, which refuses sequence parallelism.
-    return TransformerBlockSubmodules(layer_specs=specs[offset: offset + num_layers], layer_norm=ModuleSpec(module=RMSNorm))
+    return TransformerBlockSubmodules(layer_specs=specs[offset: offset + num_layers],
+                                      layer_norm=ModuleSpec(module=RMSNorm))
 
 
 def model_provider(

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tests.multiprocess import run_ranks
-from tests.workspace import REPO, build, overrides, train
+from tests.workspace import REPO, build, family_checkpoint, overrides, train
 
 pytestmark = pytest.mark.gpu
 
@@ -214,3 +214,40 @@ def test_transformer_engine_spec_matches_transformers(gpu_workspace):
     want = _float64_logps(root / "hf", str(root / "valid"), indices)
     for packing in (True, False):  # packed: transformer-engine's thd attention with cu_seqlens
         torch.testing.assert_close(got[packing], want, rtol=1e-2, atol=0.0, msg=f"packing={packing}")
+
+
+@pytest.fixture(scope="module")
+def gpu_families(gpu_workspace, sp_tokenizer, tmp_path_factory):
+    """Tiny Qwen3, Qwen3-MoE and Mixtral (issue 20), each with its own copy of the held-out set and
+    reference log-probs computed on the GPU."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for kind in ("qwen3", "qwen3_moe_norm", "mixtral"):
+        ckpt = family_checkpoint(root, kind, gpu_workspace["vocab"], sp_tokenizer)
+        data = root / kind / "data"
+        data.mkdir()
+        for path in gpu_workspace["root"].glob("valid.*"):
+            if ".ref." not in path.name and path.name != "valid.jsonl":
+                shutil.copy(path, data / path.name)
+        run_ranks(_reference_tool, 1, ckpt, str(data / "valid"), timeout=300)
+        out[kind] = {"ckpt": ckpt, "hf": root / kind / "hf", "valid": str(data / "valid")}
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe_norm", "mixtral"])
+def test_family_bf16_log_probs_match_float64_transformers(gpu_families, kind):
+    """transformer-engine's layers when it imports (the experts stay SequentialMLP), the local spec otherwise."""
+    f = gpu_families[kind]
+    indices = list(range(16))
+    got = run_ranks(_bf16_and_reference_logps, 1, f["ckpt"], f["valid"], indices, timeout=300)[0]
+    want = _float64_logps(f["hf"], f["valid"], indices)
+    for key in (True, False, "precomputed"):
+        torch.testing.assert_close(got[key], want, rtol=1e-2, atol=0.0, msg=f"{kind} {key}")
+
+
+def test_mixture_of_experts_trains_in_bf16(gpu_workspace, gpu_families, tmp_path):
+    argv = overrides(gpu_workspace, tmp_path / "moe", "train.train_iters=3", "train.eval_iters=1",
+                     f"train.load={gpu_families['qwen3_moe_norm']['ckpt']}", "train.export=false")
+    r = run_ranks(train, 1, argv, timeout=300)[0]
+    assert [h["step"] for h in r["history"]] == [1, 2, 3]
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in r["history"])

@@ -164,7 +164,8 @@ MOE = ["model.num_layers=4", "model.num_moe_experts=8", "model.moe_router_topk=2
      r"tensor_model_parallel_size=2 with a mixture-of-experts model needs parallel.sequence_parallel=true"),
     (MOE + ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
             "parallel.expert_tensor_parallel_size=3"],
-     r"the experts' width \(64, model.moe_ffn_hidden_size\) is not divisible by parallel.expert_tensor_parallel_size \(3\)"),
+     r"the experts' width \(64, model.moe_ffn_hidden_size\) is not divisible by "
+     r"parallel.expert_tensor_parallel_size \(3\)"),
     (MOE + ["model.moe_router_topk=9"], r"model.moe_router_topk \(9\) exceeds model.num_moe_experts \(8\)"),
     (MOE + ["model.moe_router_topk=1"], r"model.moe_router_topk=1 needs model.moe_router_pre_softmax=true"),
     (MOE + ["model.moe_layer_freq=[1,0,1]"], r"model.moe_layer_freq lists 3 layers but model.num_layers is 4"),

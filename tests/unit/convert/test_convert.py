@@ -40,16 +40,27 @@ def _hf_model(kind: str):
     return model.float().eval()
 
 
-@pytest.fixture(scope="module", params=["llama_gqa", "llama_tied", "mistral", "qwen2_bias", "llama31"])
-def converted(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    model = _hf_model(request.param)
-    model.save_pretrained(root / "hf")
-    meta = convert_hf_to_megatron(str(root / "hf"), str(root / "megatron"), progress=False)
+KINDS = ["llama_gqa", "llama_tied", "mistral", "qwen2_bias", "llama31"]
+
+
+@pytest.fixture(scope="module")
+def all_converted(tmp_path_factory):
     tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        logits = model(tokens).logits
-    return {"root": root, "meta": meta, "tokens": tokens, "logits": logits, "kind": request.param}
+    out = {}
+    for kind in KINDS:
+        root = tmp_path_factory.mktemp(kind)
+        model = _hf_model(kind)
+        model.save_pretrained(root / "hf")
+        meta = convert_hf_to_megatron(str(root / "hf"), str(root / "megatron"), progress=False)
+        with torch.no_grad():
+            logits = model(tokens).logits
+        out[kind] = {"root": root, "meta": meta, "tokens": tokens, "logits": logits, "kind": kind}
+    return out
+
+
+@pytest.fixture(params=KINDS)
+def converted(request, all_converted):
+    return all_converted[request.param]
 
 
 def _megatron_logits(ckpt_dir, tp, pp, tokens):
@@ -65,43 +76,57 @@ def _megatron_logits(ckpt_dir, tp, pp, tokens):
                     parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
                     data=DataConfig(max_prompt_length=16, max_length=32))
     parallel.initialize(config.parallel)
-    model = model_provider(config)
-    load_converted(model, ckpt_dir)
-    if pp == 1:
-        out = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
-    else:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+    try:
+        model = model_provider(config)
+        load_converted(model, ckpt_dir)
+        if pp == 1:
+            out = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
+        else:
+            from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        kept = []
+            kept = []
 
-        def step(it, m):
-            out = m(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
-            if ps.is_pipeline_last_stage():
-                kept.append(out.detach().clone())
-            return out, lambda o: (o.sum() * 0.0, {})
+            def step(it, m):
+                out = m(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
+                if ps.is_pipeline_last_stage():
+                    kept.append(out.detach().clone())
+                return out, lambda o: (o.sum() * 0.0, {})
 
-        get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
-                                    num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
-                                    forward_only=True)
-        out = kept[0] if kept else None
-    if not ps.is_pipeline_last_stage():
-        return None
-    group = ps.get_tensor_model_parallel_group()
-    shards = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shards, out.contiguous(), group=group)
-    return torch.cat(shards, dim=-1)[..., :VOCAB]  # [b, s, V_pad] -> the real vocabulary
+            get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
+                                        num_microbatches=1, seq_length=tokens.shape[1],
+                                        micro_batch_size=tokens.shape[0], forward_only=True)
+            out = kept[0] if kept else None
+        if not ps.is_pipeline_last_stage():
+            return None
+        group = ps.get_tensor_model_parallel_group()
+        shards = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(shards, out.contiguous(), group=group)
+        return torch.cat(shards, dim=-1)[..., :VOCAB]  # [b, s, V_pad] -> the real vocabulary
+    finally:
+        ps.destroy_model_parallel()  # the process group stays for the next case
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_converted_logits_equal_transformers(converted, tp, pp):
-    if converted["kind"] in ("mistral", "qwen2_bias", "llama31") and (tp, pp) in ((2, 1), (1, 2)):
-        pytest.skip("each family runs TP=1 and TP=2 x PP=2; Llama runs every split")
-    ranks = run_ranks(_megatron_logits, tp * pp, str(converted["root"] / "megatron"), tp, pp, converted["tokens"],
-                      timeout=300)
-    outputs = [r for r in ranks if r is not None]
-    assert len(outputs) == tp
-    for logits in outputs:
-        torch.testing.assert_close(logits, converted["logits"], rtol=1e-4, atol=1e-4)
+def _each_layout(cases):
+    return [_megatron_logits(*case) for case in cases]
+
+
+# Each family runs TP 1 and TP 2 x PP 2; Llama runs every split. One spawn per world size.
+LAYOUTS = {1: [(kind, 1, 1) for kind in KINDS], 2: [("llama_gqa", 2, 1), ("llama_gqa", 1, 2)],
+           4: [(kind, 2, 2) for kind in KINDS]}
+
+
+@pytest.mark.parametrize("world", sorted(LAYOUTS))
+def test_converted_logits_equal_transformers(all_converted, world):
+    cases = LAYOUTS[world]
+    args = [(str(all_converted[kind]["root"] / "megatron"), tp, pp, all_converted[kind]["tokens"])
+            for kind, tp, pp in cases]
+    ranks = run_ranks(_each_layout, world, args, timeout=600)
+    for (kind, tp, pp), outputs in zip(cases, zip(*ranks)):
+        got = [r for r in outputs if r is not None]
+        assert len(got) == tp * world // (tp * pp), (kind, tp, pp)  # the last stage's ranks of each replica
+        for logits in got:
+            torch.testing.assert_close(logits, all_converted[kind]["logits"], rtol=1e-4, atol=1e-4,
+                                       msg=f"{kind} TP {tp} PP {pp}")
 
 
 def _tensors(hf_dir):

@@ -119,7 +119,8 @@ def test_logits_equal_transformers_at_tp1_tp2_pp2_ep2(families):
     layouts = [(1, 1, 1, None), (2, 1, 1, None), (1, 2, 1, None)]
     cases = [(kind, *layout) for kind in FAMILIES for layout in layouts]
     cases += [(kind, 1, 1, 2, None) for kind in MOE]
-    cases = [c + (False,) for c in cases] + [("qwen3_moe", 1, 1, 1, None, True), ("qwen3_moe_norm", 1, 1, 1, None, True)]
+    flipped = [("qwen3_moe", 1, 1, 1, None, True), ("qwen3_moe_norm", 1, 1, 1, None, True)]
+    cases = [c + (False,) for c in cases] + flipped
     args = [(str(families["kinds"][c[0]]["root"] / "megatron"), *c[1:5], families["tokens"], c[5]) for c in cases]
     _check(families, cases, run_ranks(_each, 2, args, timeout=600))
 
@@ -176,7 +177,8 @@ def test_what_these_families_carry_and_we_do_not_is_refused_by_name():
         return dict(json.loads(hf.config.to_json_string()), architectures=[type(hf).__name__])
 
     cases = [
-        (dict(config("qwen3_moe"), shared_expert_intermediate_size=64), r"shared experts \(shared_expert_intermediate_size=64\)"),
+        (dict(config("qwen3_moe"), shared_expert_intermediate_size=64),
+         r"shared experts \(shared_expert_intermediate_size=64\)"),
         (dict(config("mixtral"), router_jitter_noise=0.1), r"router_jitter_noise=0.1 is not supported"),
         (dict(config("mixtral"), sliding_window=4096), r"sliding_window=4096 is not supported"),
         (dict(config("qwen3"), use_sliding_window=True), r"use_sliding_window=true is not supported"),
