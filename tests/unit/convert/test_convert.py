@@ -1,5 +1,9 @@
 """HF <-> Megatron conversion on tiny random models built here (nothing downloaded): logits of the
-converted model under every TP/PP split equal transformers' logits; HF -> Megatron -> HF is exact."""
+converted model under every TP/PP/EP split equal transformers' logits; HF -> Megatron -> HF is exact.
+
+Llama, Mistral and Qwen2, and (issue 20) Qwen3, Qwen3-MoE and Mixtral; the layouts of one world
+size share one spawn (megatron's parallel state is laid out again per case).
+"""
 
 import json
 import os
@@ -10,37 +14,51 @@ from safetensors.torch import load_file, save_file
 
 from megatron_rpo.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from tests.multiprocess import run_ranks
+from tests.workspace import hf_family_model
 
 VOCAB, LAYERS = 100, 4
 
 
-def _hf_model(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+DENSE = ["llama_gqa", "llama_tied", "mistral", "qwen2_bias", "llama31"]
+FAMILIES = ["qwen3", "qwen3_moe", "qwen3_moe_norm", "mixtral"]  # issue 20 (tests/workspace.py:hf_family_model)
+MOE = ["qwen3_moe", "qwen3_moe_norm", "mixtral"]
+KINDS = DENSE + FAMILIES
+SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
-    if kind == "llama_gqa":
-        model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=500000.0))
+
+def _hf_model(kind: str):
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    if kind in FAMILIES:
+        model = hf_family_model(kind, **SIZES)
+    elif kind == "llama_gqa":
+        model = LlamaForCausalLM(LlamaConfig(**SIZES, rope_theta=500000.0))
     elif kind == "llama31":
         # Llama-3.1's RoPE scaling; with head_dim 16 and theta 5e5 most frequencies are rescaled.
-        model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
+        model = LlamaForCausalLM(LlamaConfig(**SIZES, rope_theta=500000.0, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192}))
     elif kind == "llama_tied":
-        model = LlamaForCausalLM(LlamaConfig(**dict(common, num_key_value_heads=4), tie_word_embeddings=True))
+        model = LlamaForCausalLM(LlamaConfig(**dict(SIZES, num_key_value_heads=4), tie_word_embeddings=True))
     elif kind == "mistral":
-        model = MistralForCausalLM(MistralConfig(**common, rope_theta=1e6, sliding_window=None))
+        model = MistralForCausalLM(MistralConfig(**SIZES, rope_theta=1e6, sliding_window=None))
     else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
+        model = Qwen2ForCausalLM(Qwen2Config(**SIZES, tie_word_embeddings=False))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            # Larger than the default init, so a wrong layout shows in the logits.
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name else 0.15 * torch.randn(p.shape, generator=g))
+            # Larger than the default init, so a wrong layout or routing shows in the logits.
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name
+                    else 0.15 * torch.randn(p.shape, generator=g))
     return model.float().eval()
-
-
-KINDS = ["llama_gqa", "llama_tied", "mistral", "qwen2_bias", "llama31"]
 
 
 @pytest.fixture(scope="module")
@@ -63,44 +81,51 @@ def converted(request, all_converted):
     return all_converted[request.param]
 
 
-def _megatron_logits(ckpt_dir, tp, pp, tokens):
+def _megatron_logits(ckpt_dir, tp, pp, ep, etp, sp, flip_pre_softmax, tokens):
+    """This layout's logits of the converted checkpoint ([b, s, V] on the last stage's ranks, else None);
+    ``flip_pre_softmax`` maps the router the other way."""
+    import dataclasses
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rpo import parallel
     from megatron_rpo.config import Config, DataConfig, ParallelConfig
     from megatron_rpo.convert import ConvertedCheckpoint, load_converted
     from megatron_rpo.models import model_provider
 
-    config = Config(model=ConvertedCheckpoint(ckpt_dir).model_config,
-                    parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+    model_config = ConvertedCheckpoint(ckpt_dir).model_config
+    if flip_pre_softmax:
+        model_config = dataclasses.replace(model_config, moe_router_pre_softmax=not model_config.moe_router_pre_softmax)
+    config = Config(model=model_config,
+                    parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                            expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+                                            sequence_parallel=sp),
                     data=DataConfig(max_prompt_length=16, max_length=32))
     parallel.initialize(config.parallel)
     try:
         model = model_provider(config)
         load_converted(model, ckpt_dir)
-        if pp == 1:
-            out = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
-        else:
-            from megatron.core.pipeline_parallel import get_forward_backward_func
+        model.eval()
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        kept = []
 
-            kept = []
+        def step(_, m):
+            out = m(tokens, positions, None)
+            if ps.is_pipeline_last_stage():
+                kept.append(out.detach().clone())
+            return out, lambda o: (o.sum() * 0.0, {})
 
-            def step(it, m):
-                out = m(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
-                if ps.is_pipeline_last_stage():
-                    kept.append(out.detach().clone())
-                return out, lambda o: (o.sum() * 0.0, {})
-
+        with torch.no_grad():
             get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
                                         num_microbatches=1, seq_length=tokens.shape[1],
                                         micro_batch_size=tokens.shape[0], forward_only=True)
-            out = kept[0] if kept else None
         if not ps.is_pipeline_last_stage():
             return None
         group = ps.get_tensor_model_parallel_group()
-        shards = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(shards, out.contiguous(), group=group)
+        shards = [torch.empty_like(kept[0]) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(shards, kept[0].contiguous(), group=group)
         return torch.cat(shards, dim=-1)[..., :VOCAB]  # [b, s, V_pad] -> the real vocabulary
     finally:
         ps.destroy_model_parallel()  # the process group stays for the next case
@@ -110,23 +135,40 @@ def _each_layout(cases):
     return [_megatron_logits(*case) for case in cases]
 
 
-# Each family runs TP 1 and TP 2 x PP 2; Llama runs every split. One spawn per world size.
-LAYOUTS = {1: [(kind, 1, 1) for kind in KINDS], 2: [("llama_gqa", 2, 1), ("llama_gqa", 1, 2)],
-           4: [(kind, 2, 2) for kind in KINDS]}
+def _case(kind, tp=1, pp=1, ep=1, etp=None, sp=None, flip=False):
+    """(kind, TP, PP, EP, ETP, sequence parallel, flipped router); SP by default for the families at TP > 1."""
+    return (kind, tp, pp, ep, etp, tp > 1 and kind in FAMILIES if sp is None else sp, flip)
+
+
+# Each dense family runs TP 1 and TP 2 x PP 2 (Llama every split); Qwen3, Qwen3-MoE and Mixtral run
+# TP 1, TP 2 + SP, PP 2, EP 2 and TP 2 x EP 2 (experts split inside, ETP 2, and whole, ETP 1); the
+# router mapped the other way must not match. One spawn per world size.
+LAYOUTS = {
+    1: [_case(kind) for kind in KINDS],
+    2: ([_case("llama_gqa", tp=2), _case("llama_gqa", pp=2)] + [_case(k, tp=2) for k in FAMILIES]
+        + [_case(k, pp=2) for k in FAMILIES] + [_case(k, ep=2) for k in MOE]
+        + [_case("qwen3_moe", flip=True), _case("qwen3_moe_norm", flip=True)]),
+    4: ([_case(kind, tp=2, pp=2) for kind in DENSE]
+        + [_case("qwen3_moe", tp=2, ep=2), _case("qwen3_moe", tp=2, ep=2, etp=1), _case("mixtral", tp=2, ep=2, etp=1)]),
+}
 
 
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_converted_logits_equal_transformers(all_converted, world):
     cases = LAYOUTS[world]
-    args = [(str(all_converted[kind]["root"] / "megatron"), tp, pp, all_converted[kind]["tokens"])
-            for kind, tp, pp in cases]
+    args = [(str(all_converted[c[0]]["root"] / "megatron"), *c[1:], all_converted[c[0]]["tokens"]) for c in cases]
     ranks = run_ranks(_each_layout, world, args, timeout=600)
-    for (kind, tp, pp), outputs in zip(cases, zip(*ranks)):
+    for case, outputs in zip(cases, zip(*ranks)):
+        kind, pp, flipped = case[0], case[2], case[-1]
         got = [r for r in outputs if r is not None]
-        assert len(got) == tp * world // (tp * pp), (kind, tp, pp)  # the last stage's ranks of each replica
+        assert len(got) == world // pp, case  # the last stage's ranks
+        expected = all_converted[kind]["logits"]
         for logits in got:
-            torch.testing.assert_close(logits, all_converted[kind]["logits"], rtol=1e-4, atol=1e-4,
-                                       msg=f"{kind} TP {tp} PP {pp}")
+            if flipped:
+                # The other mapping routes with other weights: the logits move far beyond float noise.
+                assert (logits - expected).abs().max() > 1e-2, case
+            else:
+                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=str(case))
 
 
 def _tensors(hf_dir):
@@ -151,15 +193,15 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(converted):
         assert torch.equal(model(converted["tokens"]).logits, converted["logits"])
 
 
-def test_metadata(converted):
-    meta = converted["meta"]
-    m = meta["model"]
-    assert (m["num_layers"], m["hidden_size"], m["vocab_size"], m["num_query_groups"]) == (4, 64, VOCAB,
-                                                                                         4 if converted["kind"] == "llama_tied" else 2)
-    assert m["add_qkv_bias"] == (converted["kind"] == "qwen2_bias")
-    assert m["untie_embeddings_and_output_weights"] == (converted["kind"] != "llama_tied")
-    if converted["kind"] == "llama_gqa":
-        assert m["rotary_base"] == 500000.0
+def test_metadata(all_converted):
+    for kind in DENSE:
+        m = all_converted[kind]["meta"]["model"]
+        groups = 4 if kind == "llama_tied" else 2
+        assert (m["num_layers"], m["hidden_size"], m["vocab_size"], m["num_query_groups"]) == (4, 64, VOCAB, groups)
+        assert m["add_qkv_bias"] == (kind == "qwen2_bias")
+        assert m["untie_embeddings_and_output_weights"] == (kind != "llama_tied")
+        assert not m["qk_layernorm"] and m["num_moe_experts"] is None
+    assert all_converted["llama_gqa"]["meta"]["model"]["rotary_base"] == 500000.0
 
 
 def _small_hf(tmp_path):
@@ -273,3 +315,46 @@ def test_a_tokenizer_that_does_not_fit_the_vocabulary_is_refused(tmp_path, sp_to
                                          rf"vocabulary \({VOCAB}"):
         convert_hf_to_megatron(str(hf), str(out), progress=False)
     assert not out.exists()
+
+
+def test_family_metadata(all_converted):
+    m = {kind: all_converted[kind]["meta"]["model"] for kind in FAMILIES}
+    assert (m["qwen3"]["qk_layernorm"], m["qwen3"]["kv_channels"], m["qwen3"]["num_moe_experts"]) == (True, 24, None)
+    assert not m["qwen3"]["untie_embeddings_and_output_weights"]
+    q = m["qwen3_moe"]
+    assert (q["num_moe_experts"], q["moe_router_topk"], q["moe_ffn_hidden_size"], q["moe_layer_freq"]) == (4, 2, 32,
+                                                                                                         [1, 0, 1, 1])
+    assert (q["kv_channels"], q["moe_aux_loss_coeff"]) == (None, 0.01)  # head_dim 16 = 64 / 4
+    # norm_topk_prob false: softmax over all experts then top-k (megatron's pre-softmax); true: the other way
+    assert q["moe_router_pre_softmax"] and not m["qwen3_moe_norm"]["moe_router_pre_softmax"]
+    x = m["mixtral"]
+    assert (x["moe_router_pre_softmax"], x["moe_layer_freq"], x["qk_layernorm"], x["moe_ffn_hidden_size"]) == (
+        False, 1, False, 96)
+    assert all_converted["mixtral"]["meta"]["architecture"] == "MixtralForCausalLM"
+
+
+def test_what_these_families_carry_and_we_do_not_is_refused_by_name():
+    from megatron_rpo.convert.hf_config import model_config_from_hf
+
+    def config(kind):
+        hf = hf_family_model(kind, **SIZES)
+        return dict(json.loads(hf.config.to_json_string()), architectures=[type(hf).__name__])
+
+    cases = [
+        (dict(config("qwen3_moe"), shared_expert_intermediate_size=64),
+         r"shared experts \(shared_expert_intermediate_size=64\)"),
+        (dict(config("mixtral"), router_jitter_noise=0.1), r"router_jitter_noise=0.1 is not supported"),
+        (dict(config("mixtral"), sliding_window=4096), r"sliding_window=4096 is not supported"),
+        (dict(config("qwen3"), use_sliding_window=True), r"use_sliding_window=true is not supported"),
+        (dict(config("qwen3"), layer_types=["sliding_attention"] * LAYERS), r"layer_types \['sliding_attention'\]"),
+        (dict(config("qwen3_moe"), num_experts_per_tok=1, norm_topk_prob=True), r"moe_router_topk=1 needs"),
+        (dict(config("qwen3_moe"), rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"RoPE scaling 'yarn'"),
+        ({**{k: v for k, v in config("qwen3_moe").items() if k not in ("num_experts", "num_local_experts")}},
+         r"missing field 'num_experts'"),
+    ]
+    for cfg, match in cases:
+        with pytest.raises(ValueError, match=match):
+            model_config_from_hf(cfg, "x/config.json")
+    cfg = dict(config("qwen3"), architectures=["OlmoeForCausalLM"])
+    with pytest.raises(ValueError, match=r"unsupported architecture \['OlmoeForCausalLM'\]"):
+        model_config_from_hf(cfg, "x/config.json")
