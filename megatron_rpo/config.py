@@ -44,6 +44,7 @@ __all__ = [
     "config_changes",
     "explicit_keys",
     "RESUMABLE_CHANGES",
+    "MODEL_TRAINING_CHOICES",
     "dump_config",
 ]
 
@@ -116,6 +117,10 @@ class _Section:
             if value is not None and (value < 0 if allow_zero else value <= 0):
                 bound = ">= 0" if allow_zero else "> 0"
                 raise ValueError(f"{self._section}.{name} must be {bound}, got {value}")
+
+
+MODEL_TRAINING_CHOICES = frozenset({"make_vocab_size_divisible_by", "moe_aux_loss_coeff", "moe_token_dispatcher_type"})
+"""The ``model`` keys that are not the architecture (see :class:`ModelConfig`)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
-    get_gpt_layer_local_spec,
+    get_gpt_decoder_layer_specs,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -140,10 +140,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     )
 
 
-def _local_layer_spec(config: TransformerConfig, experts: bool) -> ModuleSpec:
-    """megatron's local layer with our norms (q/k norms included) and attention."""
-    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts if experts else None, moe_grouped_gemm=False,
-                                    qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+def _use_our_modules(spec: ModuleSpec, config: TransformerConfig) -> None:
+    """megatron's local layer ``spec``, changed in place to our norms (q/k norms included) and attention."""
     norm = ModuleSpec(module=RMSNorm)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
@@ -152,27 +150,22 @@ def _local_layer_spec(config: TransformerConfig, experts: bool) -> ModuleSpec:
     if config.qk_layernorm:
         # megatron's torch norm for q/k refuses sequence parallelism; ours is the same arithmetic.
         attention.q_layernorm = attention.k_layernorm = norm
-    return spec
 
 
 def layer_spec(config: TransformerConfig, vp_stage: int | None = None):
     """The decoder spec: transformer-engine's layers on GPU when available, our local ones otherwise.
 
-    One spec per layer of this pipeline stage: dense or mixture-of-experts as
-    ``config.moe_layer_freq`` says (megatron's rule, :func:`get_gpt_decoder_block_spec`).
+    Dense or mixture-of-experts layers where ``config.moe_layer_freq`` puts them (megatron's own
+    per-layer specs), those of this pipeline stage.
     """
     if use_transformer_engine():
         if config.num_moe_experts is None:
             return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
         return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm",
                                           vp_stage=vp_stage)
-    dense = _local_layer_spec(config, experts=False)
-    pattern = [0] * config.num_layers
-    if config.num_moe_experts is not None:
-        moe = _local_layer_spec(config, experts=True)
-        freq = config.moe_layer_freq
-        pattern = freq if isinstance(freq, list) else [int(i % freq == 0) for i in range(config.num_layers)]
-    specs = [moe if expert else dense for expert in pattern]
+    specs = get_gpt_decoder_layer_specs(config, use_transformer_engine=False, normalization="RMSNorm")
+    for spec in {id(s): s for s in specs}.values():  # one dense spec and one MoE spec, shared by the layers
+        _use_our_modules(spec, config)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     # The block spec names the final norm too; a bare layer spec would get megatron's torch

@@ -19,7 +19,14 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from megatron_rpo import parallel
-from megatron_rpo.config import Config, config_changes, config_to_dict, dump_config, explicit_keys
+from megatron_rpo.config import (
+    MODEL_TRAINING_CHOICES,
+    Config,
+    config_changes,
+    config_to_dict,
+    dump_config,
+    explicit_keys,
+)
 from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.convert.save import save_converted
 from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate_step
@@ -46,9 +53,6 @@ from megatron_rpo.training.optimizer import build_optimizer, build_scheduler
 from megatron_rpo.training.step import forward_backward
 
 __all__ = ["Trainer"]
-
-# model keys that are not the architecture: a recipe sets them freely (ModelConfig's docstring)
-TRAINING_CHOICES = frozenset({"make_vocab_size_divisible_by", "moe_aux_loss_coeff", "moe_token_dispatcher_type"})
 
 
 def _log(message: str) -> None:
@@ -230,7 +234,7 @@ class Trainer:
 
         mine, theirs = dataclasses.asdict(c.model), dataclasses.asdict(ckpt_model)
         diff = {k: (mine[k], theirs[k]) for k in mine
-                if k not in TRAINING_CHOICES and given(f"model.{k}") and mine[k] != theirs[k]}
+                if k not in MODEL_TRAINING_CHOICES and given(f"model.{k}") and mine[k] != theirs[k]}
         if diff:
             detail = ", ".join(f"model.{k}={a!r} but the checkpoint has {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{c.train.load} does not fit the config: {detail}")
