@@ -1,4 +1,4 @@
-"""The model provider: ModelConfig -> TransformerConfig -> GPTModel (Llama/Mistral/Qwen2 family)."""
+"""The model provider: ModelConfig -> TransformerConfig -> GPTModel (Llama/Mistral/Qwen2/Qwen3, dense and MoE)."""
 
 from megatron_rpo.models.provider import (
     layer_spec,

@@ -117,7 +117,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         kv_channels=model.head_dim,
         qk_layernorm=model.qk_layernorm,
         **_moe_settings(model),
-        # Fine-tuning: no dropout (Llama, Mistral and Qwen2 checkpoints are trained without it).
+        # Fine-tuning: no dropout (none of the supported families trains with it).
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_dropout_fusion=False,
