@@ -119,7 +119,11 @@ class _Section:
                 raise ValueError(f"{self._section}.{name} must be {bound}, got {value}")
 
 
-MODEL_TRAINING_CHOICES = frozenset({"make_vocab_size_divisible_by", "moe_aux_loss_coeff", "moe_token_dispatcher_type"})
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe")
+"""megatron's selective-recompute parts that our models have (moe_act needs grouped GEMM, mla_up_proj MLA)."""
+RECOMPUTE_KEYS = ("recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules")
+MODEL_TRAINING_CHOICES = frozenset({"make_vocab_size_divisible_by", "moe_aux_loss_coeff", "moe_token_dispatcher_type",
+                                    *RECOMPUTE_KEYS})
 """The ``model`` keys that are not the architecture (see :class:`ModelConfig`)."""
 
 
@@ -128,10 +132,10 @@ class ModelConfig(_Section):
     """A Llama/Mistral/Qwen2/Qwen3-family decoder, dense or mixture-of-experts (Qwen3-MoE, Mixtral).
     The defaults are Llama-2-7B's shape.
 
-    Every field but ``make_vocab_size_divisible_by``, ``moe_aux_loss_coeff`` and
-    ``moe_token_dispatcher_type`` is the architecture: training reads it from the converted
-    checkpoint, and a value a recipe sets must agree with it. Those three are training choices a
-    recipe may set freely (the checkpoint's value is the default)."""
+    Every field but ``make_vocab_size_divisible_by``, ``moe_aux_loss_coeff``,
+    ``moe_token_dispatcher_type`` and the ``recompute_*`` ones is the architecture: training reads it
+    from the converted checkpoint, and a value a recipe sets must agree with it. Those are training
+    choices a recipe may set freely (the checkpoint's value is the default)."""
 
     _section = "model"
 
@@ -189,6 +193,19 @@ class ModelConfig(_Section):
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     """How tokens reach their experts' ranks under expert parallelism (megatron's dispatchers);
     the result is the same, the communication differs (alltoall is megatron's choice for EP > 1)."""
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    """Activation recomputation (megatron's): ``full`` keeps only the input of groups of layers and
+    recomputes the rest in backward; ``selective`` recomputes the parts ``recompute_modules`` names;
+    None keeps every activation. Gradients are the same; the frozen reference never recomputes."""
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    """With ``full``: ``uniform`` splits each pipeline stage's layers into groups of
+    ``recompute_num_layers`` and keeps one input per group; ``block`` recomputes the first
+    ``recompute_num_layers`` layers of each stage and keeps the others' activations."""
+    recompute_num_layers: Optional[int] = None
+    """With ``full``: layers per group (``uniform``) or layers recomputed per stage (``block``)."""
+    recompute_modules: Optional[list[str]] = None
+    """With ``selective``: which parts (megatron's names): ``core_attn`` (the attention scores,
+    the default), ``layernorm``, ``mlp`` (dense MLPs), ``moe`` (mixture-of-experts layers)."""
 
     def validate(self) -> None:
         self._positive("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -220,11 +237,38 @@ class ModelConfig(_Section):
                 f"model.num_attention_heads ({self.num_attention_heads}) is not divisible by "
                 f"model.num_query_groups ({self.num_query_groups})"
             )
+        self._check_recompute()
         if self.moe_layer_freq != 1 and self.num_moe_experts is None:
             raise ValueError(f"model.moe_layer_freq={self.moe_layer_freq} needs model.num_moe_experts (a dense "
                              "model has no expert layers)")
         if isinstance(self.moe_layer_freq, int) and self.moe_layer_freq <= 0:
             raise ValueError(f"model.moe_layer_freq must be > 0, got {self.moe_layer_freq}")
+
+    def _check_recompute(self) -> None:
+        """megatron's rules for activation recomputation, and settings that would do nothing refused."""
+        self._positive("recompute_num_layers")
+        granularity = self.recompute_granularity
+        if granularity != "full":
+            for key in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"model.{key}={getattr(self, key)!r} only applies to "
+                                     f"model.recompute_granularity='full', got {granularity!r}")
+        elif self.recompute_method is None or self.recompute_num_layers is None:
+            raise ValueError("model.recompute_granularity='full' needs model.recompute_method (uniform or block) "
+                             "and model.recompute_num_layers")
+        if self.recompute_modules is not None:
+            if granularity != "selective":
+                raise ValueError(f"model.recompute_modules={self.recompute_modules} only applies to "
+                                 f"model.recompute_granularity='selective', got {granularity!r}")
+            unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+            if unknown or not self.recompute_modules:
+                raise ValueError(f"model.recompute_modules: {unknown or '[]'} is not among {list(RECOMPUTE_MODULES)}")
+            if "moe" in self.recompute_modules and self.num_moe_experts is None:
+                raise ValueError("model.recompute_modules 'moe' needs a mixture-of-experts model")
+
+    def without_recompute(self) -> "ModelConfig":
+        """This model with activation recomputation off (what the frozen reference is built with)."""
+        return dataclasses.replace(self, **{key: None for key in RECOMPUTE_KEYS})
 
     @property
     def head_dim(self) -> int:
@@ -592,6 +636,12 @@ class Config:
                 f"parallel.pipeline_model_parallel_size ({pp})"
             )
         self._check_experts()
+        if self.model.recompute_granularity == "full":
+            per_stage = self.model.num_layers // pp
+            if self.model.recompute_num_layers > per_stage:
+                raise ValueError(f"model.recompute_num_layers ({self.model.recompute_num_layers}) exceeds the layers of "
+                                 f"one pipeline stage ({per_stage}: model.num_layers {self.model.num_layers} / "
+                                 f"parallel.pipeline_model_parallel_size {pp})")
 
     def _check_experts(self) -> None:
         """megatron's rules for mixture-of-experts layouts, before any process group exists."""
@@ -668,6 +718,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.stop_signal", "train.peak_tflops", "train.wandb_project", "train.wandb_entity", "train.wandb_run_name",
     "train.wandb_mode", "data.valid_data_prefix", "parallel.distributed_timeout_minutes",
     "parallel.sequence_parallel", "parallel.expert_model_parallel_size", "parallel.expert_tensor_parallel_size",
+    *(f"model.{key}" for key in RECOMPUTE_KEYS),
 })
 """Keys a resumed run may change freely: they decide how long it runs, how it logs, evaluates and
 saves, never what a training step computes."""

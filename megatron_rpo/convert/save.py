@@ -90,7 +90,9 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
         shutil.copy2(os.path.join(source, "hf_config.json"), os.path.join(tmp, "hf_config.json"))
         if os.path.isdir(os.path.join(source, "tokenizer")):
             shutil.copytree(os.path.join(source, "tokenizer"), os.path.join(tmp, "tokenizer"))
-        meta = dict(src.meta, checkpoint_id=uuid.uuid4().hex, model=vars(model_config), source=os.path.abspath(source),
+        # the architecture and its training defaults; how this run saved memory is not the model's
+        meta = dict(src.meta, checkpoint_id=uuid.uuid4().hex, model=vars(model_config.without_recompute()),
+                    source=os.path.abspath(source),
                     index=index,
                     dtype=str(next(iter(model.parameters())).dtype).replace("torch.", ""))
         with open(os.path.join(tmp, MARKER), "w") as f:

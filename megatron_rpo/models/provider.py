@@ -97,6 +97,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         raise ValueError(f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} / "
                          f"expert_tensor_parallel_size={parallel.expert_tensor_parallel_size} need a "
                          "mixture-of-experts model, and this one is dense (model.num_moe_experts is not set)")
+    if "layernorm" in (model.recompute_modules or []) and not use_transformer_engine():
+        # megatron-core 0.16.1's CheckpointWithoutOutput reads transformer-engine's FP8 state
+        # unconditionally (its fp8 flag is `fp8 is not None`), a NameError without it.
+        raise ValueError("model.recompute_modules 'layernorm' needs transformer-engine (megatron-core 0.16.1's "
+                         "norm recompute calls it); leave it out here")
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu if bf16 is None else bf16
     if bf16 and not on_gpu:
@@ -115,6 +120,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
         kv_channels=model.head_dim,
+        recompute_granularity=model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
+        recompute_modules=model.recompute_modules,
         qk_layernorm=model.qk_layernorm,
         **_moe_settings(model),
         # Fine-tuning: no dropout (none of the supported families trains with it).

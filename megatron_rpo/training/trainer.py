@@ -93,7 +93,9 @@ class Trainer:
         )
         self.reference = None
         if c.loss.uses_reference and c.loss.reference == "online":
-            self.reference = model_provider(c, bf16=self.bf16)
+            # forward only, under no_grad: nothing to recompute
+            frozen = dataclasses.replace(c, model=c.model.without_recompute())
+            self.reference = model_provider(frozen, bf16=self.bf16)
             load_weights(self.reference, c.train.load)  # the starting policy, also when resuming
             self.reference.requires_grad_(False).eval()
 
