@@ -1,5 +1,7 @@
 """forward_step + loss_func through megatron's schedules: every TP/PP layout gives the same loss
-and the same parameter gradients as one process holding the whole model."""
+and the same parameter gradients as one process holding the whole model.
+
+The cases of one world size share one spawn (megatron's parallel state is laid out again per case)."""
 
 import math
 
@@ -26,14 +28,17 @@ def _step(tp, pp, sp, loss, microbatches):
 
     config = tiny_config(tp=tp, pp=pp, sp=sp, **loss)
     parallel.initialize(config.parallel)
-    model = model_provider(config)
-    fill_by_name(model, VOCAB)
-    reports = forward_backward(model, microbatches, config.loss, vocab_size=VOCAB)
-    grads = full_grads(model, VOCAB)
-    return {
-        "reports": reports if ps.is_pipeline_last_stage() else None,
-        "grads": grads if ps.get_tensor_model_parallel_rank() == 0 else None,
-    }
+    try:
+        model = model_provider(config)
+        fill_by_name(model, VOCAB)
+        reports = forward_backward(model, microbatches, config.loss, vocab_size=VOCAB)
+        grads = full_grads(model, VOCAB)
+        return {
+            "reports": reports if ps.is_pipeline_last_stage() else None,
+            "grads": grads if ps.get_tensor_model_parallel_rank() == 0 else None,
+        }
+    finally:
+        ps.destroy_model_parallel()
 
 
 def _compare(ranks, single):
@@ -58,27 +63,36 @@ LOSSES = {
     "dpo": dict(loss_type="dpo"),
     "simpo_rpo": dict(loss_type="simpo_rpo", beta=2.0, weighting="uniform", row_normalization="mean"),
 }
-_single_cache = {}
+LAYOUTS = [(2, 1, False, "rpo"), (2, 1, True, "dpo"), (1, 2, False, "rpo"), (1, 2, False, "simpo_rpo"),
+           (2, 2, True, "rpo")]
+REFERENCE_LAYOUTS = [(1, 1), (2, 2)]
 
 
-def _single(loss_name):
-    if loss_name not in _single_cache:
-        (_single_cache[loss_name],) = run_ranks(_step, 1, 1, 1, False, LOSSES[loss_name], _microbatches())
-    return _single_cache[loss_name]
+def _world(steps, references, microbatches):
+    return {"steps": [_step(tp, pp, sp, LOSSES[loss], microbatches) for tp, pp, sp, loss in steps],
+            "references": [_policy_vs_reference(tp, pp, [dict(mb) for mb in microbatches]) for tp, pp in references]}
 
 
-@pytest.mark.parametrize("tp,pp,sp,loss_name", [
-    (2, 1, False, "rpo"),
-    (2, 1, True, "dpo"),
-    (1, 2, False, "rpo"),
-    (1, 2, False, "simpo_rpo"),
-    (2, 2, True, "rpo"),
-])
-def test_loss_and_grads_match_one_process(tp, pp, sp, loss_name):
-    single = _single(loss_name)
+@pytest.fixture(scope="module")
+def worlds():
+    """Per world size, every rank's results: the one-process runs of each loss at world 1."""
+    out = {}
+    for world in (1, 2, 4):
+        steps = ([(1, 1, False, name) for name in LOSSES] if world == 1 else
+                 [c for c in LAYOUTS if c[0] * c[1] == world])
+        references = [c for c in REFERENCE_LAYOUTS if c[0] * c[1] == world]
+        out[world] = (steps, references, run_ranks(_world, world, steps, references, _microbatches(), timeout=600))
+    return out
+
+
+@pytest.mark.parametrize("tp,pp,sp,loss_name", LAYOUTS)
+def test_loss_and_grads_match_one_process(worlds, tp, pp, sp, loss_name):
+    single_steps, _, (single,) = worlds[1]
+    single = single["steps"][[c[3] for c in single_steps].index(loss_name)]
     assert single["reports"][0]["loss"] > 0
-    ranks = run_ranks(_step, tp * pp, tp, pp, sp, LOSSES[loss_name], _microbatches(), timeout=240)
-    _compare(ranks, single)
+    steps, _, ranks = worlds[tp * pp]
+    k = steps.index((tp, pp, sp, loss_name))
+    _compare([r["steps"][k] for r in ranks], single)
 
 
 def _policy_vs_reference(tp, pp, microbatches):
@@ -90,23 +104,27 @@ def _policy_vs_reference(tp, pp, microbatches):
 
     config = tiny_config(tp=tp, pp=pp, loss_type="rpo", reference="online")
     parallel.initialize(config.parallel)
-    policy, reference = model_provider(config), model_provider(config)
-    fill_by_name(policy, VOCAB)
-    fill_by_name(reference, VOCAB)
-    for mb in microbatches:
-        del mb["ref_logps"]  # computed online
-    reports = forward_backward(policy, microbatches, config.loss, vocab_size=VOCAB, reference=reference,
-                               forward_only=True)
-    ref = sequence_logps(reference, microbatches, vocab_size=VOCAB)
-    last = ps.is_pipeline_last_stage()
-    return {"ref_logps": [logps for logps, _ in ref] if last else None,
-            "reports": reports if last else None}
+    try:
+        policy, reference = model_provider(config), model_provider(config)
+        fill_by_name(policy, VOCAB)
+        fill_by_name(reference, VOCAB)
+        for mb in microbatches:
+            del mb["ref_logps"]  # computed online
+        reports = forward_backward(policy, microbatches, config.loss, vocab_size=VOCAB, reference=reference,
+                                   forward_only=True)
+        ref = sequence_logps(reference, microbatches, vocab_size=VOCAB)
+        last = ps.is_pipeline_last_stage()
+        return {"ref_logps": [logps for logps, _ in ref] if last else None,
+                "reports": reports if last else None}
+    finally:
+        ps.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
-def test_policy_equal_to_reference_gives_zero_logratios_and_log2(tp, pp):
-    ranks = run_ranks(_policy_vs_reference, tp * pp, tp, pp, _microbatches(), timeout=240)
-    last = [r for r in ranks if r["reports"] is not None]
+@pytest.mark.parametrize("tp,pp", REFERENCE_LAYOUTS)
+def test_policy_equal_to_reference_gives_zero_logratios_and_log2(worlds, tp, pp):
+    _, references, ranks = worlds[tp * pp]
+    k = references.index((tp, pp))
+    last = [r["references"][k] for r in ranks if r["references"][k]["reports"] is not None]
     assert len(last) == tp
     for r in last:
         assert all(lp.shape == (len(PROMPTS),) and torch.isfinite(lp).all() and (lp < 0).all() for lp in r["ref_logps"])

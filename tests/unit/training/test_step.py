@@ -41,16 +41,21 @@ def _train_grads(tp, pp, loss, per_rank, sp=False, paired=True):
 
     config = tiny_config(tp=tp, pp=pp, sp=sp, **loss)
     parallel.initialize(config.parallel)
-    module = model_provider(config)
-    fill_by_name(module, VOCAB)
-    model = DistributedDataParallel(module.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)
-    model.zero_grad_buffer()
-    microbatches = per_rank[ps.get_data_parallel_rank()]
-    reports = forward_backward(model, microbatches, config.loss, vocab_size=VOCAB, paired=paired)
-    finalize_model_grads([model])
-    grads = full_grads(module, VOCAB, finalized=True)
-    lead = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
-    return {"grads": grads if lead else None, "reports": reports if lead and ps.is_pipeline_last_stage() else None}
+    try:
+        module = model_provider(config)
+        fill_by_name(module, VOCAB)
+        model = DistributedDataParallel(module.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                        module)
+        model.zero_grad_buffer()
+        microbatches = per_rank[ps.get_data_parallel_rank()]
+        reports = forward_backward(model, microbatches, config.loss, vocab_size=VOCAB, paired=paired)
+        finalize_model_grads([model])
+        grads = full_grads(module, VOCAB, finalized=True)
+        lead = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
+        return {"grads": grads if lead else None,
+                "reports": reports if lead and ps.is_pipeline_last_stage() else None}
+    finally:
+        ps.destroy_model_parallel()  # the process group stays for the next case
 
 
 def _assert_same_gradients(ranks, single):
@@ -67,64 +72,82 @@ def _assert_same_gradients(ranks, single):
     return reports
 
 
-def _run(world, tp, pp, loss, per_rank, paired=True):
-    return run_ranks(_train_grads, world, tp, pp, loss, per_rank, paired=paired, timeout=300)
-
-
 RPO = dict(loss_type="rpo", weighting="embedding")
+DP_LOSSES = [(2, RPO), (2, dict(loss_type="rpo", weighting="diagonal", alpha=0.6)),
+             (4, dict(loss_type="rpo", weighting="uniform", row_normalization="mean"))]
+COMPOSE = [(1, 1, "global_batch"), (2, 1, "data_parallel"), (1, 2, "global_batch")]
 
 
-@pytest.mark.parametrize("world,loss", [
-    (2, RPO),
-    (2, dict(loss_type="rpo", weighting="diagonal", alpha=0.6)),
-    (4, dict(loss_type="rpo", weighting="uniform", row_normalization="mean")),
-])
-def test_data_parallel_gradient_equals_one_process_on_the_concatenated_batch(world, loss):
-    per_rank = [[_paired(10 + r)] for r in range(world)]
-    (single,) = _run(1, 1, 1, loss, [[_concat([mbs[0] for mbs in per_rank])]])
-    reports = _assert_same_gradients(_run(world, 1, 1, loss, per_rank), single)
-    assert reports[0]["matrix_rows"].item() == 3 * world
+def _cases() -> dict:
+    """name -> (world, tp, pp, loss, per-rank microbatches, paired): every run the tests below compare."""
+    cases = {}
+    for i, (world, loss) in enumerate(DP_LOSSES):
+        per_rank = [[_paired(10 + r)] for r in range(world)]
+        cases[f"dp{i}"] = (world, 1, 1, loss, per_rank, True)
+        cases[f"dp{i}_single"] = (1, 1, 1, loss, [[_concat([mbs[0] for mbs in per_rank])]], True)
+    unpaired = [[_unpaired(20, [True] * 6)],  # rank 0: no rejected item
+                [_unpaired(21, [False, False, True, False, False, False])]]
+    cases["unpaired"] = (2, 1, 1, dict(RPO, tau=0.75), unpaired, False)
+    cases["unpaired_single"] = (1, 1, 1, dict(RPO, tau=0.75), [[_concat([p[0] for p in unpaired])]], False)
+    cases["local"] = (2, 1, 1, dict(RPO, contrast_scope="local"), [[_paired(30 + r)] for r in range(2)], True)
+    microbatches = [_paired(40 + i) for i in range(4)]
+    cases["big"] = (1, 1, 1, RPO, [[_concat(microbatches)]], True)
+    cases["cached"] = (1, 1, 1, dict(RPO, contrast_scope="global_batch"), [microbatches], True)
+    for tp, pp, scope in COMPOSE:
+        per_rank = [[_paired(50 + 2 * r), _paired(51 + 2 * r)] for r in range(2)]
+        if scope == "global_batch":
+            # The whole global batch is one matrix: one microbatch with every rank's rows.
+            single_batches = [[_concat([mb for mbs in per_rank for mb in mbs])]]
+        else:
+            # Microbatch i's matrix spans microbatch i of every rank.
+            single_batches = [[_concat([mbs[i] for mbs in per_rank]) for i in range(2)]]
+        cases[f"compose_{tp}_{pp}_{scope}"] = (2 * tp * pp, tp, pp, dict(RPO, contrast_scope=scope), per_rank, True)
+        cases[f"compose_{tp}_{pp}_{scope}_single"] = (1, 1, 1, RPO, single_batches, True)
+    return cases
+
+
+def _each(cases: list[tuple]) -> list[dict]:
+    return [_train_grads(tp, pp, loss, per_rank, paired=paired) for tp, pp, loss, per_rank, paired in cases]
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    """name -> every rank's result; the cases of one world size share one spawn."""
+    cases, out = _cases(), {}
+    for world in sorted({c[0] for c in cases.values()}):
+        names = [n for n, c in cases.items() if c[0] == world]
+        ranks = run_ranks(_each, world, [cases[n][1:] for n in names], timeout=600)
+        out.update({name: [r[k] for r in ranks] for k, name in enumerate(names)})
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(DP_LOSSES)))
+def test_data_parallel_gradient_equals_one_process_on_the_concatenated_batch(runs, case):
+    (single,) = runs[f"dp{case}_single"]
+    reports = _assert_same_gradients(runs[f"dp{case}"], single)
+    assert reports[0]["matrix_rows"].item() == 3 * DP_LOSSES[case][0]
     torch.testing.assert_close(reports[0]["loss"], single["reports"][0]["loss"])
 
 
-def test_unpaired_ranks_without_chosen_or_rejected_items_get_the_exact_global_gradient():
-    loss = dict(RPO, tau=0.75)
-    per_rank = [
-        [_unpaired(20, [True] * 6)],  # rank 0: no rejected item
-        [_unpaired(21, [False, False, True, False, False, False])],
-    ]
-    config_overrides = dict(loss)
-    (single,) = run_ranks(_train_grads, 1, 1, 1, config_overrides, [[_concat([p[0] for p in per_rank])]],
-                          paired=False, timeout=300)
-    reports = _assert_same_gradients(_run(2, 1, 1, loss, per_rank, paired=False), single)
+def test_unpaired_ranks_without_chosen_or_rejected_items_get_the_exact_global_gradient(runs):
+    (single,) = runs["unpaired_single"]
+    reports = _assert_same_gradients(runs["unpaired"], single)
     assert (reports[0]["matrix_rows"].item(), reports[0]["matrix_cols"].item()) == (7, 5)
 
 
-def test_local_scope_builds_one_matrix_per_rank():
-    per_rank = [[_paired(30 + r)] for r in range(2)]
-    ranks = _run(2, 1, 1, dict(RPO, contrast_scope="local"), per_rank)
-    (reports,) = [r["reports"] for r in ranks if r["reports"] is not None]
+def test_local_scope_builds_one_matrix_per_rank(runs):
+    (reports,) = [r["reports"] for r in runs["local"] if r["reports"] is not None]
     assert reports[0]["matrix_rows"].item() == 3
 
 
-def test_global_batch_over_four_microbatches_equals_one_big_microbatch():
-    microbatches = [_paired(40 + i) for i in range(4)]
-    (big,) = _run(1, 1, 1, RPO, [[_concat(microbatches)]])
-    (cached,) = _run(1, 1, 1, dict(RPO, contrast_scope="global_batch"), [microbatches])
-    reports = _assert_same_gradients([cached], big)
+def test_global_batch_over_four_microbatches_equals_one_big_microbatch(runs):
+    (big,), cached = runs["big"], runs["cached"]
+    reports = _assert_same_gradients(cached, big)
     assert reports[0]["matrix_rows"].item() == 12
     torch.testing.assert_close(reports[0]["loss"], big["reports"][0]["loss"])
 
 
-@pytest.mark.parametrize("tp,pp,scope", [(1, 1, "global_batch"), (2, 1, "data_parallel"), (1, 2, "global_batch")])
-def test_data_parallel_and_global_batch_compose_with_tp_and_pp(tp, pp, scope):
-    per_rank = [[_paired(50 + 2 * r), _paired(51 + 2 * r)] for r in range(2)]
-    loss = dict(RPO, contrast_scope=scope)
-    if scope == "global_batch":
-        # The whole global batch is one matrix: one microbatch with every rank's rows.
-        single_batches = [[_concat([mb for mbs in per_rank for mb in mbs])]]
-    else:
-        # Microbatch i's matrix spans microbatch i of every rank.
-        single_batches = [[_concat([mbs[i] for mbs in per_rank]) for i in range(2)]]
-    (single,) = _run(1, 1, 1, RPO, single_batches)
-    _assert_same_gradients(_run(2 * tp * pp, tp, pp, loss, per_rank), single)
+@pytest.mark.parametrize("tp,pp,scope", COMPOSE)
+def test_data_parallel_and_global_batch_compose_with_tp_and_pp(runs, tp, pp, scope):
+    (single,) = runs[f"compose_{tp}_{pp}_{scope}_single"]
+    _assert_same_gradients(runs[f"compose_{tp}_{pp}_{scope}"], single)
