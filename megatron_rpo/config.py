@@ -639,8 +639,8 @@ class Config:
         if self.model.recompute_granularity == "full":
             per_stage = self.model.num_layers // pp
             if self.model.recompute_num_layers > per_stage:
-                raise ValueError(f"model.recompute_num_layers ({self.model.recompute_num_layers}) exceeds the layers of "
-                                 f"one pipeline stage ({per_stage}: model.num_layers {self.model.num_layers} / "
+                raise ValueError(f"model.recompute_num_layers ({self.model.recompute_num_layers}) exceeds the layers "
+                                 f"of one pipeline stage ({per_stage}: model.num_layers {self.model.num_layers} / "
                                  f"parallel.pipeline_model_parallel_size {pp})")
 
     def _check_experts(self) -> None:

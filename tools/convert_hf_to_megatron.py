@@ -5,7 +5,8 @@
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1
 
 The output holds whole tensors one file per layer (each expert whole), so training loads it at
-any TP/PP/EP split; the split named here is checked against the model and recorded. Memory stays at about one layer.
+any TP/PP/EP split; the split named here is checked against the model and recorded. Memory
+stays at about one layer.
 """
 
 import argparse

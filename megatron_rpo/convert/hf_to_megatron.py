@@ -16,7 +16,7 @@ from tqdm import tqdm
 from megatron_rpo.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_rpo.convert.files import MARKER, HFWeights, StagedDirectory, copy_tokenizer, save_tensors
 from megatron_rpo.convert.hf_config import model_config_from_hf, read_hf_config
-from megatron_rpo.convert.layout import FUSE, IGNORED_SUFFIXES, expected_shape, file_groups, weights_file
+from megatron_rpo.convert.layout import FUSE, IGNORED_SUFFIXES, expected_shapes, file_groups, weights_file
 
 __all__ = ["convert_hf_to_megatron"]
 
@@ -85,13 +85,13 @@ def convert_hf_to_megatron(
                      source=f"converting {hf_dir}")
     _check_tokenizer(hf_dir, model)
     weights = HFWeights(hf_dir)
+    shapes = expected_shapes(model)
     consumed: set[str] = set()
     index: dict[str, str] = {}
     dtype = None
     with StagedDirectory(output_dir) as tmp:
         for group, mapping in tqdm(file_groups(model, arch), desc="convert", unit=" layers", disable=not progress):
-            tensors = {target: _convert(weights, model, hf_keys, transform, target, expected_shape(model, target),
-                                        consumed)
+            tensors = {target: _convert(weights, model, hf_keys, transform, target, shapes[target], consumed)
                        for target, (hf_keys, transform) in mapping.items()}
             dtype = dtype or str(next(iter(tensors.values())).dtype).replace("torch.", "")
             path = weights_file(group)

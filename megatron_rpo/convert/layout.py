@@ -9,7 +9,7 @@ padded) under Megatron's names with global layer numbers, in Megatron's fused la
 * experts: ``mlp.experts.local_experts.{e}.linear_fc{1,2}`` numbered globally, beside the router
   ``mlp.router.weight`` (Hugging Face saves experts one by one, whatever it fuses in memory).
 
-So any tensor/pipeline/expert tensor/pipeline split can read its slices straight from the files
+So any tensor/pipeline/expert split can read its slices straight from the files
 (:mod:`megatron_rpo.convert.load`).
 """
 
@@ -20,7 +20,7 @@ import torch
 from megatron_rpo.config import ModelConfig
 
 __all__ = ["GLOBAL_MAP", "layer_map", "is_expert", "global_expert_name", "file_groups", "group_of", "weights_file",
-           "fuse_qkv", "split_qkv", "fuse_gate_up", "split_gate_up", "expected_shape"]
+           "fuse_qkv", "split_qkv", "fuse_gate_up", "split_gate_up", "expected_shapes"]
 
 # Megatron name (per layer, after "decoder.layers.{i}.") -> HF names (after "model.layers.{i}.") and the transform.
 ATTENTION_MAP = {
@@ -151,14 +151,14 @@ def file_groups(m: ModelConfig, architecture: str) -> list[tuple[str, dict[str, 
             + layers + [("final", final)])
 
 
-def expected_shape(m: ModelConfig, name: str) -> tuple[int, ...]:
-    """The whole shape of the Megatron tensor ``name`` (a name :func:`file_groups` lists)."""
-    parts = name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        return _layer_shapes(m, int(parts[2]))[".".join(parts[3:])]
+def expected_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Megatron name -> whole shape, for every tensor :func:`file_groups` can list."""
     h = m.hidden_size
-    return {"embedding.word_embeddings.weight": (m.vocab_size, h), "decoder.final_layernorm.weight": (h,),
-            "output_layer.weight": (m.vocab_size, h)}[name]
+    shapes = {"embedding.word_embeddings.weight": (m.vocab_size, h), "decoder.final_layernorm.weight": (h,),
+              "output_layer.weight": (m.vocab_size, h)}
+    for i in range(m.num_layers):
+        shapes.update({f"decoder.layers.{i}.{key}": shape for key, shape in _layer_shapes(m, i).items()})
+    return shapes
 
 
 def is_expert(name: str) -> bool:

@@ -5,7 +5,8 @@ stride), each pipeline stage's first data-parallel, first tensor-parallel rank w
 layers' files, the first expert-data-parallel, first expert-tensor-parallel rank of each
 expert-parallel rank writes its experts beside them, and global rank 0 writes the index and
 renames the directory into place. The result is what ``tools/convert_megatron_to_hf.py`` reads
-and what ``train.load`` accepts. Every rank must call it; the output directory must be on a filesystem all ranks share.
+and what ``train.load`` accepts. Every rank must call it; the output directory must be on a
+filesystem all ranks share.
 """
 
 from __future__ import annotations

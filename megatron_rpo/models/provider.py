@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_rpo.config import Config, ModelConfig, ParallelConfig
+from megatron_rpo.config import RECOMPUTE_KEYS, Config, ModelConfig, ParallelConfig
 from megatron_rpo.models.layers import RMSNorm, SDPAttention
 
 __all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "model_provider", "use_transformer_engine"]
@@ -120,10 +120,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
         kv_channels=model.head_dim,
-        recompute_granularity=model.recompute_granularity,
-        recompute_method=model.recompute_method,
-        recompute_num_layers=model.recompute_num_layers,
-        recompute_modules=model.recompute_modules,
+        **{key: getattr(model, key) for key in RECOMPUTE_KEYS},  # megatron's names
         qk_layernorm=model.qk_layernorm,
         **_moe_settings(model),
         # Fine-tuning: no dropout (none of the supported families trains with it).

@@ -37,12 +37,9 @@ class ExpertMetrics:
         moe_utils.get_moe_layer_wise_logging_tracker().clear()
         # on the device: the hook adds to it without a device-to-host copy per layer and microbatch
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=current_device())
-        self.layers: list[int] = []
-        for name, sub in module.named_modules():
+        for sub in module.modules():
             if isinstance(sub, TopKRouter):
-                layer = sub.layer_number - 1  # global, 0-based
-                self.layers.append(layer)
-                sub.register_forward_hook(self._hook(layer))
+                sub.register_forward_hook(self._hook(sub.layer_number - 1))  # global, 0-based
 
     def _hook(self, layer: int):
         def count(router, _inputs, outputs):
