@@ -85,7 +85,7 @@ def _rank(rank, store, args, out):
             model.zero_grad_buffer()
             dist.barrier()
             start = time.perf_counter()
-            forward_backward(model, batches, config.loss, vocab_size=args.vocab)
+            forward_backward(model, batches, config.loss)
             finalize_model_grads([model])
             dist.barrier()
             if step >= args.warmup:

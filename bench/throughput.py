@@ -144,7 +144,7 @@ class Ours:
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        forward_backward(self.model, batches, self.config.loss, vocab_size=self.config.model.vocab_size,
+        forward_backward(self.model, batches, self.config.loss,
                          reference=self.reference)
         finalize_model_grads([self.model])
         self.optimizer.step()

@@ -45,6 +45,7 @@ __all__ = [
     "explicit_keys",
     "RESUMABLE_CHANGES",
     "MODEL_TRAINING_CHOICES",
+    "MEMORY_KEYS",
     "dump_config",
 ]
 
@@ -122,8 +123,10 @@ class _Section:
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe")
 """megatron's selective-recompute parts that our models have (moe_act needs grouped GEMM, mla_up_proj MLA)."""
 RECOMPUTE_KEYS = ("recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules")
+MEMORY_KEYS = (*RECOMPUTE_KEYS, "logprob_chunk_tokens")
+"""The ``model`` keys that trade compute for memory and change no result."""
 MODEL_TRAINING_CHOICES = frozenset({"make_vocab_size_divisible_by", "moe_aux_loss_coeff", "moe_token_dispatcher_type",
-                                    *RECOMPUTE_KEYS})
+                                    *MEMORY_KEYS})
 """The ``model`` keys that are not the architecture (see :class:`ModelConfig`)."""
 
 
@@ -133,9 +136,10 @@ class ModelConfig(_Section):
     The defaults are Llama-2-7B's shape.
 
     Every field but ``make_vocab_size_divisible_by``, ``moe_aux_loss_coeff``,
-    ``moe_token_dispatcher_type`` and the ``recompute_*`` ones is the architecture: training reads it
-    from the converted checkpoint, and a value a recipe sets must agree with it. Those are training
-    choices a recipe may set freely (the checkpoint's value is the default)."""
+    ``moe_token_dispatcher_type``, the ``recompute_*`` ones and ``logprob_chunk_tokens`` is the
+    architecture: training reads it from the converted checkpoint, and a value a recipe sets must
+    agree with it. Those are training choices a recipe may set freely (the checkpoint's value is
+    the default)."""
 
     _section = "model"
 
@@ -206,12 +210,19 @@ class ModelConfig(_Section):
     recompute_modules: Optional[list[str]] = None
     """With ``selective``: which parts (megatron's names): ``core_attn`` (the attention scores,
     the default), ``layernorm``, ``mlp`` (dense MLPs), ``moe`` (mixture-of-experts layers)."""
+    logprob_chunk_tokens: Optional[int] = None
+    """Run the output layer and the log-softmax over this many tokens at a time, each chunk's logits
+    recomputed in backward, so the whole ``[tokens, vocab / TP]`` logits (about 20 GB in float32 at
+    32k tokens and a 152k vocabulary, TP 1) and their gradient never exist; None: all tokens at
+    once. Costs one more output-layer matmul per token (and 3 small all-reduces per chunk under
+    TP); log-probs and gradients are the same up to the order of float sums. The policy, the
+    online reference and the reference tool all use it."""
 
     def validate(self) -> None:
         self._positive("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                        "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "rotary_base",
                        "norm_epsilon", "rope_scaling_factor", "kv_channels", "num_moe_experts",
-                       "moe_router_topk", "moe_ffn_hidden_size")
+                       "moe_router_topk", "moe_ffn_hidden_size", "logprob_chunk_tokens")
         self._positive("moe_aux_loss_coeff", allow_zero=True)
         if self.num_moe_experts is not None:
             if self.moe_router_topk > self.num_moe_experts:
@@ -269,6 +280,10 @@ class ModelConfig(_Section):
     def without_recompute(self) -> "ModelConfig":
         """This model with activation recomputation off (what the frozen reference is built with)."""
         return dataclasses.replace(self, **{key: None for key in RECOMPUTE_KEYS})
+
+    def without_memory_settings(self) -> "ModelConfig":
+        """This model with none of the :data:`MEMORY_KEYS` set (what a saved checkpoint records)."""
+        return dataclasses.replace(self, **{key: None for key in MEMORY_KEYS})
 
     @property
     def head_dim(self) -> int:
@@ -718,7 +733,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.stop_signal", "train.peak_tflops", "train.wandb_project", "train.wandb_entity", "train.wandb_run_name",
     "train.wandb_mode", "data.valid_data_prefix", "parallel.distributed_timeout_minutes",
     "parallel.sequence_parallel", "parallel.expert_model_parallel_size", "parallel.expert_tensor_parallel_size",
-    *(f"model.{key}" for key in RECOMPUTE_KEYS),
+    *(f"model.{key}" for key in MEMORY_KEYS),
 })
 """Keys a resumed run may change freely: they decide how long it runs, how it logs, evaluates and
 saves, never what a training step computes."""

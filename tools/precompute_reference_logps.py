@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         parallel.initialize(config.parallel)
         model = model_provider(config)
         load_weights(model, a.load)
-        logps = compute_reference_logps(model, a.data_prefix, vocab_size=config.model.vocab_size,
+        logps = compute_reference_logps(model, a.data_prefix,
                                         micro_batch_size=a.micro_batch_size, checkpoint=a.load,
                                         progress=not a.no_progress, packing=not a.no_packing)
     except ValueError as e:

@@ -92,7 +92,7 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
         if os.path.isdir(os.path.join(source, "tokenizer")):
             shutil.copytree(os.path.join(source, "tokenizer"), os.path.join(tmp, "tokenizer"))
         # the architecture and its training defaults; how this run saved memory is not the model's
-        meta = dict(src.meta, checkpoint_id=uuid.uuid4().hex, model=vars(model_config.without_recompute()),
+        meta = dict(src.meta, checkpoint_id=uuid.uuid4().hex, model=vars(model_config.without_memory_settings()),
                     source=os.path.abspath(source),
                     index=index,
                     dtype=str(next(iter(model.parameters())).dtype).replace("torch.", ""))

@@ -28,9 +28,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_rpo.config import RECOMPUTE_KEYS, Config, ModelConfig, ParallelConfig
+from megatron_rpo.logprobs import output_logprobs
 from megatron_rpo.models.layers import RMSNorm, SDPAttention
 
-__all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "model_provider", "use_transformer_engine"]
+__all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "model_provider", "use_transformer_engine",
+           "PreferenceGPTModel"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,6 +182,33 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None = None):
                                       layer_norm=ModuleSpec(module=RMSNorm))
 
 
+class PreferenceGPTModel(GPTModel):
+    """megatron's GPTModel whose last stage, given ``labels``, returns their [b, s] float32 log-probs.
+
+    Without labels it is GPTModel (logits; the conversion tests compare them with transformers').
+    With them, the output layer and the vocab-parallel log-softmax run as
+    :func:`megatron_rpo.logprobs.output_logprobs` says: whole, or ``logprob_chunk_tokens`` tokens
+    at a time. The parameters, and so the checkpoints, are GPTModel's.
+
+    Args:
+        real_vocab_size: the tokenizer's vocabulary (``vocab_size`` is the padded one).
+        logprob_chunk_tokens: see :attr:`megatron_rpo.config.ModelConfig.logprob_chunk_tokens`.
+        The rest: GPTModel's.
+    """
+
+    def __init__(self, *args, real_vocab_size: int, logprob_chunk_tokens: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.real_vocab_size = real_vocab_size
+        self.logprob_chunk_tokens = logprob_chunk_tokens
+
+    def _postprocess(self, hidden_states, labels=None, **kwargs):
+        if labels is None or not self.post_process:
+            return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        return output_logprobs(self.output_layer, hidden_states, weight, labels, self.real_vocab_size,
+                               self.logprob_chunk_tokens)
+
+
 def model_provider(
     config: Config,
     pre_process: bool | None = None,
@@ -198,6 +227,7 @@ def model_provider(
         bf16: see :func:`transformer_config`.
 
     megatron's parallel state must be initialised first (:func:`megatron_rpo.parallel.initialize`).
+    Given ``labels``, the last stage returns their log-probs (:class:`PreferenceGPTModel`).
     """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
@@ -205,7 +235,9 @@ def model_provider(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     tconfig = transformer_config(config.model, config.parallel, bf16=bf16)
     m = config.model
-    model = GPTModel(
+    model = PreferenceGPTModel(
+        real_vocab_size=m.vocab_size,
+        logprob_chunk_tokens=m.logprob_chunk_tokens,
         config=tconfig,
         transformer_layer_spec=layer_spec(tconfig, vp_stage),
         vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,

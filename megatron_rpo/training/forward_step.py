@@ -25,11 +25,10 @@ from functools import partial
 from typing import Callable
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_rpo.config import LossConfig
-from megatron_rpo.logprobs import sequence_logprobs, token_logprobs
+from megatron_rpo.logprobs import sequence_logprobs
 from megatron_rpo.loss.distributed import gather_rows
 from megatron_rpo.loss.objective import preference_loss, sequence_rows, sides_from_batch
 from megatron_rpo.models import use_transformer_engine
@@ -97,7 +96,7 @@ def surrogate_loss_func(scale: float, batch: dict, token_logps: torch.Tensor):
     return surrogate, {}
 
 
-def forward_step(data_iterator, model, *, vocab_size: int, loss_fn: LossFn):
+def forward_step(data_iterator, model, *, loss_fn: LossFn):
     """Megatron's ``forward_step(data_iterator, model) -> (output, loss_func)``; bind the rest with partial.
 
     Every pipeline stage reads the same microbatch: the first uses ``tokens``, the last
@@ -105,14 +104,13 @@ def forward_step(data_iterator, model, *, vocab_size: int, loss_fn: LossFn):
 
     Args:
         data_iterator: yields microbatches.
-        model: this stage's model chunk.
-        vocab_size: the real (unpadded) vocabulary.
+        model: this stage's model chunk (:class:`megatron_rpo.models.provider.PreferenceGPTModel`).
         loss_fn: ``loss_fn(batch, token_logps) -> (loss, report)``, one of the functions above
             with its leading arguments bound.
     """
     batch = next(data_iterator)
     packed = packed_seq_params(batch, batch["tokens"].device)
-    output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
-    if parallel_state.is_pipeline_last_stage():
-        output = token_logprobs(output, batch["labels"], vocab_size)  # [b, s, V/tp] -> [b, s]
+    # The last stage turns ``labels`` into their [b, s] log-probs (the vocabulary stays split,
+    # and is chunked when model.logprob_chunk_tokens says so); the others return hidden states.
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return output, partial(loss_fn, batch)

@@ -22,7 +22,7 @@ __all__ = ["compute_reference_logps"]
 
 
 @torch.no_grad()
-def compute_reference_logps(model, data_prefix: str, *, vocab_size: int, micro_batch_size: int = 8,
+def compute_reference_logps(model, data_prefix: str, *, micro_batch_size: int = 8,
                             checkpoint: str | None = None, progress: bool = True, packing: bool = True,
                             pack_multiple: int = 64) -> np.ndarray | None:
     """Compute and write ``PREFIX.ref``; returns the [num_sequences] array on global rank 0, else None.
@@ -30,7 +30,6 @@ def compute_reference_logps(model, data_prefix: str, *, vocab_size: int, micro_b
     Args:
         model: the reference model (this rank's part), weights loaded, parallel state initialised.
         data_prefix: the preprocessed dataset.
-        vocab_size: the real (unpadded) vocabulary.
         micro_batch_size: sequences per forward pass per data-parallel rank.
         checkpoint: recorded in the manifest.
         progress: show a progress bar on global rank 0.
@@ -55,7 +54,7 @@ def compute_reference_logps(model, data_prefix: str, *, vocab_size: int, micro_b
         indices = mine[r] if r < len(mine) else []
         padded = indices + [0] * (micro_batch_size - len(indices))
         batches = collate_step(dataset, [padded], seq_length, packing=packing, pack_multiple=pack_multiple)
-        out = sequence_logps(model, batches, vocab_size=vocab_size)
+        out = sequence_logps(model, batches)
         if out is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
             logps = out[0][0].tolist()
             results.update({i: logps[j] for j, i in enumerate(indices)})

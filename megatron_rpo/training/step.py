@@ -37,7 +37,7 @@ from megatron_rpo.training.forward_step import (
 __all__ = ["run_schedule", "sequence_logps", "forward_backward"]
 
 
-def run_schedule(model, microbatches: list[dict], loss_fn, *, vocab_size: int, forward_only: bool) -> list[dict]:
+def run_schedule(model, microbatches: list[dict], loss_fn, *, forward_only: bool) -> list[dict]:
     """megatron's pipeline schedule over ``microbatches`` with :func:`forward_step` and ``loss_fn``.
 
     Every microbatch must have the same [B, S] shape (pipeline stages exchange fixed shapes).
@@ -46,7 +46,7 @@ def run_schedule(model, microbatches: list[dict], loss_fn, *, vocab_size: int, f
     rows, seq = microbatches[0]["tokens"].shape
     models = model if isinstance(model, list) else [model]
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, vocab_size=vocab_size, loss_fn=loss_fn),
+        forward_step_func=partial(forward_step, loss_fn=loss_fn),
         data_iterator=iter(microbatches),
         model=models,
         num_microbatches=len(microbatches),
@@ -57,7 +57,7 @@ def run_schedule(model, microbatches: list[dict], loss_fn, *, vocab_size: int, f
 
 
 @torch.no_grad()
-def sequence_logps(model, microbatches: list[dict], *, vocab_size: int):
+def sequence_logps(model, microbatches: list[dict]):
     """Per-sequence response log-probs and lengths of ``model``, forward only.
 
     Returns:
@@ -65,7 +65,7 @@ def sequence_logps(model, microbatches: list[dict], *, vocab_size: int):
         the model's device; None on other stages.
     """
     microbatches = [to_device(mb) for mb in microbatches]
-    reports = run_schedule(model, microbatches, logps_loss_func, vocab_size=vocab_size, forward_only=True)
+    reports = run_schedule(model, microbatches, logps_loss_func, forward_only=True)
     if not parallel_state.is_pipeline_last_stage():
         return None
     return [(r["logps"], r["lengths"]) for r in reports]
@@ -82,7 +82,6 @@ def forward_backward(
     microbatches: list[dict],
     loss: LossConfig,
     *,
-    vocab_size: int,
     reference=None,
     forward_only: bool = False,
     paired: bool = True,
@@ -94,7 +93,6 @@ def forward_backward(
         microbatches: this rank's microbatches for the step, on the host or the device; moved
             to the model's device here (the callers' dicts are left as they are).
         loss: the loss config (type, ``contrast_scope``, ``reference``).
-        vocab_size: the real (unpadded) vocabulary.
         reference: the frozen reference model for ``loss.reference == "online"``.
         forward_only: evaluate without gradients.
         paired: the microbatches hold pairs (chosen i and rejected i share a prompt); decides
@@ -108,17 +106,17 @@ def forward_backward(
     if loss.uses_reference and loss.reference == "online":
         if reference is None:
             raise ValueError("loss.reference='online' needs a reference model")
-        ref = sequence_logps(reference, microbatches, vocab_size=vocab_size)
+        ref = sequence_logps(reference, microbatches)
         for mb, (logps, _) in zip(microbatches, ref or []):
             mb["ref_logps"] = logps
     group = _data_parallel_group(loss)
     if loss.contrast_scope != "global_batch" or forward_only:
         # Evaluation of a global-batch run still builds one matrix per microbatch over all ranks.
         loss_fn = partial(preference_loss_func, loss, group, paired)
-        return run_schedule(model, microbatches, loss_fn, vocab_size=vocab_size, forward_only=forward_only)
+        return run_schedule(model, microbatches, loss_fn, forward_only=forward_only)
 
     # Pass 1: forward only; keep per-sequence log-probs (last pipeline stage).
-    first = sequence_logps(model, microbatches, vocab_size=vocab_size)
+    first = sequence_logps(model, microbatches)
     report = []
     if first is not None:
         grads, value, metrics = cached_logp_gradients(
@@ -129,5 +127,5 @@ def forward_backward(
         report = [{"loss": value, **metrics}]
     # Pass 2: forward-backward with the surrogate; other stages only relay activations.
     scale = float(len(microbatches))
-    run_schedule(model, microbatches, partial(surrogate_loss_func, scale), vocab_size=vocab_size, forward_only=False)
+    run_schedule(model, microbatches, partial(surrogate_loss_func, scale), forward_only=False)
     return report

@@ -372,7 +372,7 @@ class Trainer:
             self.optimizer.zero_grad()
             if self.experts is not None:
                 self.experts.reset()
-            reports = forward_backward(self.model, batches, c.loss, vocab_size=c.model.vocab_size,
+            reports = forward_backward(self.model, batches, c.loss,
                                        reference=self.reference, paired=c.data.paired)
             finalize_model_grads([self.model])
             updated, grad_norm, _ = self.optimizer.step()
@@ -492,7 +492,7 @@ class Trainer:
         reports = []
         for start in range(0, total, self.num_microbatches):
             batches, _ = self._microbatches(self.valid_data, iterator, min(self.num_microbatches, total - start))
-            reports += forward_backward(self.model, batches, c.loss, vocab_size=c.model.vocab_size,
+            reports += forward_backward(self.model, batches, c.loss,
                                         reference=self.reference, forward_only=True, paired=self.valid_data.paired)
         self.model.train()
         metrics = reduce_reports(reports)

@@ -47,7 +47,7 @@ def _step_gradients(argv: list[str]) -> dict:
         c = trainer.config
         batches, _ = trainer._microbatches(trainer.train_data, iter(trainer.sampler), trainer.num_microbatches)
         trainer.model.zero_grad_buffer()
-        reports = forward_backward(trainer.model, batches, c.loss, vocab_size=c.model.vocab_size,
+        reports = forward_backward(trainer.model, batches, c.loss,
                                    reference=trainer.reference, paired=c.data.paired)
         finalize_model_grads([trainer.model])
         grads = {}
@@ -116,10 +116,10 @@ def _padding(ckpt: str, prefix: str) -> dict:
         for form, packing in (("padded", False), ("packed", True)):
             batches = collate_step(ds, indices, 160, packing=packing)
             model.eval()
-            ((logps, _),) = sequence_logps(model, batches, vocab_size=config.model.vocab_size)
+            ((logps, _),) = sequence_logps(model, batches)
             model.train()
             moe_utils.get_moe_layer_wise_logging_tracker().clear()
-            run_schedule(model, batches, logps_loss_func, vocab_size=config.model.vocab_size, forward_only=False)
+            run_schedule(model, batches, logps_loss_func, forward_only=False)
             values = moe_utils.get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"]
             moe_layers = [v for v in values.tolist() if v]
             tokens = int(batches[0]["tokens"].numel())

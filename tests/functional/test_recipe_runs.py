@@ -134,7 +134,7 @@ def _uninterrupted(world: dict, runs: list[tuple[str, list[str]]]) -> list[dict]
         model = model_provider(config)
         load_weights(model, ckpt)
         for split in ("train", "valid"):
-            compute_reference_logps(model, str(family["data"] / split), vocab_size=config.model.vocab_size,
+            compute_reference_logps(model, str(family["data"] / split),
                                     checkpoint=ckpt, progress=False)
         parallel_state.destroy_model_parallel()
     return train_each(runs)

@@ -149,7 +149,7 @@ def _bf16_and_reference_logps(ckpt: str, prefix: str, indices: list[int]):
     out = {}
     for packing in (True, False):
         batches = collate_step(ds, [indices], 160, packing=packing)
-        ((logps, lengths),) = sequence_logps(model, batches, vocab_size=config.model.vocab_size)
+        ((logps, lengths),) = sequence_logps(model, batches)
         assert logps.device == current_device()  # cuda:LOCAL_RANK
         out[packing] = logps.cpu().double()
     out["precomputed"] = torch.from_numpy(ds.ref_logps[indices]).double()

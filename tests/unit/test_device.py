@@ -113,7 +113,7 @@ def _reference_tool_through_host_batches(ckpt: str, prefix: str):
     parallel.initialize(config.parallel)
     model = model_provider(config)
     load_weights(model, ckpt)
-    return compute_reference_logps(model, prefix, vocab_size=config.model.vocab_size, micro_batch_size=16,
+    return compute_reference_logps(model, prefix, micro_batch_size=16,
                                    progress=False)
 
 

@@ -1,7 +1,8 @@
-"""Activation recomputation (issue 21, item 1) changes no gradient: each of megatron's settings
-against none, on the same weights and microbatches, bitwise on CPU, under TP 2 + sequence
-parallel, PP 2, gradient caching and a mixture-of-experts model at EP 2. One 2-process spawn runs
-every case."""
+"""The memory levers change no gradient: activation recomputation (each of megatron's settings,
+bitwise on CPU) and chunked log-probs (``model.logprob_chunk_tokens``, to float32 rounding: the
+output layer's sums run in another order) against neither, on the same weights and microbatches,
+under TP 2 + sequence parallel, TP 2 with tied embeddings, PP 2, gradient caching and a
+mixture-of-experts model at EP 2. One 2-process spawn runs every case."""
 
 import pytest
 import torch
@@ -19,15 +20,22 @@ SETTINGS = {
     "full_block": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 2},
     "selective": {"recompute_granularity": "selective"},  # megatron's default: core_attn
     "selective_all": {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "mlp"]},
+    # 7 tokens divide neither the padded rows (6 x 24) nor a packed one
+    "chunked": {"logprob_chunk_tokens": 7},
+    "chunked_full": {"logprob_chunk_tokens": 7, "recompute_granularity": "full", "recompute_method": "uniform",
+                     "recompute_num_layers": 1},
 }
+CHUNKED = ("chunked", "chunked_full")
 # (name, model, parallel, loss, the settings compared with none)
 CASES = [
     ("tp2_sp", BASE, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}, list(SETTINGS)),
-    ("pp2", BASE, {"pipeline_model_parallel_size": 2}, {}, ["full_uniform", "selective_all"]),
+    ("tp2_tied", dict(BASE, untie_embeddings_and_output_weights=False), {"tensor_model_parallel_size": 2}, {},
+     ["chunked"]),
+    ("pp2", BASE, {"pipeline_model_parallel_size": 2}, {}, ["full_uniform", "selective_all", "chunked"]),
     ("global_batch", BASE, {"tensor_model_parallel_size": 2, "sequence_parallel": True},
-     {"contrast_scope": "global_batch"}, ["full_block", "selective"]),
+     {"contrast_scope": "global_batch"}, ["full_block", "selective", "chunked"]),
     ("moe_ep2", MOE, {"expert_model_parallel_size": 2}, {},
-     ["full_uniform", "moe"]),
+     ["full_uniform", "moe", "chunked"]),
 ]
 SETTINGS["moe"] = {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "moe"]}
 
@@ -53,7 +61,7 @@ def _grads(model_keys: dict, parallel_keys: dict, loss_keys: dict, batches: list
         torch.manual_seed(0)
         fill_by_name(module, VOCAB)
         # Forward passes per kind of module: a recomputed part runs its forward again in backward.
-        calls = {"core_attention": 0, "mlp": 0, "experts": 0}
+        calls = {"core_attention": 0, "mlp": 0, "experts": 0, "output_layer": 0}
 
         def counter(kind):
             def hook(*_):
@@ -67,12 +75,14 @@ def _grads(model_keys: dict, parallel_keys: dict, loss_keys: dict, batches: list
                 sub.register_forward_hook(counter("mlp"))
             elif name.endswith(".mlp.experts"):
                 sub.register_forward_hook(counter("experts"))
+            elif name == "output_layer":
+                sub.register_forward_hook(counter("output_layer"))
         model = DistributedDataParallel(module.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)
         model.zero_grad_buffer()
-        forward_backward(model, batches, config.loss, vocab_size=VOCAB)
+        forward_backward(model, batches, config.loss)
         finalize_model_grads([model])
         return {"grads": {name: p.main_grad.detach().clone() for name, p in module.named_parameters()},
-                "calls": calls}
+                "calls": calls, "last_stage": ps.is_pipeline_last_stage()}
     finally:
         ps.destroy_model_parallel()
 
@@ -103,15 +113,22 @@ def test_recomputation_changes_no_gradient(results, case):
             got = rank[(case, setting)]["grads"]
             # the setting took effect: what it recomputes ran forward again
             again = rank[(case, setting)]["calls"]
-            recomputed = {"full_uniform": ("core_attention", "mlp") + (("experts",) if case == "moe_ep2" else ()),
-                          "full_block": ("core_attention", "mlp"),
+            full = ("core_attention", "mlp") + (("experts",) if case == "moe_ep2" else ())
+            recomputed = {"full_uniform": full, "full_block": ("core_attention", "mlp"),
                           "selective": ("core_attention",), "selective_all": ("core_attention", "mlp"),
-                          "moe": ("core_attention", "experts")}[setting]
+                          "moe": ("core_attention", "experts"), "chunked": (), "chunked_full": full}[setting]
             for kind in recomputed:
                 assert again[kind] > calls[kind], (case, setting, kind, again, calls)
+            # chunked: the output layer's weight is used chunk by chunk, the layer never runs whole
+            if rank[(case, None)]["last_stage"]:
+                assert (again["output_layer"] == 0) == (setting in CHUNKED), (case, setting, again, calls)
             assert got.keys() == want.keys()
             for name, grad in want.items():
-                assert torch.equal(got[name], grad), (case, setting, name, (got[name] - grad).abs().max())
+                if setting in CHUNKED:
+                    torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6,
+                                               msg=lambda m: f"{case} {setting} {name}: {m}")
+                else:
+                    assert torch.equal(got[name], grad), (case, setting, name, (got[name] - grad).abs().max())
 
 
 @pytest.mark.parametrize("overrides,message", [

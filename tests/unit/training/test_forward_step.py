@@ -31,7 +31,7 @@ def _step(tp, pp, sp, loss, microbatches):
     try:
         model = model_provider(config)
         fill_by_name(model, VOCAB)
-        reports = forward_backward(model, microbatches, config.loss, vocab_size=VOCAB)
+        reports = forward_backward(model, microbatches, config.loss)
         grads = full_grads(model, VOCAB)
         return {
             "reports": reports if ps.is_pipeline_last_stage() else None,
@@ -110,9 +110,9 @@ def _policy_vs_reference(tp, pp, microbatches):
         fill_by_name(reference, VOCAB)
         for mb in microbatches:
             del mb["ref_logps"]  # computed online
-        reports = forward_backward(policy, microbatches, config.loss, vocab_size=VOCAB, reference=reference,
+        reports = forward_backward(policy, microbatches, config.loss, reference=reference,
                                    forward_only=True)
-        ref = sequence_logps(reference, microbatches, vocab_size=VOCAB)
+        ref = sequence_logps(reference, microbatches)
         last = ps.is_pipeline_last_stage()
         return {"ref_logps": [logps for logps, _ in ref] if last else None,
                 "reports": reports if last else None}

@@ -53,7 +53,7 @@ def _logps(tp, batches):
     parallel.initialize(config.parallel)
     model = model_provider(config)
     fill_by_name(model, VOCAB)
-    out = sequence_logps(model, batches, vocab_size=VOCAB)
+    out = sequence_logps(model, batches)
     return out if ps.get_tensor_model_parallel_rank() == 0 else None
 
 
@@ -119,7 +119,7 @@ def _every_loss(batches_by_form):
                              ("simpo_rpo", dict(beta=2.0, weighting="uniform")), ("sft", {})]:
         loss = LossConfig(loss_type=loss_type, **extra)
         for form, batches in batches_by_form.items():
-            out[loss_type, form] = forward_backward(model, batches, loss, vocab_size=VOCAB, forward_only=True)
+            out[loss_type, form] = forward_backward(model, batches, loss, forward_only=True)
     return out
 
 

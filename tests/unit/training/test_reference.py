@@ -46,7 +46,7 @@ def _online(ckpt, prefix, indices):
     model = model_provider(config)
     load_weights(model, ckpt)
     ds = PreferenceDataset(prefix)
-    ((logps, _),) = sequence_logps(model, [collate(ds, indices, 128)], vocab_size=config.model.vocab_size)
+    ((logps, _),) = sequence_logps(model, [collate(ds, indices, 128)])
     return logps
 
 

@@ -48,7 +48,7 @@ def _train_grads(tp, pp, loss, per_rank, sp=False, paired=True):
                                         module)
         model.zero_grad_buffer()
         microbatches = per_rank[ps.get_data_parallel_rank()]
-        reports = forward_backward(model, microbatches, config.loss, vocab_size=VOCAB, paired=paired)
+        reports = forward_backward(model, microbatches, config.loss, paired=paired)
         finalize_model_grads([model])
         grads = full_grads(module, VOCAB, finalized=True)
         lead = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
