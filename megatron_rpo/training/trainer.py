@@ -34,8 +34,9 @@ from megatron_rpo.data.files import manifest_path, read_manifest
 from megatron_rpo.data.reference_logps import REFERENCE_KIND, reference_prefix
 from megatron_rpo.data.tokenizer import tokenizer_digests
 from megatron_rpo.device import current_device
-from megatron_rpo.models import model_provider
+from megatron_rpo.models import model_provider, use_transformer_engine
 from megatron_rpo.models.flops import peak_tflops, step_flops
+from megatron_rpo.plan import plan
 from megatron_rpo.training.checkpointing import (
     checkpoint_model_config,
     latest_checkpoint,
@@ -155,6 +156,18 @@ class Trainer:
              "microbatches of "
              f"{c.train.micro_batch_size} {'pairs' if c.data.paired else 'items'} per rank per step; "
              f"{steps}; loss {c.loss.loss_type} ({c.loss.contrast_scope})")
+        self._log_memory_plan()
+
+    def _log_memory_plan(self) -> None:
+        """The memory plan's total for this run (rank 0, one line; ``python -m megatron_rpo.plan``)."""
+        c = self.config
+        gpu = torch.cuda.is_available()
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 if gpu else 0.0
+        estimate = plan(c, dist.get_world_size(), memory, bf16=self.bf16, transformer_engine=use_transformer_engine())
+        worst = estimate.worst
+        verdict = (f" of {memory:.0f} GiB ({'fits' if estimate.fits else 'does NOT fit'}: "
+                   f"python -m megatron_rpo.plan for the breakdown)" if gpu else "")
+        _log(f"memory plan: {worst.total / 2**30:.2f} GiB per GPU on pipeline stage {worst.stage}{verdict}")
 
     # -- the save directory ---------------------------------------------------------------------
     def _lock_save_dir(self) -> SaveDirLock | None:
@@ -366,6 +379,8 @@ class Trainer:
         self.stops.install()
         while self.step < self.total_steps:
             start = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             lr_used = self.optimizer.param_groups[0]["lr"]
             batches, lengths = self._microbatches(self.train_data, iterator, self.num_microbatches)
             self.model.zero_grad_buffer()
@@ -386,12 +401,18 @@ class Trainer:
             times.append(elapsed)
             lr = lr_used
             speed = self._throughput(lengths, elapsed)
+            if torch.cuda.is_available():  # the most any rank held during the step (the plan's "total")
+                peak = torch.tensor(float(torch.cuda.max_memory_allocated()), device=current_device())
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+                speed["memory_peak_gib"] = peak.item() / 2**30
             if self.step % c.train.log_interval == 0 or self.step == self.total_steps:
                 recent = times[-c.train.log_interval:]
                 avg = sum(recent) / len(recent)
-                _log(format_line(self.step, self.total_steps, metrics, lr, grad_norm, speed["tokens_per_s"], elapsed,
-                                 avg * (self.total_steps - self.step), paired=c.data.paired, tflops=speed["tflops"],
-                                 mfu=speed.get("mfu")))
+                line = format_line(self.step, self.total_steps, metrics, lr, grad_norm, speed["tokens_per_s"], elapsed,
+                                   avg * (self.total_steps - self.step), paired=c.data.paired, tflops=speed["tflops"],
+                                   mfu=speed.get("mfu"))
+                peak = speed.get("memory_peak_gib")
+                _log(line + (f" | peak memory {peak:.2f} GiB" if peak is not None else ""))
             self.scalars.add("train", dict(metrics, lr=lr, grad_norm=grad_norm, step_time=elapsed, **speed), self.step)
             if self.experts is not None:
                 self.scalars.add("moe", self.experts.read(), self.step)

@@ -1,0 +1,195 @@
+"""The memory plan (``python -m megatron_rpo.plan``) against the models megatron builds.
+
+* parameters: the plan's count per rank equals the built model's exactly (TP, TP + SP, tied
+  embeddings at PP 1 and 2, q/k norms with their own head width and QKV bias, experts at EP 2
+  and ETP 1);
+* activations: the plan's bytes of one microbatch (with its logits) are within 25% of the peak of
+  what autograd actually keeps for backward, measured on CPU (fp32, the local spec) through
+  saved-tensor hooks over a whole forward and backward: recompute none and full, TP 2 + SP, PP 2.
+
+One 2-process spawn builds every model.
+"""
+
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+
+from megatron_rpo.config import load_config
+from tests.multiprocess import run_ranks
+from tests.unit.megatron_helpers import SEQ, VOCAB, fill_by_name, make_batch
+
+BASE = {"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2,
+        "vocab_size": VOCAB, "make_vocab_size_divisible_by": 8, "max_position_embeddings": 64}
+MOE = dict(BASE, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_layer_freq=[0, 1, 1, 1])
+QWEN3ISH = dict(BASE, untie_embeddings_and_output_weights=False, qk_layernorm=True, kv_channels=24, add_qkv_bias=True)
+TP2_SP = {"tensor_model_parallel_size": 2, "sequence_parallel": True}
+PARAMETER_CASES = {
+    "tp1": (BASE, {}),
+    "tp2_sp": (BASE, TP2_SP),
+    "tp2_tied_qk_norm": (QWEN3ISH, {"tensor_model_parallel_size": 2}),
+    "pp2_tied": (dict(BASE, untie_embeddings_and_output_weights=False), {"pipeline_model_parallel_size": 2}),
+    "moe_ep2": (MOE, {"expert_model_parallel_size": 2}),
+    "moe_tp2_sp_etp1": (MOE, dict(TP2_SP, expert_tensor_parallel_size=1)),
+}
+FULL = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 2}
+ACTIVATION_CASES = {
+    "none": (BASE, {}),
+    "full": (dict(BASE, **FULL), {}),
+    "tp2_sp": (BASE, TP2_SP),
+    "tp2_sp_full": (dict(BASE, **FULL), TP2_SP),
+    "pp2": (BASE, {"pipeline_model_parallel_size": 2}),
+    "moe": (MOE, {}),
+}
+ROWS = 6  # 3 pairs of SEQ tokens: a padded microbatch of 144 tokens
+
+
+def _config(model: dict, parallel: dict):
+    """The case on 2 ranks, one microbatch per rank per step (what the measurement runs)."""
+    dp = 2 // (parallel.get("tensor_model_parallel_size", 1) * parallel.get("pipeline_model_parallel_size", 1))
+    return load_config(None, [f"model.{k}={v}" for k, v in model.items()]
+                       + [f"parallel.{k}={v}" for k, v in parallel.items()]
+                       + ["data.max_prompt_length=12", f"data.max_length={SEQ}", f"train.micro_batch_size={ROWS // 2}",
+                          f"train.global_batch_size={ROWS // 2 * dp}"])
+
+
+class _Saved:
+    """What autograd holds for one saved tensor; its end is when autograd lets go."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class SavedBytes:
+    """Peak bytes of the storages autograd keeps for backward (parameters not counted)."""
+
+    def __init__(self, parameters):
+        self.skip = {p.untyped_storage().data_ptr() for p in parameters}
+        self.live: dict[int, list[int]] = {}
+        self.now = self.peak = 0
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.skip or storage.nbytes() == 0:
+            return tensor
+        if ptr in self.live:
+            self.live[ptr][1] += 1
+        else:
+            self.live[ptr] = [storage.nbytes(), 1]
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+        saved = _Saved(tensor)
+        weakref.finalize(saved, self._release, ptr)
+        return saved
+
+    def _release(self, ptr):
+        entry = self.live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[ptr]
+
+    @staticmethod
+    def unpack(saved):
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+
+def _build_all(batch):
+    from megatron.core import parallel_state as ps
+
+    from megatron_rpo import parallel
+    from megatron_rpo.models import model_provider
+    from megatron_rpo.training.step import forward_backward
+
+    out = {}
+    for name, (model_keys, parallel_keys) in PARAMETER_CASES.items():
+        config = _config(model_keys, parallel_keys)
+        parallel.initialize(config.parallel)
+        try:
+            module = model_provider(config)
+            expert = sum(p.numel() for n, p in module.named_parameters() if ".experts." in n)
+            out["parameters", name] = {"stage": ps.get_pipeline_model_parallel_rank(), "expert": expert,
+                                       "dense": sum(p.numel() for p in module.parameters()) - expert}
+        finally:
+            ps.destroy_model_parallel()
+    for name, (model_keys, parallel_keys) in ACTIVATION_CASES.items():
+        config = _config(model_keys, parallel_keys)
+        parallel.initialize(config.parallel)
+        try:
+            module = model_provider(config)
+            fill_by_name(module, VOCAB)
+            saved = SavedBytes(module.parameters())
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                forward_backward(module, [batch], config.loss)
+            out["activations", name] = {"stage": ps.get_pipeline_model_parallel_rank(), "peak": saved.peak}
+        finally:
+            ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def built():
+    batch = make_batch([4, 6, 3, 4, 6, 3], [8, 5, 11, 10, 3, 6], SEQ, VOCAB, seed=0)
+    return run_ranks(_build_all, 2, batch, timeout=600)
+
+
+@pytest.mark.parametrize("case", list(PARAMETER_CASES))
+def test_parameter_count_equals_the_built_models(built, case):
+    from megatron_rpo.plan import stage_parameters
+
+    model_keys, parallel_keys = PARAMETER_CASES[case]
+    c = _config(model_keys, parallel_keys)
+    p = c.parallel
+    for rank in built:
+        got = rank["parameters", case]
+        want = stage_parameters(c.model, p.tensor_model_parallel_size, p.pipeline_model_parallel_size, got["stage"],
+                                p.expert_model_parallel_size, p.expert_tensor_size)
+        assert want == {"dense": got["dense"], "expert": got["expert"]}, (case, got["stage"])
+
+
+@pytest.mark.parametrize("case", list(ACTIVATION_CASES))
+def test_activation_estimate_is_within_25_percent_of_what_autograd_keeps(built, case):
+    from megatron_rpo.plan import plan
+
+    c = _config(*ACTIVATION_CASES[case])
+    result = plan(c, 2, 80, bf16=False, transformer_engine=False)
+    assert result.tokens_per_microbatch == ROWS * SEQ
+    for rank in built:
+        got = rank["activations", case]
+        parts = result.stages[got["stage"]].parts
+        want = parts["activations"] + parts.get("logits", 0.0)
+        print(f"{case} stage {got['stage']}: plan {want / 2**20:.3f} MiB, autograd kept {got['peak'] / 2**20:.3f} MiB "
+              f"({want / got['peak']:.2f}x)")
+        assert abs(want - got["peak"]) <= 0.25 * got["peak"], (case, got["stage"], want, got["peak"])
+
+
+def test_a_run_that_does_not_fit_gets_the_first_changes_that_make_it_fit():
+    from megatron_rpo.plan import describe, first_fit, plan
+
+    c = load_config("configs/llama2_70b_rpo_tp8_pp4.yaml", ["data.max_length=4096",
+                                                            "optimizer.use_distributed_optimizer=false"])
+    result = plan(c, 64, 80)
+    assert not result.fits
+    fix = first_fit(c, 64, 80)
+    assert fix and fix["optimizer.use_distributed_optimizer"] is True
+    assert "model.logprob_chunk_tokens" not in fix  # the first stage holds no logits: chunking saves nothing there
+    text = describe(result)
+    assert "does not fit" in text and "optimizer.use_distributed_optimizer=true" in text
+    # and each change is exact: the plan of the changed run fits
+    from megatron_rpo.plan import _apply
+
+    assert plan(_apply(c, fix), 64, 80).fits
+
+
+def test_the_command_prints_the_breakdown_and_a_verdict():
+    out = subprocess.run([sys.executable, "-m", "megatron_rpo.plan", "--config", "configs/llama2_70b_rpo_tp8_pp4.yaml",
+                          "--gpus", "64", "--gpu-memory-gib", "80"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for part in ("weights", "gradients", "optimizer", "activations", "total", "verdict: fits", "tokens per step"):
+        assert part in out.stdout, out.stdout
+    bad = subprocess.run([sys.executable, "-m", "megatron_rpo.plan", "--config", "configs/llama2_70b_rpo_tp8_pp4.yaml",
+                          "--gpus", "48"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a multiple" in bad.stderr.lower() or "divisible" in bad.stderr.lower(), bad
