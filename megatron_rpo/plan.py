@@ -37,6 +37,8 @@ from megatron_rpo.config import Config, ModelConfig, explicit_keys, load_config
 __all__ = ["StagePlan", "Plan", "stage_parameters", "layer_activation_bytes", "plan", "main"]
 
 GIB = 2**30
+SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
+"""The model keys a config must set for the plan to use its model rather than a checkpoint's."""
 RESERVE_FRACTION = 0.10
 """Of the GPU's memory, kept for the CUDA context, NCCL buffers and allocator fragmentation."""
 
@@ -324,7 +326,8 @@ def describe(result: Plan) -> str:
     else:
         fix = first_fit(c, result.gpus, result.gpu_memory / GIB)
         lines.append(f"verdict: does not fit ({w.total / result.usable:.0%} of the usable memory); " + (
-            "first changes that fit: " + " ".join(f"{k}={_setting(v)}" for k, v in fix.items()) if fix else
+            "first changes that fit: " + " ".join(f"{k}={_setting(v)}" for k, v in fix.items() if v is not None)
+            if fix else
             "no memory setting makes it fit: more GPUs (larger TP or PP), a smaller micro batch or shorter sequences"))
     return "\n".join(lines)
 
@@ -343,8 +346,13 @@ def resolve_model(c: Config, hf_dir: str | None = None) -> tuple[Config, str]:
         source = f"the model of {hf_dir}/config.json"
         theirs, _ = model_config_from_hf(read_hf_config(hf_dir), os.path.join(hf_dir, "config.json"))
     else:
-        return c, (f"the config's model as written (no checkpoint at {c.train.load}, no --hf-config: "
-                   "keys it leaves out are Llama-2-7B's)")
+        explicit = explicit_keys(c) or frozenset()
+        missing = [k for k in SHAPE_KEYS if f"model.{k}" not in explicit]
+        if len(missing) == len(SHAPE_KEYS):
+            raise ValueError(f"the config takes its model from train.load ({c.train.load}), which is not a converted "
+                             "checkpoint here: convert it first, or pass --hf-config HF_DIR (its config.json)")
+        return c, (f"the config's model (no checkpoint at {c.train.load})" + (
+            f"; it leaves out {', '.join('model.' + k for k in missing)}: Llama-2-7B's values" if missing else ""))
     explicit = explicit_keys(c) or frozenset()
     model = dataclasses.replace(c.model, **{k: v for k, v in dataclasses.asdict(theirs).items()
                                             if k != "make_vocab_size_divisible_by" and f"model.{k}" not in explicit})

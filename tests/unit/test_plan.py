@@ -193,3 +193,22 @@ def test_the_command_prints_the_breakdown_and_a_verdict():
     bad = subprocess.run([sys.executable, "-m", "megatron_rpo.plan", "--config", "configs/llama2_70b_rpo_tp8_pp4.yaml",
                           "--gpus", "48"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a multiple" in bad.stderr.lower() or "divisible" in bad.stderr.lower(), bad
+
+
+def test_the_model_comes_from_a_hugging_face_config_before_conversion(tmp_path, capsys):
+    import json
+
+    from megatron_rpo.plan import main
+    from tests.unit.test_recipes import HUB_CONFIGS
+
+    argv = ["--config", "configs/qwen3_8b_rpo.yaml", "--gpus", "8"]
+    assert main(argv) == 2  # the recipe names no model, and its checkpoint is not here
+    assert "convert it first, or pass --hf-config" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps(HUB_CONFIGS["qwen3_8b_rpo.yaml"]))
+    assert main(argv + ["--hf-config", str(tmp_path), "data.max_length=4096", "train.micro_batch_size=4"]) == 0
+    out = capsys.readouterr().out
+    assert f"the model of {tmp_path}/config.json" in out
+    # Qwen3-8B's 152k vocabulary over TP 2 at 8 x 4k tokens: the logits alone are about 14 GiB
+    logits = next(line for line in out.splitlines() if line.strip().startswith("logits"))
+    assert 13.0 < float(logits.split()[1]) < 15.0, out
+    assert "verdict: does not fit" in out and "model.logprob_chunk_tokens=4096" in out

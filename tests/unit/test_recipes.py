@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from megatron_rpo.config import config_to_dict, load_config
+from megatron_rpo.config import MODEL_TRAINING_CHOICES, config_to_dict, explicit_keys, load_config
 from tests.conftest import REPO
 
 RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -62,23 +62,54 @@ HUB_CONFIGS = {
         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
         rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, num_local_experts=8,
         num_experts_per_tok=2, router_aux_loss_coef=0.02, sliding_window=None),
+    "mistral7b_hh_rpo_paired.yaml": dict(
+        architectures=["MistralForCausalLM"], num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
+        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None),
+    "llama31_8b_instruct_rpo.yaml": dict(
+        architectures=["LlamaForCausalLM"], num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192)),
 }
+HUB_CONFIGS["mistral7b_hh_rpo_unpaired.yaml"] = HUB_CONFIGS["mistral7b_hh_rpo_paired.yaml"]
+
+
+def _with_hub_model(name: str):
+    """The recipe with the model its checkpoint will carry (the published config.json's), as
+    training completes it; a recipe that spells its model out as written."""
+    import dataclasses
+
+    from megatron_rpo.config import config_from_dict
+    from megatron_rpo.convert.hf_config import model_config_from_hf
+
+    config = load_config(os.path.join(REPO, "configs", name))
+    if name not in HUB_CONFIGS:
+        return config
+    model, _ = model_config_from_hf(HUB_CONFIGS[name], name)
+    raw = config_to_dict(config)
+    explicit = explicit_keys(config)
+    said = {k: v for k, v in raw["model"].items() if k in MODEL_TRAINING_CHOICES and f"model.{k}" in explicit}
+    raw["model"] = dict(dataclasses.asdict(model), **said)
+    return config_from_dict(raw, name)
 
 
 @pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
 def test_family_recipes_fit_their_models_and_worlds(name):
     """The recipe's layout with the model its checkpoint will carry: experts divide over EP, heads
     and layers over TP and PP, the world factors (what the trainer checks once it reads the model)."""
-    import dataclasses
-
-    from megatron_rpo.config import config_from_dict
-    from megatron_rpo.convert.hf_config import model_config_from_hf
-
-    model, _ = model_config_from_hf(HUB_CONFIGS[name], name)
-    raw = config_to_dict(load_config(os.path.join(REPO, "configs", name)))
-    said = {k: v for k, v in raw["model"].items() if k in ("moe_aux_loss_coeff", "moe_token_dispatcher_type")}
-    raw["model"] = dict(dataclasses.asdict(model), **said)
-    config = config_from_dict(raw, name)
+    config = _with_hub_model(name)
     assert config.data_parallel_size(WORLD[name]) >= 1
-    if model.num_moe_experts:
-        assert model.num_moe_experts % config.parallel.expert_model_parallel_size == 0
+    if config.model.num_moe_experts:
+        assert config.model.num_moe_experts % config.parallel.expert_model_parallel_size == 0
+
+
+@pytest.mark.parametrize("name", sorted(set(WORLD) - {"tiny_cpu.yaml"}))
+def test_every_gpu_recipe_fits_80_gb_by_the_memory_plan(name):
+    """What ``python -m megatron_rpo.plan --config configs/NAME --gpus WORLD`` answers, with the
+    model the recipe's checkpoint will carry: each recipe fits the 80 GB GPUs it is written for."""
+    from megatron_rpo.plan import describe, plan
+
+    result = plan(_with_hub_model(name), WORLD[name], 80)
+    assert result.fits, describe(result)
