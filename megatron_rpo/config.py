@@ -323,12 +323,23 @@ class ParallelConfig(_Section):
     expert_tensor_parallel_size: Optional[int] = None
     """Tensor parallelism inside each expert; None: tensor_model_parallel_size (megatron's default).
     1 keeps every expert whole on its rank (what large-EP recipes use)."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved pipeline: each pipeline rank holds this many model chunks of
+    ``num_layers / (PP x VPP)`` layers (megatron's ``vp_stage``), which shrinks the pipeline bubble
+    by about this factor for more point-to-point traffic. Needs PP > 1, and the microbatches of a
+    step a multiple of PP (megatron's rule). None: one chunk per rank. Checkpoints load at any
+    VPP split (or none)."""
     distributed_timeout_minutes: float = 10.0
     """Collective timeout: a dead rank makes the others fail after this long instead of hanging."""
 
     def validate(self) -> None:
         self._positive("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-                       "distributed_timeout_minutes", "expert_model_parallel_size", "expert_tensor_parallel_size")
+                       "distributed_timeout_minutes", "expert_model_parallel_size", "expert_tensor_parallel_size",
+                       "virtual_pipeline_model_parallel_size")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and self.pipeline_model_parallel_size == 1:
+            raise ValueError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
+                             "parallel.pipeline_model_parallel_size > 1 (it interleaves pipeline stages)")
         if self.context_parallel_size != 1:
             raise ValueError(
                 f"parallel.context_parallel_size={self.context_parallel_size} is not supported yet "
@@ -650,6 +661,11 @@ class Config:
                 f"model.num_layers ({self.model.num_layers}) is not divisible by "
                 f"parallel.pipeline_model_parallel_size ({pp})"
             )
+        vpp = self.parallel.virtual_pipeline_model_parallel_size
+        if vpp is not None and self.model.num_layers % (pp * vpp):
+            raise ValueError(f"model.num_layers ({self.model.num_layers}) is not divisible by "
+                             f"parallel.pipeline_model_parallel_size ({pp}) x virtual_pipeline_model_parallel_size "
+                             f"({vpp}): every model chunk holds the same number of layers")
         self._check_experts()
         if self.model.recompute_granularity == "full":
             per_stage = self.model.num_layers // pp
@@ -689,6 +705,13 @@ class Config:
                 f"train.global_batch_size ({self.train.global_batch_size}) is not divisible by "
                 f"train.micro_batch_size ({self.train.micro_batch_size}) x data-parallel size ({dp})"
             )
+        pp = self.parallel.pipeline_model_parallel_size
+        microbatches = self.train.global_batch_size // step
+        if self.parallel.virtual_pipeline_model_parallel_size is not None and microbatches % pp:
+            raise ValueError(f"the interleaved pipeline (parallel.virtual_pipeline_model_parallel_size) runs a "
+                             f"multiple of parallel.pipeline_model_parallel_size ({pp}) microbatches per step, and "
+                             f"train.global_batch_size {self.train.global_batch_size} / (micro_batch_size "
+                             f"{self.train.micro_batch_size} x data-parallel size {dp}) is {microbatches}")
         return dp
 
 
@@ -733,6 +756,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.stop_signal", "train.peak_tflops", "train.wandb_project", "train.wandb_entity", "train.wandb_run_name",
     "train.wandb_mode", "data.valid_data_prefix", "parallel.distributed_timeout_minutes",
     "parallel.sequence_parallel", "parallel.expert_model_parallel_size", "parallel.expert_tensor_parallel_size",
+    "parallel.virtual_pipeline_model_parallel_size",
     *(f"model.{key}" for key in MEMORY_KEYS),
 })
 """Keys a resumed run may change freely: they decide how long it runs, how it logs, evaluates and

@@ -13,7 +13,7 @@ stage that needs the most, it prints:
   over the data-parallel ranks with the distributed optimizer);
 * activations of one microbatch, per layer from the tensors our layers keep for backward (flash
   attention: no [s, s] scores), under the recompute setting, times the microbatches alive at
-  once under 1F1B on that stage;
+  once on that stage under megatron's schedule (1F1B, or interleaved with its longer warm-up);
 * the logits (whole, or one chunk with ``model.logprob_chunk_tokens``) and the online reference's
   weights;
 * the total against the GPU's memory less a reserve for the CUDA context, communication buffers
@@ -225,8 +225,12 @@ def plan(c: Config, gpus: int, gpu_memory_gib: float, *, bf16: bool | None = Non
         }
         if c.loss.uses_reference and c.loss.reference == "online":
             parts["reference weights"] = n * element
-        # 1F1B: stage k holds pp - k microbatches in flight (all of them when there are fewer)
-        in_flight = min(pp - stage, microbatches)
+        # megatron's warm-up: stage k runs pp - k - 1 forwards before its first backward (1F1B);
+        # interleaved, (pp - k - 1) x 2 + (vpp - 1) x pp forwards of chunks of 1 / vpp of the stage.
+        # Those and the current one are in flight, all of them when the step has fewer.
+        vpp = p.virtual_pipeline_model_parallel_size or 1
+        warmup = pp - stage - 1 if vpp == 1 else (pp - stage - 1) * 2 + (vpp - 1) * pp
+        in_flight = min(warmup + 1, microbatches * vpp) / vpp
         parts["activations"] = in_flight * _stage_activation_bytes(c, stage, tokens, element, transformer_engine)
         if stage == pp - 1:
             chunk = min(m.logprob_chunk_tokens or tokens, tokens)
@@ -307,7 +311,10 @@ def describe(result: Plan) -> str:
     experts = (f" x EP {p.expert_model_parallel_size} (ETP {p.expert_tensor_size})" if m.num_moe_experts else "")
     lines = [
         f"{result.gpus} GPUs of {result.gpu_memory / GIB:g} GiB: TP {p.tensor_model_parallel_size} x PP "
-        f"{p.pipeline_model_parallel_size} x DP {result.data_parallel}{experts}; "
+        f"{p.pipeline_model_parallel_size}"
+        + (f" (interleaved, VPP {p.virtual_pipeline_model_parallel_size})"
+           if p.virtual_pipeline_model_parallel_size else "")
+        + f" x DP {result.data_parallel}{experts}; "
         f"{'sequence parallel, ' if p.sequence_parallel else ''}recompute {recompute}, log-probs "
         f"{f'in chunks of {m.logprob_chunk_tokens} tokens' if m.logprob_chunk_tokens else 'whole'}, "
         f"{'distributed ' if c.optimizer.use_distributed_optimizer else ''}optimizer {c.optimizer.optimizer}",

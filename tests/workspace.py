@@ -117,6 +117,50 @@ def overrides(ws: dict, save, *extra: str) -> list[str]:
             f"train.save={save}", "train.train_iters=6", "train.eval_iters=2", "train.keep_last=5", *extra]
 
 
+def step_gradients(argv: list[str]) -> dict:
+    """One training step of configs/tiny_cpu.yaml with ``argv``: this rank's whole gradients by
+    checkpoint name (experts gathered over EP; a pipeline rank has its stage's), and the loss report."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_rpo.config import load_config
+    from megatron_rpo.convert.layout import is_expert
+    from megatron_rpo.convert.load import canonical_name
+    from megatron_rpo.training.step import forward_backward
+    from megatron_rpo.training.trainer import Trainer
+
+    trainer = Trainer(load_config(RECIPE, argv))
+    try:
+        c = trainer.config
+        batches, _ = trainer._microbatches(trainer.train_data, iter(trainer.sampler), trainer.num_microbatches)
+        for chunk in trainer.model:
+            chunk.zero_grad_buffer()
+        reports = forward_backward(trainer.model, batches, c.loss, reference=trainer.reference, paired=c.data.paired)
+        finalize_model_grads(trainer.model)
+        grads = {}
+        for module in trainer.module:
+            for local, param in module.named_parameters():
+                name = canonical_name(module, local)
+                grad = param.main_grad.detach().clone()
+                if is_expert(name):  # each EP rank holds other experts: every rank gets all of them
+                    group = ps.get_expert_model_parallel_group()
+                    names = [None] * dist.get_world_size(group)
+                    dist.all_gather_object(names, name, group=group)
+                    pieces = [torch.empty_like(grad) for _ in names]
+                    dist.all_gather(pieces, grad, group=group)
+                    grads.update(zip(names, pieces))
+                else:
+                    grads[name] = grad
+        report = reports[0] if reports else {}
+        return {"grads": grads, "loss": float(report["loss"]) if report else None,
+                "chunks": [[layer.layer_number for layer in m.decoder.layers] for m in trainer.module],
+                "matrix": (report["matrix_rows"], report["matrix_cols"]) if report else None}
+    finally:
+        trainer.close(keep_process_group=True)
+
+
 def train_each(runs: list[list[str] | tuple[str, list[str]]]) -> list[dict]:
     """Several runs one after another in these processes, sharing their start-up: each is a list of
     overrides of configs/tiny_cpu.yaml, or ``(recipe, overrides)``. Returns per run its history and

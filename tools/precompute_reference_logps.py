@@ -11,6 +11,7 @@ never builds the reference model. Runs on CPU (gloo) too.
 """
 
 import argparse
+import dataclasses
 import sys
 
 from megatron_rpo import parallel
@@ -36,11 +37,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-packing", action="store_true",
                    help="pad every sequence to the dataset's max_length instead of packing each microbatch "
                         "into one row (the values are the same; packing skips the padding)")
+    p.add_argument("--logprob-chunk-tokens", type=int, default=None, metavar="N",
+                   help="the output layer and log-softmax over N tokens at a time (model.logprob_chunk_tokens): "
+                        "the whole [tokens, vocab / TP] logits never exist; the values are the same")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:
         dataset = read_manifest(a.data_prefix, MANIFEST_KIND)
-        model_config = checkpoint_model_config(a.load)
+        model_config = dataclasses.replace(checkpoint_model_config(a.load), logprob_chunk_tokens=a.logprob_chunk_tokens)
+        model_config.validate()
         config = Config(
             model=model_config,
             parallel=ParallelConfig(tensor_model_parallel_size=a.tensor_model_parallel_size,

@@ -46,7 +46,7 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
     """Write ``model`` (this rank's GPTModel, unwrapped) as a converted checkpoint at ``output_dir``.
 
     Args:
-        model: this rank's part of the model.
+        model: this rank's part of the model (a GPTModel, or megatron's list of model chunks).
         output_dir: must not exist yet (it is replaced as a whole when it does).
         model_config: the architecture (recorded).
         source: the converted checkpoint training started from: its ``hf_config.json`` and
@@ -63,8 +63,9 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
     dist.barrier()
     files: dict[str, dict[str, torch.Tensor]] = {}
     tied = not model_config.untie_embeddings_and_output_weights
-    for local, param in model.named_parameters():
-        name = canonical_name(model, local)
+    chunks = model if isinstance(model, list) else [model]
+    for chunk, local, param in ((c, n, p) for c in chunks for n, p in c.named_parameters()):
+        name = canonical_name(chunk, local)
         tensor = _whole(param, name)
         expert = is_expert(name)
         if not (expert_writer if expert else writer) or (tied and name == "output_layer.weight"):
@@ -95,7 +96,7 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
         meta = dict(src.meta, checkpoint_id=uuid.uuid4().hex, model=vars(model_config.without_memory_settings()),
                     source=os.path.abspath(source),
                     index=index,
-                    dtype=str(next(iter(model.parameters())).dtype).replace("torch.", ""))
+                    dtype=str(next(iter(chunks[0].parameters())).dtype).replace("torch.", ""))
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(meta, f, indent=2)
         if os.path.exists(output_dir):

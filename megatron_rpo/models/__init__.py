@@ -2,10 +2,12 @@
 
 from megatron_rpo.models.provider import (
     layer_spec,
+    model_chunks,
     model_provider,
     padded_vocab_size,
     transformer_config,
     use_transformer_engine,
 )
 
-__all__ = ["layer_spec", "model_provider", "padded_vocab_size", "transformer_config", "use_transformer_engine"]
+__all__ = ["layer_spec", "model_chunks", "model_provider", "padded_vocab_size", "transformer_config",
+           "use_transformer_engine"]

@@ -31,8 +31,8 @@ from megatron_rpo.config import RECOMPUTE_KEYS, Config, ModelConfig, ParallelCon
 from megatron_rpo.logprobs import output_logprobs
 from megatron_rpo.models.layers import RMSNorm, SDPAttention
 
-__all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "model_provider", "use_transformer_engine",
-           "PreferenceGPTModel"]
+__all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "model_provider", "model_chunks",
+           "use_transformer_engine", "PreferenceGPTModel"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,6 +134,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         persist_layer_norm=False,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
@@ -256,6 +257,15 @@ def model_provider(
     )
     _mark_experts(model)
     return model
+
+
+def model_chunks(config: Config, *, bf16: bool | None = None) -> list[GPTModel]:
+    """This rank's model as megatron's list of chunks: one, or one per virtual pipeline stage
+    (``parallel.virtual_pipeline_model_parallel_size``, the interleaved schedule)."""
+    vpp = config.parallel.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return [model_provider(config, bf16=bf16)]
+    return [model_provider(config, vp_stage=stage, bf16=bf16) for stage in range(vpp)]
 
 
 def _mark_experts(model: GPTModel) -> None:

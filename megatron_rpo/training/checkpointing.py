@@ -51,8 +51,10 @@ def checkpoint_model_config(path: str) -> ModelConfig:
 
 
 def load_weights(model, path: str) -> None:
-    """Load a converted checkpoint's weights into this rank's model, at the model's TP/PP split."""
-    load_converted(model, path)
+    """Load a converted checkpoint's weights into this rank's model (a module or megatron's list of
+    chunks), at the model's TP/PP/VPP split."""
+    for chunk in model if isinstance(model, list) else [model]:
+        load_converted(chunk, path)
 
 
 def latest_checkpoint(save_dir: str | None) -> str | None:
@@ -171,8 +173,17 @@ def _restore_step_counters(optimizer, loaded: dict) -> None:
                 state["step"] = torch.tensor(step, dtype=torch.float32, device=state["step"].device)
 
 
+def _model_state(module) -> dict:
+    """The model's sharded state dict; model chunks (the interleaved pipeline) nest one per chunk.
+    The tensors are keyed by global layer number either way, so a checkpoint loads at any VPP split."""
+    chunks = module if isinstance(module, list) else [module]
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
 def _sharded(module, optimizer, loading: bool, rng: bool = True) -> dict:
-    model_sd = module.sharded_state_dict()
+    model_sd = _model_state(module)
     if loading:
         _placeholder_optimizer_state(optimizer)
     sharded = {
@@ -245,7 +256,12 @@ def load_training_checkpoint(path: str, module, optimizer, scheduler, *, keep_sc
     same_layout = state.get("layout") == _layout()
     with torch.no_grad():
         loaded = dist_checkpointing.load(_sharded(module, optimizer, loading=True, rng=same_layout), path)
-        module.load_state_dict(loaded["model"])
+        chunks = module if isinstance(module, list) else [module]
+        if len(chunks) == 1:
+            chunks[0].load_state_dict(loaded["model"])
+        else:
+            for i, chunk in enumerate(chunks):
+                chunk.load_state_dict(loaded["model"][f"chunk{i}"])
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(loaded["optimizer"])
         _restore_step_counters(optimizer, loaded["optimizer"])

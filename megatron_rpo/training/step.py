@@ -41,19 +41,30 @@ def run_schedule(model, microbatches: list[dict], loss_fn, *, forward_only: bool
     """megatron's pipeline schedule over ``microbatches`` with :func:`forward_step` and ``loss_fn``.
 
     Every microbatch must have the same [B, S] shape (pipeline stages exchange fixed shapes).
+    ``model`` is a module or megatron's list of model chunks; under the interleaved schedule each
+    chunk reads every microbatch through an iterator of its own.
     Returns the per-microbatch reports on the last pipeline stage, [] elsewhere.
     """
     rows, seq = microbatches[0]["tokens"].shape
     models = model if isinstance(model, list) else [model]
-    return get_forward_backward_func()(
+    count = len(microbatches)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if len(models) > 1 and count % pp:
+        if not forward_only:  # Config.data_parallel_size refuses such a step before any work
+            raise ValueError(f"the interleaved pipeline trains a multiple of {pp} microbatches, got {count}")
+        # Forward only (evaluation, references): top up with copies of the last microbatch and
+        # drop their reports; they change no result.
+        microbatches = microbatches + [microbatches[-1]] * (pp - count % pp)
+    reports = get_forward_backward_func()(
         forward_step_func=partial(forward_step, loss_fn=loss_fn),
-        data_iterator=iter(microbatches),
+        data_iterator=[iter(microbatches) for _ in models] if len(models) > 1 else iter(microbatches),
         model=models,
         num_microbatches=len(microbatches),
         seq_length=seq,
         micro_batch_size=rows,
         forward_only=forward_only,
     )
+    return reports[:count]
 
 
 @torch.no_grad()

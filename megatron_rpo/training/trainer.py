@@ -34,7 +34,7 @@ from megatron_rpo.data.files import manifest_path, read_manifest
 from megatron_rpo.data.reference_logps import REFERENCE_KIND, reference_prefix
 from megatron_rpo.data.tokenizer import tokenizer_digests
 from megatron_rpo.device import current_device
-from megatron_rpo.models import model_provider, use_transformer_engine
+from megatron_rpo.models import model_chunks, use_transformer_engine
 from megatron_rpo.models.flops import peak_tflops, step_flops
 from megatron_rpo.plan import plan
 from megatron_rpo.training.checkpointing import (
@@ -84,26 +84,28 @@ class Trainer:
             require_wandb()  # on every rank, so that all of them stop here with the same message
 
         self.bf16 = c.optimizer.bf16  # resolved: false without a GPU
-        self.module = model_provider(c, bf16=self.bf16)
+        # megatron's list of model chunks: one, or one per virtual pipeline stage
+        self.module = model_chunks(c, bf16=self.bf16)
         load_weights(self.module, c.train.load)
-        self.model = DistributedDataParallel(
-            self.module.config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                          use_distributed_optimizer=c.optimizer.use_distributed_optimizer),
-            self.module,
-        )
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                   use_distributed_optimizer=c.optimizer.use_distributed_optimizer)
+        # megatron's rule for chunks: only the first one's buffer is split into buckets
+        self.model = [DistributedDataParallel(chunk.config, ddp_config, chunk, disable_bucketing=i > 0)
+                      for i, chunk in enumerate(self.module)]
         self.reference = None
         if c.loss.uses_reference and c.loss.reference == "online":
             # forward only, under no_grad: nothing to recompute
             frozen = dataclasses.replace(c, model=c.model.without_recompute())
-            self.reference = model_provider(frozen, bf16=self.bf16)
+            self.reference = model_chunks(frozen, bf16=self.bf16)
             load_weights(self.reference, c.train.load)  # the starting policy, also when resuming
-            self.reference.requires_grad_(False).eval()
+            for chunk in self.reference:
+                chunk.requires_grad_(False).eval()
 
         self.samples_per_step = c.train.global_batch_size
         self.num_microbatches = c.train.global_batch_size // (c.train.micro_batch_size * self.dp)
-        self.experts = (ExpertMetrics(self.module, c.model.num_layers, c.model.num_moe_experts, self.num_microbatches,
-                                      c.model.moe_aux_loss_coeff) if c.model.num_moe_experts else None)
+        self.experts = (ExpertMetrics(torch.nn.ModuleList(self.module), c.model.num_layers, c.model.num_moe_experts,
+                                      self.num_microbatches, c.model.moe_aux_loss_coeff)
+                        if c.model.num_moe_experts else None)
         self.sampler = self._sampler(self.train_data, shuffle_seed=c.data.seed)
         epoch_steps = self.sampler.samples_per_epoch() // self.samples_per_step
         if epoch_steps == 0 and c.train.train_iters is None:
@@ -112,7 +114,7 @@ class Trainer:
         self.total_steps = epoch_steps if c.train.train_iters is None else c.train.train_iters
         if self.valid_data is not None:
             self._eval_microbatches(self._eval_sampler())  # too small to evaluate: said now, not after training
-        self.optimizer = build_optimizer(c.optimizer, [self.model], bf16=self.bf16)
+        self.optimizer = build_optimizer(c.optimizer, self.model, bf16=self.bf16)
         self.scheduler = build_scheduler(self.optimizer, c.optimizer, self.total_steps)
         self.step = 0
         self.history: list[dict] = []  # per-step metrics of this session
@@ -383,13 +385,14 @@ class Trainer:
                 torch.cuda.reset_peak_memory_stats()
             lr_used = self.optimizer.param_groups[0]["lr"]
             batches, lengths = self._microbatches(self.train_data, iterator, self.num_microbatches)
-            self.model.zero_grad_buffer()
+            for chunk in self.model:
+                chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
             if self.experts is not None:
                 self.experts.reset()
             reports = forward_backward(self.model, batches, c.loss,
                                        reference=self.reference, paired=c.data.paired)
-            finalize_model_grads([self.model])
+            finalize_model_grads(self.model)
             updated, grad_norm, _ = self.optimizer.step()
             if updated:
                 self.scheduler.step(increment=1)
@@ -509,13 +512,15 @@ class Trainer:
         sampler = self._eval_sampler()
         total = self._eval_microbatches(sampler)
         iterator = iter(sampler)
-        self.model.eval()
+        for chunk in self.model:
+            chunk.eval()
         reports = []
         for start in range(0, total, self.num_microbatches):
             batches, _ = self._microbatches(self.valid_data, iterator, min(self.num_microbatches, total - start))
             reports += forward_backward(self.model, batches, c.loss,
                                         reference=self.reference, forward_only=True, paired=self.valid_data.paired)
-        self.model.train()
+        for chunk in self.model:
+            chunk.train()
         metrics = reduce_reports(reports)
         self._evaluated_at = self.step
         self._done("eval")

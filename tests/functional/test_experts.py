@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.multiprocess import run_ranks
-from tests.workspace import family_checkpoint, overrides, train_each
+from tests.workspace import family_checkpoint, overrides, step_gradients, train_each
 
 FAMILIES = ("qwen3", "qwen3_moe_norm", "mixtral")
 
@@ -27,46 +27,6 @@ FAMILIES = ("qwen3", "qwen3_moe_norm", "mixtral")
 def checkpoints(workspace, sp_tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     return {kind: family_checkpoint(root, kind, workspace["vocab"], sp_tokenizer) for kind in FAMILIES}
-
-
-def _step_gradients(argv: list[str]) -> dict:
-    """One training step's whole gradients (experts gathered over EP) and loss report, by checkpoint name."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
-
-    from megatron_rpo.config import load_config
-    from megatron_rpo.convert.layout import is_expert
-    from megatron_rpo.convert.load import canonical_name
-    from megatron_rpo.training.step import forward_backward
-    from megatron_rpo.training.trainer import Trainer
-    from tests.workspace import RECIPE
-
-    trainer = Trainer(load_config(RECIPE, argv))
-    try:
-        c = trainer.config
-        batches, _ = trainer._microbatches(trainer.train_data, iter(trainer.sampler), trainer.num_microbatches)
-        trainer.model.zero_grad_buffer()
-        reports = forward_backward(trainer.model, batches, c.loss,
-                                   reference=trainer.reference, paired=c.data.paired)
-        finalize_model_grads([trainer.model])
-        grads = {}
-        for local, param in trainer.module.named_parameters():
-            name = canonical_name(trainer.module, local)
-            grad = param.main_grad.detach().clone()
-            if is_expert(name):  # each EP rank holds other experts: every rank gets all of them
-                group = ps.get_expert_model_parallel_group()
-                names = [None] * dist.get_world_size(group)
-                dist.all_gather_object(names, name, group=group)
-                pieces = [torch.empty_like(grad) for _ in names]
-                dist.all_gather(pieces, grad, group=group)
-                grads.update(zip(names, pieces))
-            else:
-                grads[name] = grad
-        return {"grads": grads, "loss": float(reports[0]["loss"]), "matrix": (reports[0]["matrix_rows"],
-                                                                               reports[0]["matrix_cols"])}
-    finally:
-        trainer.close(keep_process_group=True)
 
 
 def _reference_logps(ckpt: str, prefix: str, tp: int, ep: int):
@@ -131,7 +91,7 @@ def _padding(ckpt: str, prefix: str) -> dict:
 
 
 def _cases(gradient_runs, training_runs, reference_cases, padding_case):
-    return {"gradients": [_step_gradients(argv) for argv in gradient_runs],
+    return {"gradients": [step_gradients(argv) for argv in gradient_runs],
             "training": train_each(training_runs),
             "reference": [_reference_logps(*case) for case in reference_cases],
             "padding": _padding(*padding_case)}

@@ -41,18 +41,24 @@ ACTIVATION_CASES = {
     "tp2_sp": (BASE, TP2_SP),
     "tp2_sp_full": (dict(BASE, **FULL), TP2_SP),
     "pp2": (BASE, {"pipeline_model_parallel_size": 2}),
+    "pp2_vpp2": (BASE, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}),
     "moe": (MOE, {}),
 }
 ROWS = 6  # 3 pairs of SEQ tokens: a padded microbatch of 144 tokens
 
 
+def _microbatches(parallel: dict) -> int:
+    """Per rank per step: one, or PP under the interleaved schedule (its least)."""
+    return parallel["pipeline_model_parallel_size"] if "virtual_pipeline_model_parallel_size" in parallel else 1
+
+
 def _config(model: dict, parallel: dict):
-    """The case on 2 ranks, one microbatch per rank per step (what the measurement runs)."""
+    """The case on 2 ranks, with the microbatches per rank per step that the measurement runs."""
     dp = 2 // (parallel.get("tensor_model_parallel_size", 1) * parallel.get("pipeline_model_parallel_size", 1))
     return load_config(None, [f"model.{k}={v}" for k, v in model.items()]
                        + [f"parallel.{k}={v}" for k, v in parallel.items()]
                        + ["data.max_prompt_length=12", f"data.max_length={SEQ}", f"train.micro_batch_size={ROWS // 2}",
-                          f"train.global_batch_size={ROWS // 2 * dp}"])
+                          f"train.global_batch_size={ROWS // 2 * dp * _microbatches(parallel)}"])
 
 
 class _Saved:
@@ -101,7 +107,7 @@ def _build_all(batch):
     from megatron.core import parallel_state as ps
 
     from megatron_rpo import parallel
-    from megatron_rpo.models import model_provider
+    from megatron_rpo.models import model_chunks, model_provider
     from megatron_rpo.training.step import forward_backward
 
     out = {}
@@ -119,11 +125,12 @@ def _build_all(batch):
         config = _config(model_keys, parallel_keys)
         parallel.initialize(config.parallel)
         try:
-            module = model_provider(config)
-            fill_by_name(module, VOCAB)
-            saved = SavedBytes(module.parameters())
+            chunks = model_chunks(config)
+            for chunk in chunks:
+                fill_by_name(chunk, VOCAB)
+            saved = SavedBytes([p for chunk in chunks for p in chunk.parameters()])
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                forward_backward(module, [batch], config.loss)
+                forward_backward(chunks, [batch] * _microbatches(parallel_keys), config.loss)
             out["activations", name] = {"stage": ps.get_pipeline_model_parallel_rank(), "peak": saved.peak}
         finally:
             ps.destroy_model_parallel()

@@ -50,13 +50,16 @@ def _online(ckpt, prefix, indices):
     return logps
 
 
-@pytest.mark.parametrize("tp,packing", [(1, True), (2, True), (1, False)])
-def test_precomputed_equal_online(setup, tp, packing):
+@pytest.mark.parametrize("tp,packing,chunk", [(1, True, None), (2, True, 50), (1, False, None)])
+def test_precomputed_equal_online(setup, tp, packing, chunk):
+    """The tool's values at TP 1 and TP 2, packed or padded, with log-probs in chunks of 50 tokens at
+    TP 2, equal the unchunked online reference of one process."""
     from megatron_rpo.data.dataset import PreferenceDataset
 
     ckpt, prefix = setup
     argv = ["--load", ckpt, "--data-prefix", prefix, "--micro-batch-size", "7", "--tensor-model-parallel-size",
-            str(tp), "--no-progress"] + ([] if packing else ["--no-packing"])
+            str(tp), "--no-progress"] + ([] if packing else ["--no-packing"]) + (
+                ["--logprob-chunk-tokens", str(chunk)] if chunk else [])
     results = run_ranks(_tool, 2, argv, timeout=300)
     assert results == [0, 0]
     ds = PreferenceDataset(prefix, reference_logps=True)
