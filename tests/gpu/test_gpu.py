@@ -251,3 +251,23 @@ def test_mixture_of_experts_trains_in_bf16(gpu_workspace, gpu_families, tmp_path
     r = run_ranks(train, 1, argv, timeout=300)[0]
     assert [h["step"] for h in r["history"]] == [1, 2, 3]
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in r["history"])
+
+
+def _gpu_activations(cases: list[str]) -> dict:
+    from tests.unit.test_plan import plan_batch, saved_activations
+
+    return {name: saved_activations(name, plan_batch(), world=1) for name in cases}
+
+
+def test_memory_plan_activations_match_what_autograd_keeps_on_the_gpu():
+    """The plan's per-layer inventory of transformer-engine's layers in bf16 (what the GPU plan
+    counts) within 25% of the saved tensors measured on the GPU, as the CPU test does for the local
+    spec; single-GPU cases of tests/unit/test_plan.py."""
+    from tests.unit.test_plan import compare_activations
+
+    cases = ["none", "full", "moe"]
+    (measured,) = run_ranks(_gpu_activations, 1, cases, timeout=300)
+    from megatron_rpo.models import use_transformer_engine
+
+    for name in cases:
+        compare_activations(name, [measured[name]], world=1, bf16=True, transformer_engine=use_transformer_engine())

@@ -52,9 +52,9 @@ def _microbatches(parallel: dict) -> int:
     return parallel["pipeline_model_parallel_size"] if "virtual_pipeline_model_parallel_size" in parallel else 1
 
 
-def _config(model: dict, parallel: dict):
-    """The case on 2 ranks, with the microbatches per rank per step that the measurement runs."""
-    dp = 2 // (parallel.get("tensor_model_parallel_size", 1) * parallel.get("pipeline_model_parallel_size", 1))
+def _config(model: dict, parallel: dict, world: int = 2):
+    """The case on ``world`` ranks, with the microbatches per rank per step that the measurement runs."""
+    dp = world // (parallel.get("tensor_model_parallel_size", 1) * parallel.get("pipeline_model_parallel_size", 1))
     return load_config(None, [f"model.{k}={v}" for k, v in model.items()]
                        + [f"parallel.{k}={v}" for k, v in parallel.items()]
                        + ["data.max_prompt_length=12", f"data.max_length={SEQ}", f"train.micro_batch_size={ROWS // 2}",
@@ -103,12 +103,49 @@ class SavedBytes:
         return saved.tensor if isinstance(saved, _Saved) else saved
 
 
+def saved_activations(name: str, batch, world: int = 2) -> dict:
+    """Build activation case ``name`` on this rank and measure the peak of what autograd keeps over
+    one step's forward and backward (megatron's parallel state must be connected, not initialised)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rpo import parallel
+    from megatron_rpo.models import model_chunks
+    from megatron_rpo.training.step import forward_backward
+
+    model_keys, parallel_keys = ACTIVATION_CASES[name]
+    config = _config(model_keys, parallel_keys, world)
+    parallel.initialize(config.parallel)
+    try:
+        chunks = model_chunks(config)
+        for chunk in chunks:
+            fill_by_name(chunk, VOCAB)
+        saved = SavedBytes([p for chunk in chunks for p in chunk.parameters()])
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            forward_backward(chunks, [batch] * _microbatches(parallel_keys), config.loss)
+        return {"stage": ps.get_pipeline_model_parallel_rank(), "peak": saved.peak}
+    finally:
+        ps.destroy_model_parallel()
+
+
+def compare_activations(name: str, measured: list[dict], world: int = 2, **plan_options) -> None:
+    """The plan's activations and logits of case ``name`` within 25% of each rank's measured peak."""
+    from megatron_rpo.plan import plan
+
+    result = plan(_config(*ACTIVATION_CASES[name], world), world, 80, **plan_options)
+    assert result.tokens_per_microbatch == ROWS * SEQ
+    for got in measured:
+        parts = result.stages[got["stage"]].parts
+        want = parts["activations"] + parts.get("logits", 0.0)
+        print(f"{name} stage {got['stage']}: plan {want / 2**20:.3f} MiB, autograd kept {got['peak'] / 2**20:.3f} MiB "
+              f"({want / got['peak']:.2f}x)")
+        assert abs(want - got["peak"]) <= 0.25 * got["peak"], (name, got["stage"], want, got["peak"])
+
+
 def _build_all(batch):
     from megatron.core import parallel_state as ps
 
     from megatron_rpo import parallel
-    from megatron_rpo.models import model_chunks, model_provider
-    from megatron_rpo.training.step import forward_backward
+    from megatron_rpo.models import model_provider
 
     out = {}
     for name, (model_keys, parallel_keys) in PARAMETER_CASES.items():
@@ -121,26 +158,19 @@ def _build_all(batch):
                                        "dense": sum(p.numel() for p in module.parameters()) - expert}
         finally:
             ps.destroy_model_parallel()
-    for name, (model_keys, parallel_keys) in ACTIVATION_CASES.items():
-        config = _config(model_keys, parallel_keys)
-        parallel.initialize(config.parallel)
-        try:
-            chunks = model_chunks(config)
-            for chunk in chunks:
-                fill_by_name(chunk, VOCAB)
-            saved = SavedBytes([p for chunk in chunks for p in chunk.parameters()])
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                forward_backward(chunks, [batch] * _microbatches(parallel_keys), config.loss)
-            out["activations", name] = {"stage": ps.get_pipeline_model_parallel_rank(), "peak": saved.peak}
-        finally:
-            ps.destroy_model_parallel()
+    for name in ACTIVATION_CASES:
+        out["activations", name] = saved_activations(name, batch)
     return out
+
+
+def plan_batch() -> dict:
+    """The measured microbatch: 3 pairs padded to SEQ tokens."""
+    return make_batch([4, 6, 3, 4, 6, 3], [8, 5, 11, 10, 3, 6], SEQ, VOCAB, seed=0)
 
 
 @pytest.fixture(scope="module")
 def built():
-    batch = make_batch([4, 6, 3, 4, 6, 3], [8, 5, 11, 10, 3, 6], SEQ, VOCAB, seed=0)
-    return run_ranks(_build_all, 2, batch, timeout=600)
+    return run_ranks(_build_all, 2, plan_batch(), timeout=600)
 
 
 @pytest.mark.parametrize("case", list(PARAMETER_CASES))
@@ -159,18 +189,7 @@ def test_parameter_count_equals_the_built_models(built, case):
 
 @pytest.mark.parametrize("case", list(ACTIVATION_CASES))
 def test_activation_estimate_is_within_25_percent_of_what_autograd_keeps(built, case):
-    from megatron_rpo.plan import plan
-
-    c = _config(*ACTIVATION_CASES[case])
-    result = plan(c, 2, 80, bf16=False, transformer_engine=False)
-    assert result.tokens_per_microbatch == ROWS * SEQ
-    for rank in built:
-        got = rank["activations", case]
-        parts = result.stages[got["stage"]].parts
-        want = parts["activations"] + parts.get("logits", 0.0)
-        print(f"{case} stage {got['stage']}: plan {want / 2**20:.3f} MiB, autograd kept {got['peak'] / 2**20:.3f} MiB "
-              f"({want / got['peak']:.2f}x)")
-        assert abs(want - got["peak"]) <= 0.25 * got["peak"], (case, got["stage"], want, got["peak"])
+    compare_activations(case, [rank["activations", case] for rank in built], bf16=False, transformer_engine=False)
 
 
 def test_a_run_that_does_not_fit_gets_the_first_changes_that_make_it_fit():
