@@ -311,8 +311,11 @@ class ParallelConfig(_Section):
     pipeline_model_parallel_size: int = 1
     """Inter-layer model parallelism. Splits the layers into stages across ranks."""
     context_parallel_size: int = 1
-    """Splits each sequence across ranks (needs transformer-engine, so GPU only). Not supported
-    yet: per-sequence log-probs would have to be summed over the context-parallel group first."""
+    """Context parallelism (megatron's meaning): every sequence of a packed microbatch is cut into
+    2 x CP chunks and CP rank r holds chunks r and 2 x CP - 1 - r; attention spans the group
+    (transformer-engine's on GPU, an exact all-gather of keys and values on the local spec), and
+    per-sequence log-probs are summed over it before the contrast matrix. Needs ``data.packing``.
+    The world is TP x PP x CP x DP."""
     sequence_parallel: bool = False
     """Split layer norms and dropout along the sequence over the tensor-parallel ranks (TP > 1).
     Mixture-of-experts models need it whenever TP > 1 (megatron's rule)."""
@@ -340,11 +343,6 @@ class ParallelConfig(_Section):
         if vpp is not None and self.pipeline_model_parallel_size == 1:
             raise ValueError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
                              "parallel.pipeline_model_parallel_size > 1 (it interleaves pipeline stages)")
-        if self.context_parallel_size != 1:
-            raise ValueError(
-                f"parallel.context_parallel_size={self.context_parallel_size} is not supported yet "
-                "(per-sequence log-probs are not summed over context-parallel ranks); use 1"
-            )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError(
                 "parallel.sequence_parallel=True needs parallel.tensor_model_parallel_size > 1, "
@@ -355,6 +353,14 @@ class ParallelConfig(_Section):
     def model_parallel_size(self) -> int:
         """Ranks that hold one copy of the model: TP x PP x CP."""
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    @property
+    def sequence_multiple(self) -> int:
+        """What every packed sequence is padded to a multiple of: 2 x CP chunks, each a multiple of
+        TP under sequence parallelism (transformer-engine's ``thd`` layout); 1 without CP."""
+        if self.context_parallel_size == 1:
+            return 1
+        return 2 * self.context_parallel_size * (self.tensor_model_parallel_size if self.sequence_parallel else 1)
 
     @property
     def expert_tensor_size(self) -> int:
@@ -634,11 +640,6 @@ class Config:
                 f"loss.contrast_scope='global_batch' only changes matrix losses (rpo, simpo_rpo), "
                 f"got loss.loss_type={self.loss.loss_type!r}"
             )
-        if self.data.max_length > self.model.max_position_embeddings:
-            raise ValueError(
-                f"data.max_length ({self.data.max_length}) exceeds "
-                f"model.max_position_embeddings ({self.model.max_position_embeddings})"
-            )
         tp = self.parallel.tensor_model_parallel_size
         if self.data.packing and self.parallel.sequence_parallel and self.data.pack_multiple % tp:
             raise ValueError(
@@ -667,6 +668,14 @@ class Config:
                              f"parallel.pipeline_model_parallel_size ({pp}) x virtual_pipeline_model_parallel_size "
                              f"({vpp}): every model chunk holds the same number of layers")
         self._check_experts()
+        cp = self.parallel.context_parallel_size
+        if cp > 1 and not self.data.packing:
+            raise ValueError(f"parallel.context_parallel_size={cp} cuts packed rows only: set data.packing=true "
+                             "(padded rows are not cut)")
+        if cp > 1 and self.data.pack_multiple % self.parallel.sequence_multiple:
+            raise ValueError(f"data.pack_multiple ({self.data.pack_multiple}) must be a multiple of "
+                             f"{self.parallel.sequence_multiple} with context parallelism (2 x "
+                             "parallel.context_parallel_size chunks per sequence, times TP with sequence parallelism)")
         if self.model.recompute_granularity == "full":
             per_stage = self.model.num_layers // pp
             if self.model.recompute_num_layers > per_stage:
@@ -690,6 +699,19 @@ class Config:
         if width % etp:
             raise ValueError(f"the experts' width ({width}, model.moe_ffn_hidden_size) is not divisible by "
                              f"parallel.expert_tensor_parallel_size ({etp})")
+
+    def check_lengths(self) -> None:
+        """``data.max_length`` within the model's positions. Called once the model is the one that
+        runs (a recipe's model comes from its checkpoint, whose positions the recipe need not say).
+
+        Raises:
+            ValueError: the sequences are longer than the model's positions.
+        """
+        if self.data.max_length > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.max_length ({self.data.max_length}) exceeds "
+                f"model.max_position_embeddings ({self.model.max_position_embeddings})"
+            )
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel size for ``world_size`` ranks, checking that the batch sizes fit it.
@@ -756,7 +778,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.stop_signal", "train.peak_tflops", "train.wandb_project", "train.wandb_entity", "train.wandb_run_name",
     "train.wandb_mode", "data.valid_data_prefix", "parallel.distributed_timeout_minutes",
     "parallel.sequence_parallel", "parallel.expert_model_parallel_size", "parallel.expert_tensor_parallel_size",
-    "parallel.virtual_pipeline_model_parallel_size",
+    "parallel.virtual_pipeline_model_parallel_size", "parallel.context_parallel_size",
     *(f"model.{key}" for key in MEMORY_KEYS),
 })
 """Keys a resumed run may change freely: they decide how long it runs, how it logs, evaluates and

@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.gpus <= 0 or a.gpu_memory_gib <= 0:
             raise ValueError(f"--gpus ({a.gpus}) and --gpu-memory-gib ({a.gpu_memory_gib}) must be > 0")
         config, source = resolve_model(config, a.hf_config)
+        config.check_lengths()
         result = plan(config, a.gpus, a.gpu_memory_gib)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-packing", action="store_true",
                    help="pad every sequence to the dataset's max_length instead of packing each microbatch "
                         "into one row (the values are the same; packing skips the padding)")
+    p.add_argument("--context-parallel-size", type=int, default=1,
+                   help="cut every sequence over this many ranks (packed rows only; the values are the same)")
     p.add_argument("--logprob-chunk-tokens", type=int, default=None, metavar="N",
                    help="the output layer and log-softmax over N tokens at a time (model.logprob_chunk_tokens): "
                         "the whole [tokens, vocab / TP] logits never exist; the values are the same")
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
             model=model_config,
             parallel=ParallelConfig(tensor_model_parallel_size=a.tensor_model_parallel_size,
                                     pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+                                    context_parallel_size=a.context_parallel_size,
                                     expert_model_parallel_size=a.expert_model_parallel_size,
                                     expert_tensor_parallel_size=a.expert_tensor_parallel_size,
                                     # megatron's rule for experts under TP; the values are the same
@@ -57,12 +60,16 @@ def main(argv=None) -> int:
                                                        and model_config.num_moe_experts is not None)),
             data=DataConfig(max_prompt_length=dataset["max_prompt_length"], max_length=dataset["max_length"]),
         )
+        config.check_lengths()
+        if a.context_parallel_size > 1 and a.no_packing:
+            raise ValueError("--context-parallel-size cuts packed rows only: leave out --no-packing")
         parallel.initialize(config.parallel)
         model = model_provider(config)
         load_weights(model, a.load)
         logps = compute_reference_logps(model, a.data_prefix,
                                         micro_batch_size=a.micro_batch_size, checkpoint=a.load,
-                                        progress=not a.no_progress, packing=not a.no_packing)
+                                        progress=not a.no_progress, packing=not a.no_packing,
+                                        sequence_multiple=config.parallel.sequence_multiple)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

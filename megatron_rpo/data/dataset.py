@@ -148,19 +148,21 @@ class UnpairedSampler(_Sampler):
 
 
 def collate(dataset: PreferenceDataset, indices: list[int], seq_length: int, pad_id: int = 0, *,
-            packed_length: int | None = None) -> dict:
+            packed_length: int | None = None, sequence_multiple: int = 1) -> dict:
     """The batch contract for ``indices`` (chosen sequences first for paired microbatches), on the host.
 
     Sequences are cut to ``seq_length`` tokens. Without ``packed_length`` every row is
     right-padded to ``seq_length``, so all microbatches have one shape, as pipeline stages need;
     with it the sequences are packed into one row of ``packed_length`` tokens
-    (:mod:`megatron_rpo.data.packing`). Use :func:`collate_step` for a step's microbatches.
+    (:mod:`megatron_rpo.data.packing`), each padded to a multiple of ``sequence_multiple``.
+    Use :func:`collate_step` for a step's microbatches.
     """
     sequences = [torch.from_numpy(dataset.tokens[i].astype(np.int64))[:seq_length] for i in indices]
     meta = dataset.meta[indices]
     packed = packed_length is not None
     batch = layout.token_fields(sequences, [int(n) for n in meta["prompt_length"]], packed=packed,
-                         length=packed_length if packed else seq_length, pad_id=pad_id)
+                         length=packed_length if packed else seq_length, pad_id=pad_id,
+                         sequence_multiple=sequence_multiple)
     batch["is_chosen"] = torch.from_numpy(meta["is_chosen"].copy())
     batch["pair_id"] = torch.from_numpy(meta["pair_id"].copy())
     if dataset.embeddings is not None:
@@ -171,16 +173,19 @@ def collate(dataset: PreferenceDataset, indices: list[int], seq_length: int, pad
 
 
 def collate_step(dataset: PreferenceDataset, microbatches: list[list[int]], seq_length: int, *,
-                 packing: bool, pack_multiple: int = 64) -> list[dict]:
+                 packing: bool, pack_multiple: int = 64, sequence_multiple: int = 1) -> list[dict]:
     """One step's microbatches (lists of sequence indices), all of one shape, on the host.
 
     Padded: [B, seq_length] rows. Packed: one row per microbatch, as long as the longest
     microbatch of the step needs, rounded up to ``pack_multiple`` (pipeline stages exchange one
-    fixed shape per step; sequence parallelism needs a multiple of the tensor-parallel size).
+    fixed shape per step; sequence parallelism needs a multiple of the tensor-parallel size),
+    each sequence padded to a multiple of ``sequence_multiple`` (context parallelism's cut).
     """
     if not packing:
         return [collate(dataset, indices, seq_length) for indices in microbatches]
     lengths = dataset.tokens.sequence_lengths
-    length = max(layout.packed_length([min(int(n), seq_length) for n in lengths[indices]], pack_multiple)
+    length = max(layout.packed_length([min(int(n), seq_length) for n in lengths[indices]], pack_multiple,
+                                      sequence_multiple)
                  for indices in microbatches)
-    return [collate(dataset, indices, seq_length, packed_length=length) for indices in microbatches]
+    return [collate(dataset, indices, seq_length, packed_length=length, sequence_multiple=sequence_multiple)
+            for indices in microbatches]

@@ -27,16 +27,37 @@ import math
 
 import torch
 
-__all__ = ["packed_length", "token_fields"]
+__all__ = ["packed_length", "token_fields", "context_parallel_indices"]
 
 
-def packed_length(lengths: list[int], multiple: int) -> int:
-    """Tokens in the packed row of sequences of ``lengths``: their sum rounded up to ``multiple``."""
-    return max(multiple, math.ceil(sum(lengths) / multiple) * multiple)
+def _segment(n: int, sequence_multiple: int) -> int:
+    return math.ceil(n / sequence_multiple) * sequence_multiple
+
+
+def packed_length(lengths: list[int], multiple: int, sequence_multiple: int = 1) -> int:
+    """Tokens in the packed row of sequences of ``lengths``, each padded to a multiple of
+    ``sequence_multiple``: their sum rounded up to ``multiple``."""
+    total = sum(_segment(n, sequence_multiple) for n in lengths)
+    return max(multiple, math.ceil(total / multiple) * multiple)
+
+
+def context_parallel_indices(cu_seqlens: tuple[int, ...], cp_size: int, cp_rank: int) -> torch.Tensor:
+    """The tokens of a packed row that context-parallel rank ``cp_rank`` holds, in its row's order.
+
+    megatron's load balancing for causal attention: every segment (of a length divisible by
+    2 x ``cp_size``) is cut into 2 x ``cp_size`` equal chunks and rank r holds chunks r and
+    2 x cp_size - 1 - r, so every rank gets as much early (cheap) as late (dear) attention.
+    """
+    pieces = []
+    for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        chunk = (b - a) // (2 * cp_size)
+        for j in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            pieces.append(torch.arange(a + j * chunk, a + (j + 1) * chunk))
+    return torch.cat(pieces)
 
 
 def token_fields(sequences: list[torch.Tensor], prompt_lengths: list[int], *, packed: bool, length: int,
-                 pad_id: int = 0) -> dict:
+                 pad_id: int = 0, sequence_multiple: int = 1) -> dict:
     """The token fields of one microbatch (module docstring), built on the host.
 
     Args:
@@ -47,13 +68,16 @@ def token_fields(sequences: list[torch.Tensor], prompt_lengths: list[int], *, pa
         length: S, the padded row length, or T, the packed row length (at least the total of
             the sequences; :func:`packed_length`).
         pad_id: token id of the padding.
+        sequence_multiple: packed only: each sequence's segment is padded to a multiple of this
+            (context parallelism cuts every segment into 2 x CP chunks); the padding belongs to
+            no sequence (``sequence_index`` B) and is never scored.
 
     Raises:
         ValueError: a sequence longer than a padded row, or sequences longer than the packed row.
     """
     lengths = [len(s) for s in sequences]
     if packed:
-        total = sum(lengths)
+        total = sum(_segment(n, sequence_multiple) for n in lengths)
         if total > length:
             raise ValueError(f"{len(sequences)} sequences of {total} tokens do not fit a packed row of {length}")
         rows, width = 1, length
@@ -70,11 +94,12 @@ def token_fields(sequences: list[torch.Tensor], prompt_lengths: list[int], *, pa
         row, offset = (0, start) if packed else (b, 0)
         n = len(ids)
         tokens[row, offset : offset + n] = ids
-        position_ids[row, offset : offset + n] = torch.arange(n)
+        segment = _segment(n, sequence_multiple) if packed else n
+        position_ids[row, offset : offset + segment] = torch.arange(segment)
         sequence_index[row, offset : offset + n] = b
         # labels[t] = tokens[t + 1]: position t is scored when token t + 1 is a response token.
         loss_mask[row, offset + prompt - 1 : offset + n - 1] = 1.0
-        start += n
+        start += segment
     fields = {"tokens": tokens, "position_ids": position_ids, "labels": torch.roll(tokens, -1, dims=1),
               "loss_mask": loss_mask}
     if not packed:
@@ -84,7 +109,7 @@ def token_fields(sequences: list[torch.Tensor], prompt_lengths: list[int], *, pa
     position_ids[0, start:] = torch.arange(width - start)
     bounds = [0]
     for n in lengths:
-        bounds.append(bounds[-1] + n)
+        bounds.append(bounds[-1] + _segment(n, sequence_multiple))
     if width > start:
         bounds.append(width)
     fields.update(sequence_index=sequence_index, cu_seqlens=tuple(bounds),

@@ -13,16 +13,20 @@
   own, so attention never crosses a boundary and costs the sum of the squared lengths, not the
   square of the row (a block-diagonal mask would compute, and on the math kernel store, the
   whole [T, T] square). Anything else falls back to megatron's own implementation (which
-  refuses packed sequences).
+  refuses packed sequences). Under context parallelism (packed rows only) each rank's queries
+  attend to the whole sequence's keys and values, all-gathered over the CP group with autograd
+  (their gradients reduce-scattered back), masked by true position: exact, for CPU tests and GPUs
+  without transformer-engine, whose own CP attention is the fast one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -52,6 +56,12 @@ class RMSNorm(torch.nn.Module):
 
 class SDPAttention(DotProductAttention):
     """Causal core attention through ``scaled_dot_product_attention``; megatron's otherwise."""
+
+    def __init__(self, config: TransformerConfig, *args, **kwargs):
+        # megatron's DotProductAttention refuses context parallelism; ours does it (_packed_cp)
+        super().__init__(dataclasses.replace(config, context_parallel_size=1) if config.context_parallel_size > 1
+                         else config, *args, **kwargs)
+        self.config = config
 
     def _sdpa_applies(self, attention_mask, attn_mask_type, attention_bias, packed_seq_params) -> bool:
         return (
@@ -105,6 +115,8 @@ class SDPAttention(DotProductAttention):
         cu = packed_seq_params.cu_seqlens_q_padded
         cu = packed_seq_params.cu_seqlens_q if cu is None else cu
         bounds = cu.tolist()  # on the host (see forward_step.packed_seq_params): no synchronisation
+        if parallel_state.get_context_parallel_world_size() > 1:
+            return self._packed_cp(query, key, value, bounds, dropout)
         if bounds[-1] != query.shape[0]:
             raise ValueError(f"packed sequences end at token {bounds[-1]} but the row holds {query.shape[0]}")
         # [t, heads, hn] -> [1, heads, t, hn]; each segment [1, heads, n, hn] attends causally to itself.
@@ -114,3 +126,33 @@ class SDPAttention(DotProductAttention):
         # [1, heads, t, hn] -> [t, heads * hn]
         context = torch.cat(segments, dim=2)[0].transpose(0, 1)
         return context.reshape(query.shape[0], self.hidden_size_per_partition)
+
+    def _packed_cp(self, query, key, value, bounds: list[int], dropout: float) -> torch.Tensor:
+        """:meth:`_packed` on this CP rank's part of the row ([t / CP, heads, hn]; ``bounds`` the
+        whole row's). Segment i of n tokens is 2 x CP chunks of m = n / (2 CP); rank r holds
+        chunks r and 2 CP - 1 - r, back to back (:func:`megatron_rpo.data.packing.context_parallel_indices`)."""
+        group = parallel_state.get_context_parallel_group()
+        cp, rank = group.size(), group.rank()
+        local = query.shape[0]
+        # [t / CP, g, hn] -> [CP * t / CP, g, hn] in rank order; backward reduce-scatters the gradient
+        keys, values = (tensor_parallel.gather_from_sequence_parallel_region(t, True, group=group)
+                        for t in (key, value))
+        outputs, offset = [], 0
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            m = (b - a) // (2 * cp)
+            # chunk j of the segment: on rank j (first half of its part) or rank 2 CP - 1 - j (second)
+            starts = [(j if j < cp else 2 * cp - 1 - j) * local + offset + (0 if j < cp else m) for j in range(2 * cp)]
+            k, v = (torch.cat([t[s:s + m] for s in starts]) for t in (keys, values))  # [n, g, hn], in order
+            q = query[offset:offset + 2 * m]
+            true = torch.cat([torch.arange(rank * m, (rank + 1) * m),
+                              torch.arange((2 * cp - 1 - rank) * m, (2 * cp - rank) * m)])
+            mask = (true[:, None] >= torch.arange(b - a)[None, :]).to(query.device)  # causal by true position
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, n, hn]
+            outputs.append(F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale,
+                enable_gqa=self.num_attention_heads_per_partition != self.num_query_groups_per_partition))
+            offset += 2 * m
+        if offset != local:
+            raise ValueError(f"packed sequences hold {offset} tokens on this context-parallel rank, the row {local}")
+        context = torch.cat(outputs, dim=2)[0].transpose(0, 1)
+        return context.reshape(local, self.hidden_size_per_partition)

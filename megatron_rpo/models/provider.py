@@ -136,6 +136,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        # transformer-engine's context-parallel attention: keys and values passed around the ring
+        cp_comm_type="p2p" if parallel.context_parallel_size > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_size,

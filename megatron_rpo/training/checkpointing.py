@@ -80,10 +80,12 @@ def _rng_object() -> ShardedObject:
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
+    # one state per rank: the data-parallel place counts the context-parallel ranks in (as at CP 1)
     ranks = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
-             parallel_state.get_data_parallel_rank())
+             parallel_state.get_data_parallel_rank(with_context_parallel=True))
     sizes = (parallel_state.get_pipeline_model_parallel_world_size(),
-             parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size())
+             parallel_state.get_tensor_model_parallel_world_size(),
+             parallel_state.get_data_parallel_world_size(with_context_parallel=True))
     return ShardedObject("rng_state", state, sizes, ranks, replica_id=0)
 
 
@@ -117,12 +119,14 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
 
 
 def _layout() -> list[int]:
-    """TP, PP, DP (and EP when experts are split): the layout per-rank RNG states belong to."""
+    """TP, PP, DP (then EP and ETP when experts are split, CP when sequences are): the layout per-rank
+    RNG states belong to."""
     layout = [parallel_state.get_tensor_model_parallel_world_size(),
               parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()]
     ep, etp = (parallel_state.get_expert_model_parallel_world_size(),
                parallel_state.get_expert_tensor_parallel_world_size())
-    return layout + ([ep, etp] if (ep, etp) != (1, layout[0]) else [])
+    cp = parallel_state.get_context_parallel_world_size()
+    return layout + ([ep, etp] if (ep, etp) != (1, layout[0]) else []) + ([cp] if cp > 1 else [])
 
 
 def _placeholder_optimizer_state(optimizer) -> None:

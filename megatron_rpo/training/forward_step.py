@@ -25,9 +25,11 @@ from functools import partial
 from typing import Callable
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_rpo.config import LossConfig
+from megatron_rpo.data.packing import context_parallel_indices
 from megatron_rpo.logprobs import sequence_logprobs
 from megatron_rpo.loss.distributed import gather_rows
 from megatron_rpo.loss.objective import preference_loss, sequence_rows, sides_from_batch
@@ -38,9 +40,57 @@ __all__ = ["forward_step", "packed_seq_params", "preference_loss_func", "logps_l
 LossFn = Callable[[dict, torch.Tensor], tuple]
 
 
+class _SumOverContextParallel(torch.autograd.Function):
+    """Sum a CP rank's part of each sequence's log-prob over the context-parallel group.
+
+    Every rank then computes the same loss; in backward each rank's part gets that loss's
+    gradient as it is (identity): the parts of other ranks' tokens reach their own ranks there.
+    """
+
+    @staticmethod
+    def forward(ctx, partial_logps: torch.Tensor, group):
+        total = partial_logps.clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def _context_parallel() -> tuple[int, object]:
+    size = parallel_state.get_context_parallel_world_size()
+    return size, (parallel_state.get_context_parallel_group() if size > 1 else None)
+
+
 def _sequence_logps(batch: dict, token_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B] response log-probs and lengths, for padded ([B, S]) and packed ([1, T]) microbatches alike."""
-    return sequence_logprobs(token_logps, batch["loss_mask"], batch.get("sequence_index"), len(batch["is_chosen"]))
+    """[B] response log-probs and lengths, for padded ([B, S]) and packed ([1, T]) microbatches alike;
+    under context parallelism summed over the CP group (each rank holds a part of every sequence)."""
+    logps, lengths = sequence_logprobs(token_logps, batch["loss_mask"], batch.get("sequence_index"),
+                                       len(batch["is_chosen"]))
+    size, group = _context_parallel()
+    if size > 1:
+        logps = _SumOverContextParallel.apply(logps, group)
+        lengths = lengths.clone()
+        torch.distributed.all_reduce(lengths, group=group)
+    return logps, lengths
+
+
+def context_parallel_batch(batch: dict) -> dict:
+    """This CP rank's part of a packed microbatch (a new dict; the schedule's is shared by every
+    stage and chunk): the token fields cut as :func:`~megatron_rpo.data.packing.context_parallel_indices`
+    says, after ``labels`` were shifted; the boundaries (``cu_seqlens``) stay the whole row's."""
+    size, group = _context_parallel()
+    if size == 1:
+        return batch
+    if "cu_seqlens" not in batch:
+        raise ValueError("context parallelism cuts packed microbatches only (data.packing=true)")
+    index = context_parallel_indices(batch["cu_seqlens"], size, torch.distributed.get_rank(group))
+    index = index.to(batch["tokens"].device)
+    out = dict(batch)
+    for key in ("tokens", "position_ids", "labels", "loss_mask", "sequence_index"):
+        out[key] = batch[key].index_select(1, index)
+    return out
 
 
 def packed_seq_params(batch: dict, device: torch.device) -> PackedSeqParams | None:
@@ -54,8 +104,12 @@ def packed_seq_params(batch: dict, device: torch.device) -> PackedSeqParams | No
         return None
     where = device if use_transformer_engine() else torch.device("cpu")
     cu = torch.tensor(batch["cu_seqlens"], dtype=torch.int32, device=where)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
+    # The whole row's boundaries, under CP too (megatron's RoPE and transformer-engine divide them
+    # by CP); there every segment is padded to 2 x CP chunks, and the padded boundaries are these.
+    padded = cu if _context_parallel()[0] > 1 else None
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded,
+                           cu_seqlens_kv_padded=padded, max_seqlen_q=batch["max_seqlen"],
+                           max_seqlen_kv=batch["max_seqlen"])
 
 
 def preference_loss_func(loss_config: LossConfig, group, paired: bool, batch: dict, token_logps: torch.Tensor):
@@ -76,7 +130,9 @@ def preference_loss_func(loss_config: LossConfig, group, paired: bool, batch: di
     rows = gather_rows(sequence_rows(batch, policy_logps, lengths), group)
     chosen, rejected = sides_from_batch(rows, rows["policy_logps"], rows["lengths"])
     loss, metrics = preference_loss(loss_config, chosen, rejected, paired=paired)
-    # A copy: the schedule divides the returned loss by the number of microbatches in place.
+    # A copy: the schedule divides the returned loss by the number of microbatches in place (and
+    # multiplies it by CP: megatron's DDP averages over data x context parallel ranks, whose
+    # gradients are parts of one gradient, to be summed).
     return loss, {"loss": loss.detach().clone(), **metrics}
 
 
@@ -108,7 +164,7 @@ def forward_step(data_iterator, model, *, loss_fn: LossFn):
         loss_fn: ``loss_fn(batch, token_logps) -> (loss, report)``, one of the functions above
             with its leading arguments bound.
     """
-    batch = next(data_iterator)
+    batch = context_parallel_batch(next(data_iterator))
     packed = packed_seq_params(batch, batch["tokens"].device)
     # The last stage turns ``labels`` into their [b, s] log-probs (the vocabulary stays split,
     # and is chunked when model.logprob_chunk_tokens says so); the others return hidden states.

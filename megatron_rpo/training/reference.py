@@ -24,7 +24,7 @@ __all__ = ["compute_reference_logps"]
 @torch.no_grad()
 def compute_reference_logps(model, data_prefix: str, *, micro_batch_size: int = 8,
                             checkpoint: str | None = None, progress: bool = True, packing: bool = True,
-                            pack_multiple: int = 64) -> np.ndarray | None:
+                            pack_multiple: int = 64, sequence_multiple: int = 1) -> np.ndarray | None:
     """Compute and write ``PREFIX.ref``; returns the [num_sequences] array on global rank 0, else None.
 
     Args:
@@ -36,6 +36,8 @@ def compute_reference_logps(model, data_prefix: str, *, micro_batch_size: int = 
         packing: pack each microbatch into one row (as training does by default) instead of
             padding every sequence to the dataset's ``max_length``; the values are the same.
         pack_multiple: packed rows are padded to a multiple of this many tokens.
+        sequence_multiple: each packed sequence is padded to a multiple of this many tokens
+            (:attr:`megatron_rpo.config.ParallelConfig.sequence_multiple`, for context parallelism).
     """
     dataset = PreferenceDataset(data_prefix)
     seq_length = dataset.manifest["max_length"]
@@ -53,7 +55,8 @@ def compute_reference_logps(model, data_prefix: str, *, micro_batch_size: int = 
     for r in range(rounds):
         indices = mine[r] if r < len(mine) else []
         padded = indices + [0] * (micro_batch_size - len(indices))
-        batches = collate_step(dataset, [padded], seq_length, packing=packing, pack_multiple=pack_multiple)
+        batches = collate_step(dataset, [padded], seq_length, packing=packing, pack_multiple=pack_multiple,
+                               sequence_multiple=sequence_multiple)
         out = sequence_logps(model, batches)
         if out is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
             logps = out[0][0].tolist()

@@ -274,6 +274,7 @@ class Trainer:
                                         bf16=o.bf16 and gpu)
         data = dataclasses.replace(c.data, max_prompt_length=min(prompt, c.data.max_length - 1))
         resolved = dataclasses.replace(c, model=model, data=data, optimizer=optimizer)
+        resolved.check_lengths()
         resolved.explicit_keys = explicit
         return resolved
 
@@ -346,7 +347,8 @@ class Trainer:
         """This rank's next ``count`` microbatches (on the host) and the lengths of their sequences."""
         c = self.config.data
         indices = list(itertools.islice(iterator, count))
-        batches = collate_step(data, indices, c.max_length, packing=c.packing, pack_multiple=c.pack_multiple)
+        batches = collate_step(data, indices, c.max_length, packing=c.packing, pack_multiple=c.pack_multiple,
+                               sequence_multiple=self.config.parallel.sequence_multiple)
         flat = np.concatenate([np.asarray(i) for i in indices])
         return batches, np.minimum(data.tokens.sequence_lengths[flat], c.max_length).astype(np.int64)
 
@@ -356,7 +358,7 @@ class Trainer:
         counts = torch.tensor([float(lengths.sum()), float((lengths ** 2).sum())], dtype=torch.float64,
                               device=current_device())
         dist.all_reduce(counts)
-        model_parallel = c.parallel.tensor_model_parallel_size * c.parallel.pipeline_model_parallel_size
+        model_parallel = c.parallel.model_parallel_size  # TP x PP x CP
         tokens, squares = (counts / model_parallel).tolist()  # each model-parallel rank counted the same
         flops = step_flops(c.model, tokens, squares, reference_forward=self.reference is not None)
         out = {"tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / dist.get_world_size() / 1e12}

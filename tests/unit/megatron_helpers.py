@@ -103,7 +103,8 @@ def full_grads(model, vocab_size: int, finalized: bool = False) -> dict[str, tor
 
 
 def make_batch(prompt_lens, response_lens, seq: int, vocab: int, *, seed: int = 0, emb_dim: int = 8,
-               paired: bool = True, pad_id: int = 0, packed_length: int | None = None) -> dict:
+               paired: bool = True, pad_id: int = 0, packed_length: int | None = None,
+               sequence_multiple: int = 1) -> dict:
     """A microbatch by the batch contract; for paired data the first half are the chosen rows.
 
     Row b holds ``prompt_lens[b]`` prompt tokens then ``response_lens[b]`` response tokens,
@@ -128,7 +129,7 @@ def make_batch(prompt_lens, response_lens, seq: int, vocab: int, *, seed: int = 
         sequences.append(ids)
     packed = packed_length is not None
     batch = token_fields(sequences, list(prompt_lens), packed=packed, length=packed_length if packed else seq,
-                         pad_id=pad_id)
+                         pad_id=pad_id, sequence_multiple=sequence_multiple)
     batch.update({
         "is_chosen": torch.arange(rows) < half if paired else torch.rand(rows, generator=g) < 0.5,
         "prompt_embedding": torch.nn.functional.normalize(emb, dim=1),

@@ -85,7 +85,9 @@ def test_dump_and_load_round_trip(tmp_path):
     (["loss.weighting=diagonal", "data.paired=false"], r"weighting='diagonal' needs paired data.*data.paired=False"),
     (["loss.loss_type=dpo", "data.paired=false"], r"loss_type='dpo'.*needs data.paired=True"),
     (["loss.loss_type=dpo", "loss.contrast_scope=global_batch"], r"global_batch.*loss_type='dpo'"),
-    (["parallel.context_parallel_size=2"], r"context_parallel_size=2 is not supported yet"),
+    (["parallel.context_parallel_size=2", "data.packing=false"], r"context_parallel_size=2 cuts packed rows only"),
+    (["parallel.context_parallel_size=4", "data.pack_multiple=4"], r"data.pack_multiple \(4\) must be a multiple "
+                                                                    r"of 8 with context parallelism"),
     (["parallel.sequence_parallel=true"], r"sequence_parallel=True needs.*tensor_model_parallel_size > 1, got 1"),
     (["parallel.tensor_model_parallel_size=3"], r"num_attention_heads \(32\) is not divisible by.*\(3\)"),
     (["parallel.pipeline_model_parallel_size=5"], r"num_layers \(32\) is not divisible by.*\(5\)"),
@@ -196,3 +198,16 @@ def test_expert_parallelism_on_a_dense_model_is_refused_when_the_model_is_known(
     with pytest.raises(ValueError, match=r"expert_model_parallel_size=2 .* need a mixture-of-experts model, and this "
                                          r"one is dense"):
         transformer_config(c.model, c.parallel)
+
+
+def test_sequence_length_is_checked_against_the_model_that_runs():
+    """A recipe whose model comes from its checkpoint may train longer sequences than the default
+    model's 4096 positions; the check runs once the model is known (the trainer, the plan, the
+    reference tool call ``check_lengths``)."""
+    from megatron_rpo.config import load_config
+
+    long = load_config(None, ["data.max_length=16384", "data.max_prompt_length=1024"])
+    with pytest.raises(ValueError, match=r"data.max_length \(16384\) exceeds model.max_position_embeddings \(4096\)"):
+        long.check_lengths()
+    load_config(None, ["data.max_length=16384", "data.max_prompt_length=1024",
+                       "model.max_position_embeddings=131072"]).check_lengths()
