@@ -15,7 +15,7 @@ stage that needs the most, it prints:
   attention: no [s, s] scores), under the recompute setting, times the microbatches alive at
   once on that stage under megatron's schedule (1F1B, or interleaved with its longer warm-up);
 * the logits (whole, or one chunk with ``model.logprob_chunk_tokens``) and the online reference's
-  weights;
+  weights; under context parallelism a CP rank's share of the tokens;
 * the total against the GPU's memory less a reserve for the CUDA context, communication buffers
   and fragmentation, the tokens per step and, when it does not fit, the first changes (in order of
   what they cost) that make it fit.
@@ -90,8 +90,8 @@ def stage_parameters(m: ModelConfig, tp: int = 1, pp: int = 1, stage: int = 0, e
 
 
 def layer_activation_bytes(m: ModelConfig, layer_is_moe: bool, tokens: int, tp: int, sp: bool, element: int,
-                           etp: int | None = None, transformer_engine: bool = True) -> dict[str, float]:
-    """Bytes one layer keeps for backward for a microbatch of ``tokens`` tokens, by part.
+                           etp: int | None = None, transformer_engine: bool = True, cp: int = 1) -> dict[str, float]:
+    """Bytes one layer keeps for backward for ``tokens`` tokens (this CP rank's part), by part.
 
     The tensors our layers save (megatron's linear layers keep their input, under sequence
     parallelism the local shard; attention is flash-style, no [s, s] scores):
@@ -99,7 +99,8 @@ def layer_activation_bytes(m: ModelConfig, layer_is_moe: bool, tokens: int, tp: 
     * ``norms``: each of the two norms keeps its input and its output (the next linear's input),
       and on the local spec (no transformer-engine) also the normalised copy before the weight;
     * ``attention``: the fused QKV output (v is a view of it), q and k after RoPE (and their norms),
-      the context (the projection's input);
+      the context (the projection's input); under context parallelism also the whole sequences'
+      keys and values the rank's queries attend to (CP times its own);
     * ``mlp``: SwiGLU's input, its silu and its product (fc2's input); for experts the same per
       routed copy of a token (``moe_router_topk`` of them), with the permuted input and the output
       that is weighted by the router's probability.
@@ -112,6 +113,8 @@ def layer_activation_bytes(m: ModelConfig, layer_is_moe: bool, tokens: int, tp: 
     attention = ((heads + 2 * groups) * d + heads * d + groups * d + heads * d) / tp
     if m.qk_layernorm:
         attention += (heads + groups) * d * (1 if transformer_engine else 2) / tp
+    if cp > 1:
+        attention += 2 * groups * d * cp / tp
     if layer_is_moe:
         width = m.moe_ffn_hidden_size or m.ffn_hidden_size
         mlp = m.moe_router_topk * (2 * h + 4 * width / etp) / seq_split
@@ -127,7 +130,7 @@ def _stage_activation_bytes(c: Config, stage: int, tokens: int, element: int, tr
     pp = p.pipeline_model_parallel_size
     layers = _stage_layers(m, pp, stage)
     per = [layer_activation_bytes(m, bool(m.moe_layers[i]), tokens, tp, sp, element, p.expert_tensor_size,
-                                  transformer_engine) for i in layers]
+                                  transformer_engine, p.context_parallel_size) for i in layers]
     full = [sum(x.values()) for x in per]
     hidden = m.hidden_size * tokens * element / (tp if sp else 1)  # a layer's input
     # the last stage's final norm, as a layer's norm (the output layer's input is its output)
@@ -208,6 +211,7 @@ def plan(c: Config, gpus: int, gpu_memory_gib: float, *, bf16: bool | None = Non
     element = 2 if bf16 else 4
     rows = c.train.micro_batch_size * (2 if c.data.paired else 1)
     tokens = rows * c.data.max_length  # packed rows hold at most this many
+    local = tokens // p.context_parallel_size  # what a CP rank holds of them
     microbatches = c.train.global_batch_size // (c.train.micro_batch_size * dp)
     # optimizer state per parameter: float32 master weights (only when they are not the weights)
     # and Adam's two moments (RMSprop is Adam with beta1 = 0: megatron keeps both)
@@ -217,7 +221,8 @@ def plan(c: Config, gpus: int, gpu_memory_gib: float, *, bf16: bool | None = Non
     for stage in range(pp):
         count = stage_parameters(m, tp, pp, stage, ep, p.expert_tensor_size)
         n = count["dense"] + count["expert"]
-        shards = (dp, expert_dp) if o.use_distributed_optimizer else (1, 1)
+        # the distributed optimizer shards over data x context parallel ranks (megatron's)
+        shards = (dp * p.context_parallel_size, expert_dp) if o.use_distributed_optimizer else (1, 1)
         parts = {
             "weights": n * element,
             "gradients": n * 4,  # megatron's DDP grad buffer, float32 (grad_reduce_in_fp32)
@@ -231,9 +236,9 @@ def plan(c: Config, gpus: int, gpu_memory_gib: float, *, bf16: bool | None = Non
         vpp = p.virtual_pipeline_model_parallel_size or 1
         warmup = pp - stage - 1 if vpp == 1 else (pp - stage - 1) * 2 + (vpp - 1) * pp
         in_flight = min(warmup + 1, microbatches * vpp) / vpp
-        parts["activations"] = in_flight * _stage_activation_bytes(c, stage, tokens, element, transformer_engine)
+        parts["activations"] = in_flight * _stage_activation_bytes(c, stage, local, element, transformer_engine)
         if stage == pp - 1:
-            chunk = min(m.logprob_chunk_tokens or tokens, tokens)
+            chunk = min(m.logprob_chunk_tokens or local, local)
             # the float32 logits (the cross entropy works on them in place, and so does its
             # gradient) and, while they are made, the bf16 ones
             logits = chunk * vocab_shard * (4 + (element if element < 4 else 0))
@@ -314,12 +319,14 @@ def describe(result: Plan) -> str:
         f"{p.pipeline_model_parallel_size}"
         + (f" (interleaved, VPP {p.virtual_pipeline_model_parallel_size})"
            if p.virtual_pipeline_model_parallel_size else "")
+        + (f" x CP {p.context_parallel_size}" if p.context_parallel_size > 1 else "")
         + f" x DP {result.data_parallel}{experts}; "
         f"{'sequence parallel, ' if p.sequence_parallel else ''}recompute {recompute}, log-probs "
         f"{f'in chunks of {m.logprob_chunk_tokens} tokens' if m.logprob_chunk_tokens else 'whole'}, "
         f"{'distributed ' if c.optimizer.use_distributed_optimizer else ''}optimizer {c.optimizer.optimizer}",
         f"tokens per step {result.tokens_per_step:,} ({result.microbatches} microbatches of "
-        f"{result.tokens_per_microbatch:,} tokens per data-parallel rank; packed rows hold at most that)",
+        f"{result.tokens_per_microbatch:,} tokens per data-parallel rank; packed rows hold at most that"
+        + (f"; each CP rank holds 1/{p.context_parallel_size} of them" if p.context_parallel_size > 1 else "") + ")",
         f"per GPU on pipeline stage {w.stage} (the most of {len(result.stages)}): "
         f"{w.parameters + w.expert_parameters:,} parameters"
         + (f" ({w.expert_parameters:,} of them experts)" if w.expert_parameters else ""),

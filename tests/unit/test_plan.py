@@ -42,6 +42,7 @@ ACTIVATION_CASES = {
     "tp2_sp_full": (dict(BASE, **FULL), TP2_SP),
     "pp2": (BASE, {"pipeline_model_parallel_size": 2}),
     "pp2_vpp2": (BASE, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}),
+    "cp2": (BASE, {"context_parallel_size": 2}),
     "moe": (MOE, {}),
 }
 ROWS = 6  # 3 pairs of SEQ tokens: a padded microbatch of 144 tokens
@@ -54,7 +55,8 @@ def _microbatches(parallel: dict) -> int:
 
 def _config(model: dict, parallel: dict, world: int = 2):
     """The case on ``world`` ranks, with the microbatches per rank per step that the measurement runs."""
-    dp = world // (parallel.get("tensor_model_parallel_size", 1) * parallel.get("pipeline_model_parallel_size", 1))
+    dp = world // (parallel.get("tensor_model_parallel_size", 1) * parallel.get("pipeline_model_parallel_size", 1)
+                   * parallel.get("context_parallel_size", 1))
     return load_config(None, [f"model.{k}={v}" for k, v in model.items()]
                        + [f"parallel.{k}={v}" for k, v in parallel.items()]
                        + ["data.max_prompt_length=12", f"data.max_length={SEQ}", f"train.micro_batch_size={ROWS // 2}",
@@ -159,13 +161,17 @@ def _build_all(batch):
         finally:
             ps.destroy_model_parallel()
     for name in ACTIVATION_CASES:
-        out["activations", name] = saved_activations(name, batch)
+        out["activations", name] = saved_activations(name, plan_batch(packed=True) if name == "cp2" else batch)
     return out
 
 
-def plan_batch() -> dict:
-    """The measured microbatch: 3 pairs padded to SEQ tokens."""
-    return make_batch([4, 6, 3, 4, 6, 3], [8, 5, 11, 10, 3, 6], SEQ, VOCAB, seed=0)
+def plan_batch(packed: bool = False) -> dict:
+    """The measured microbatch: 3 pairs padded to SEQ tokens, or packed into one row of as many
+    (each sequence padded to a multiple of 4, as CP 2 needs)."""
+    prompts, responses = [4, 6, 3, 4, 6, 3], [8, 5, 11, 10, 3, 6]
+    if packed:
+        return make_batch(prompts, responses, SEQ, VOCAB, seed=0, packed_length=ROWS * SEQ, sequence_multiple=4)
+    return make_batch(prompts, responses, SEQ, VOCAB, seed=0)
 
 
 @pytest.fixture(scope="module")
