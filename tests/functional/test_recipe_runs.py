@@ -97,6 +97,10 @@ def recipe_overrides(recipe: str, world: dict, save) -> list[str]:
         out += ["parallel.expert_model_parallel_size=2", "parallel.tensor_model_parallel_size=1",
                 "parallel.pipeline_model_parallel_size=1", "parallel.sequence_parallel=false"]
         dp = 2
+    elif p.context_parallel_size > 1:  # CP 2, DP 1: every sequence cut in 4 chunks
+        out += ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+                "parallel.context_parallel_size=2", "parallel.sequence_parallel=false"]
+        dp = 1
     elif p.virtual_pipeline_model_parallel_size:  # PP 2 x VPP 2 (4 chunks of one layer), DP 1
         out += ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
                 "parallel.virtual_pipeline_model_parallel_size=2", "parallel.sequence_parallel=false"]
