@@ -6,7 +6,9 @@ same model, itself checked against one process) on the same packed microbatches.
   changes a log-prob); changing a sequence's later tokens changes none of its earlier log-probs;
 * per-sequence log-probs, the loss and every parameter's gradient are the same with the contrast
   matrix over the data-parallel batch and over the global batch (both passes of gradient caching);
-* the same at TP 2 + sequence parallel x CP 2 against TP 2 + SP x PP 2 (4 processes).
+* the same at TP 2 + sequence parallel x CP 2 against TP 2 + SP x PP 2 (4 processes);
+* a mixture-of-experts model at CP 2 against TP 2 + SP, and at CP 2 x EP 2 (the expert-parallel
+  ranks are the context-parallel ones) against EP 2 x DP 2 with each rank's own matrix.
 
 One 2-process spawn runs the CP 2 cases, one 4-process spawn the TP 2 + SP ones.
 """
@@ -102,8 +104,52 @@ def _layout(parallel_keys: dict, batches: list[dict]) -> dict:
     return out
 
 
+MOE = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=96", "model.num_attention_heads=4",
+       "model.num_query_groups=2", f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=8",
+       "model.max_position_embeddings=128", "model.num_moe_experts=4", "model.moe_router_topk=2",
+       "model.moe_ffn_hidden_size=32", "model.moe_aux_loss_coeff=0.01", "data.max_prompt_length=12",
+       "data.max_length=32", "train.micro_batch_size=3", "train.global_batch_size=3"]
+MOE_LAYOUTS = {
+    "tp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+    "cp2": ["parallel.context_parallel_size=2"],
+    "ep2": ["parallel.expert_model_parallel_size=2", "loss.contrast_scope=local"],  # DP 2, a matrix each
+    "cp2_ep2": ["parallel.context_parallel_size=2", "parallel.expert_model_parallel_size=2"],
+}
+
+
+def _moe(batches) -> dict:
+    """Per layout of a mixture-of-experts model: per-sequence log-probs, the loss and this rank's
+    gradients (local expert names: the pairs compared hold the same experts on each rank)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megatron_rpo import parallel
+    from megatron_rpo.config import load_config
+    from megatron_rpo.models import model_provider
+    from megatron_rpo.training.step import forward_backward, sequence_logps
+
+    out = {}
+    for name, extra in MOE_LAYOUTS.items():
+        config = load_config(None, MOE + extra)
+        parallel.initialize(config.parallel)
+        try:
+            module = model_provider(config)
+            fill_by_name(module, VOCAB)
+            logps = [lp for lp, _ in sequence_logps(module, batches)]
+            model = DistributedDataParallel(module.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                            module)
+            model.zero_grad_buffer()
+            reports = forward_backward(model, batches, config.loss)
+            finalize_model_grads([model])
+            out[name] = {"logps": logps, "loss": float(reports[0]["loss"]), "grads": full_grads(module, VOCAB, True)}
+        finally:
+            ps.destroy_model_parallel()
+    return out
+
+
 def _both(batches):
-    return {"tp2": _layout({"tp": 2}, batches), "cp2": _layout({"cp": CP}, batches)}
+    return {"tp2": _layout({"tp": 2}, batches), "cp2": _layout({"cp": CP}, batches),
+            "moe": _moe([_batch(2, 8)])}
 
 
 def _both_with_sequence_parallel(batches):
@@ -161,3 +207,14 @@ def test_sequence_logps_loss_and_gradients_equal_the_run_without_cp(results, sco
 @pytest.mark.parametrize("scope", ["data_parallel", "global_batch"])
 def test_with_tp2_and_sequence_parallelism_too(results_sp, scope):
     _assert_same(results_sp["cp2"], results_sp["tp2"], scope)
+
+
+@pytest.mark.parametrize("cp,without", [("cp2", "tp2_sp"), ("cp2_ep2", "ep2")])
+def test_mixture_of_experts_at_cp2_equals_the_run_without_cp(results, cp, without):
+    for rank in results:
+        got, want = rank["moe"][cp], rank["moe"][without]
+        torch.testing.assert_close(got["logps"][0], want["logps"][0], rtol=1e-5, atol=1e-5)
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)
+        assert got["grads"].keys() == want["grads"].keys() and any(".experts." in n for n in want["grads"])
+        for name, grad in want["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
