@@ -17,30 +17,15 @@ import numpy as np
 import pytest
 
 from tests.multiprocess import run_ranks
-from tests.workspace import overrides, train_each
+from tests.workspace import overrides, reference_tool, train_each
 
 CP2 = ["parallel.context_parallel_size=2", "train.micro_batch_size=8"]
 
 
-def _reference(ckpt: str, prefix: str, cp: int) -> np.ndarray:
-    from megatron.core import parallel_state as ps
-
-    import megatron_rpo.parallel as parallel
-    from megatron_rpo.data.dataset import PreferenceDataset
-    from tests.workspace import load_script
-
-    tool = load_script("tools/precompute_reference_logps.py", "reference_tool")
-    destroy, parallel.destroy = parallel.destroy, ps.destroy_model_parallel  # the process group stays
-    try:
-        assert tool.main(["--load", ckpt, "--data-prefix", prefix, "--micro-batch-size", "5",
-                          "--context-parallel-size", str(cp), "--no-progress"]) == 0
-    finally:
-        parallel.destroy = destroy
-    return PreferenceDataset(prefix, reference_logps=True).ref_logps.copy()
-
-
 def _cases(runs, reference_cases):
-    return {"training": train_each(runs), "reference": [_reference(*case) for case in reference_cases]}
+    return {"training": train_each(runs), "reference": [reference_tool(ckpt, prefix, "--micro-batch-size", "5",
+                                                                      "--context-parallel-size", str(cp))
+                                                       for ckpt, prefix, cp in reference_cases]}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.multiprocess import run_ranks
-from tests.workspace import family_checkpoint, overrides, step_gradients, train_each
+from tests.workspace import family_checkpoint, overrides, reference_tool, step_gradients, train_each
 
 FAMILIES = ("qwen3", "qwen3_moe_norm", "mixtral")
 
@@ -30,24 +30,8 @@ def checkpoints(workspace, sp_tokenizer, tmp_path_factory):
 
 
 def _reference_logps(ckpt: str, prefix: str, tp: int, ep: int):
-    from megatron.core import parallel_state as ps
-
-    from tests.workspace import load_script
-
-    tool = load_script("tools/precompute_reference_logps.py", "reference_tool")
-    argv = ["--load", ckpt, "--data-prefix", prefix, "--micro-batch-size", "5", "--tensor-model-parallel-size",
-            str(tp), "--expert-model-parallel-size", str(ep), "--no-progress"]
-    # the tool tears its parallel state down; the process group stays for the next case
-    import megatron_rpo.parallel as parallel
-
-    destroy, parallel.destroy = parallel.destroy, ps.destroy_model_parallel
-    try:
-        assert tool.main(argv) == 0
-    finally:
-        parallel.destroy = destroy
-    from megatron_rpo.data.dataset import PreferenceDataset
-
-    return PreferenceDataset(prefix, reference_logps=True).ref_logps.copy()
+    return reference_tool(ckpt, prefix, "--micro-batch-size", "5", "--tensor-model-parallel-size", str(tp),
+                          "--expert-model-parallel-size", str(ep))
 
 
 def _padding(ckpt: str, prefix: str) -> dict:

@@ -274,20 +274,9 @@ def test_memory_plan_activations_match_what_autograd_keeps_on_the_gpu():
 
 
 def _reference_tool_cp(ckpt: str, prefix: str, cp: int):
-    from megatron.core import parallel_state as ps
+    from tests.workspace import reference_tool
 
-    import megatron_rpo.parallel as parallel
-    from megatron_rpo.data.dataset import PreferenceDataset
-    from tests.workspace import load_script
-
-    tool = load_script("tools/precompute_reference_logps.py", "reference_tool")
-    destroy, parallel.destroy = parallel.destroy, ps.destroy_model_parallel  # the process group stays
-    try:
-        assert tool.main(["--load", ckpt, "--data-prefix", prefix, "--context-parallel-size", str(cp),
-                          "--no-progress"]) == 0
-    finally:
-        parallel.destroy = destroy
-    return PreferenceDataset(prefix, reference_logps=True).ref_logps.copy()
+    return reference_tool(ckpt, prefix, "--context-parallel-size", str(cp))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="context parallelism 2 needs 2 GPUs")
