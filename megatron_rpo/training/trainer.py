@@ -153,8 +153,11 @@ class Trainer:
                    f"{c.model.num_moe_experts // c.parallel.expert_model_parallel_size} of {c.model.num_moe_experts} "
                    f"per rank, top {c.model.moe_router_topk}, aux loss coeff {c.model.moe_aux_loss_coeff:g})"
                    if c.model.num_moe_experts else "")
-        _log(f"world {dist.get_world_size()} = TP {c.parallel.tensor_model_parallel_size} x PP "
-             f"{c.parallel.pipeline_model_parallel_size} x DP {self.dp}{experts}; {self.num_microbatches} "
+        p = c.parallel
+        vpp = f" (VPP {p.virtual_pipeline_model_parallel_size})" if p.virtual_pipeline_model_parallel_size else ""
+        cp = f" x CP {p.context_parallel_size}" if p.context_parallel_size > 1 else ""
+        _log(f"world {dist.get_world_size()} = TP {p.tensor_model_parallel_size} x PP "
+             f"{p.pipeline_model_parallel_size}{vpp}{cp} x DP {self.dp}{experts}; {self.num_microbatches} "
              "microbatches of "
              f"{c.train.micro_batch_size} {'pairs' if c.data.paired else 'items'} per rank per step; "
              f"{steps}; loss {c.loss.loss_type} ({c.loss.contrast_scope})")
