@@ -66,9 +66,10 @@ if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     "$PY" bench/throughput.py --gpu --profile 2>&1 | tee "$OUTDIR/throughput.txt" || bench=1
     "$PY" bench/contrast_overhead.py --seq 512 --hidden 1024 --layers 8 --vocab 32000 2>&1 \
         | tee "$OUTDIR/contrast_overhead.txt" || bench=1
-    if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-        "$PY" bench/logprob_memory.py 2>&1 | tee "$OUTDIR/logprob_memory.txt" || bench=1
-    fi
+    # TP 2 needs two GPUs; on one, the log-prob paths at TP 1 (the whole logits on one GPU)
+    tp=$("$PY" -c 'import torch; print(min(2, torch.cuda.device_count()))')
+    "$PY" bench/logprob_memory.py --tensor-parallel-size "$tp" --hidden 4096 2>&1 \
+        | tee "$OUTDIR/logprob_memory.txt" || bench=1
 fi
 
 echo
