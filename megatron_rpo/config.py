@@ -215,8 +215,8 @@ class ModelConfig(_Section):
     recomputed in backward, so the whole ``[tokens, vocab / TP]`` logits (about 20 GB in float32 at
     32k tokens and a 152k vocabulary, TP 1) and their gradient never exist; None: all tokens at
     once. Costs one more output-layer matmul per token (and 3 small all-reduces per chunk under
-    TP); log-probs and gradients are the same up to the order of float sums. The policy, the
-    online reference and the reference tool all use it."""
+    TP); log-probs and gradients are the same up to the order of float sums. The policy and the
+    online reference use it; the reference tool takes ``--logprob-chunk-tokens``."""
 
     def validate(self) -> None:
         self._positive("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",

@@ -31,6 +31,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_rpo.data.packing import context_parallel_indices
+
 __all__ = ["RMSNorm", "SDPAttention"]
 
 
@@ -129,8 +131,8 @@ class SDPAttention(DotProductAttention):
 
     def _packed_cp(self, query, key, value, bounds: list[int], dropout: float) -> torch.Tensor:
         """:meth:`_packed` on this CP rank's part of the row ([t / CP, heads, hn]; ``bounds`` the
-        whole row's). Segment i of n tokens is 2 x CP chunks of m = n / (2 CP); rank r holds
-        chunks r and 2 CP - 1 - r, back to back (:func:`megatron_rpo.data.packing.context_parallel_indices`)."""
+        whole row's), each segment cut as :func:`megatron_rpo.data.packing.context_parallel_indices`
+        cuts it (the batch was cut by the same function)."""
         group = parallel_state.get_context_parallel_group()
         cp, rank = group.size(), group.rank()
         local = query.shape[0]
@@ -139,19 +141,20 @@ class SDPAttention(DotProductAttention):
                         for t in (key, value))
         outputs, offset = [], 0
         for a, b in zip(bounds[:-1], bounds[1:]):
-            m = (b - a) // (2 * cp)
-            # chunk j of the segment: on rank j (first half of its part) or rank 2 CP - 1 - j (second)
-            starts = [(j if j < cp else 2 * cp - 1 - j) * local + offset + (0 if j < cp else m) for j in range(2 * cp)]
-            k, v = (torch.cat([t[s:s + m] for s in starts]) for t in (keys, values))  # [n, g, hn], in order
-            q = query[offset:offset + 2 * m]
-            true = torch.cat([torch.arange(rank * m, (rank + 1) * m),
-                              torch.arange((2 * cp - 1 - rank) * m, (2 * cp - rank) * m)])
-            mask = (true[:, None] >= torch.arange(b - a)[None, :]).to(query.device)  # causal by true position
+            n = b - a
+            # the true positions each rank holds of this segment, rank by rank (the cut the batch had)
+            held = [context_parallel_indices((0, n), cp, r) for r in range(cp)]
+            part = n // cp  # this segment's tokens on each rank, at ``offset`` in its part of the row
+            rows = torch.cat([r * local + offset + torch.arange(part) for r in range(cp)])
+            order = rows[torch.cat(held).argsort()].to(key.device)
+            k, v = keys.index_select(0, order), values.index_select(0, order)  # [n, g, hn], in true order
+            q = query[offset:offset + part]
+            mask = (held[rank][:, None] >= torch.arange(n)[None, :]).to(query.device)  # causal by true position
             q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, n, hn]
             outputs.append(F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale,
                 enable_gqa=self.num_attention_heads_per_partition != self.num_query_groups_per_partition))
-            offset += 2 * m
+            offset += part
         if offset != local:
             raise ValueError(f"packed sequences hold {offset} tokens on this context-parallel rank, the row {local}")
         context = torch.cat(outputs, dim=2)[0].transpose(0, 1)

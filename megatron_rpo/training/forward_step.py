@@ -25,7 +25,7 @@ from functools import partial
 from typing import Callable
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_rpo.config import LossConfig
@@ -40,24 +40,6 @@ __all__ = ["forward_step", "packed_seq_params", "preference_loss_func", "logps_l
 LossFn = Callable[[dict, torch.Tensor], tuple]
 
 
-class _SumOverContextParallel(torch.autograd.Function):
-    """Sum a CP rank's part of each sequence's log-prob over the context-parallel group.
-
-    Every rank then computes the same loss; in backward each rank's part gets that loss's
-    gradient as it is (identity): the parts of other ranks' tokens reach their own ranks there.
-    """
-
-    @staticmethod
-    def forward(ctx, partial_logps: torch.Tensor, group):
-        total = partial_logps.clone()
-        torch.distributed.all_reduce(total, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
-
-
 def _context_parallel() -> tuple[int, object]:
     size = parallel_state.get_context_parallel_world_size()
     return size, (parallel_state.get_context_parallel_group() if size > 1 else None)
@@ -70,7 +52,9 @@ def _sequence_logps(batch: dict, token_logps: torch.Tensor) -> tuple[torch.Tenso
                                        len(batch["is_chosen"]))
     size, group = _context_parallel()
     if size > 1:
-        logps = _SumOverContextParallel.apply(logps, group)
+        # megatron's all-reduce with an identity backward: every rank then computes the same loss,
+        # and each rank's part of a sequence gets that loss's gradient as it is
+        logps = tensor_parallel.reduce_from_tensor_model_parallel_region(logps.contiguous(), group=group)
         lengths = lengths.clone()
         torch.distributed.all_reduce(lengths, group=group)
     return logps, lengths
