@@ -396,9 +396,10 @@ class LossConfig(_Section):
 
     _section = "loss"
 
-    loss_type: Literal["rpo", "dpo", "ipo", "simpo", "simpo_rpo", "sft"] = "rpo"
+    loss_type: Literal["rpo", "dpo", "ipo", "simpo", "simpo_rpo", "kto", "sft"] = "rpo"
     """rpo (the contrast matrix), dpo, ipo, simpo (reference-free), simpo_rpo (matrix over SimPO
-    rewards), or sft (supervised warm-up: token-mean negative log-likelihood of the chosen responses)."""
+    rewards), kto (unpaired items against a KL reference point), or sft (supervised warm-up:
+    token-mean negative log-likelihood of the chosen responses)."""
     beta: float = 0.1
     """Inverse temperature of the rewards (paper: 0.1; SimPO uses about 2.0)."""
     weighting: Literal["embedding", "uniform", "diagonal"] = "embedding"
@@ -422,6 +423,11 @@ class LossConfig(_Section):
     false uses the summed log-ratios, as the IPO paper and the RPO paper's code do."""
     gamma: float = 0.5
     """SimPO target reward margin (simpo, simpo_rpo)."""
+    kto_desirable_weight: float = 1.0
+    """KTO's lambda_D, the weight of a desirable (chosen) item's loss; the paper advises
+    lambda_D x desirable items / (lambda_U x undesirable items) in [1, 4/3]."""
+    kto_undesirable_weight: float = 1.0
+    """KTO's lambda_U, the weight of an undesirable (rejected) item's loss."""
     contrast_scope: Literal["local", "data_parallel", "global_batch"] = "data_parallel"
     """Span of the matrix: each rank's microbatch, the microbatch over all data-parallel ranks,
     or the whole global batch (gradient caching, one extra forward pass)."""
@@ -434,7 +440,7 @@ class LossConfig(_Section):
     reference is deliberately another model."""
 
     def validate(self) -> None:
-        self._positive("beta", "tau")
+        self._positive("beta", "tau", "kto_desirable_weight", "kto_undesirable_weight")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"loss.alpha must be in [0, 1], got {self.alpha}")
         if self.diagonal_form == "released" and (self.weighting != "diagonal" or self.row_normalization != "sum"):
@@ -454,6 +460,12 @@ class LossConfig(_Section):
     def uses_matrix(self) -> bool:
         """Whether the loss contrasts every chosen with every rejected sequence."""
         return self.loss_type in ("rpo", "simpo_rpo")
+
+    @property
+    def uses_mismatched(self) -> bool:
+        """Whether every microbatch also scores mismatched (prompt, completion) pairs: KTO's
+        reference point, from each item's prompt with the previous item's completion."""
+        return self.loss_type == "kto"
 
 
 @dataclass
@@ -634,6 +646,16 @@ class Config:
             raise ValueError(
                 f"loss.loss_type={self.loss.loss_type!r} contrasts each prompt's own pair and needs "
                 "data.paired=True; use rpo or simpo_rpo for unpaired data"
+            )
+        if self.loss.loss_type == "kto" and self.data.paired:
+            raise ValueError(
+                "loss.loss_type='kto' trains on items, desirable or not: set data.paired=false (a paired "
+                "dataset is then split into items, its chosen desirable and its rejected undesirable)"
+            )
+        if self.loss.loss_type == "kto" and self.loss.reference == "precomputed":
+            raise ValueError(
+                "loss.loss_type='kto' needs loss.reference='online': its reference point scores each "
+                "microbatch's mismatched (prompt, completion) pairs, which a precomputed reference file does not hold"
             )
         if self.loss.contrast_scope == "global_batch" and not self.loss.uses_matrix:
             raise ValueError(

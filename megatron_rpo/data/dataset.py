@@ -147,45 +147,85 @@ class UnpairedSampler(_Sampler):
         ]
 
 
+def _previous(count: int) -> list[int]:
+    """Mismatched pairs: item k's prompt with item k-1's completion (TRL's KTO pairs them so too)."""
+    return [(k - 1) % count for k in range(count)]
+
+
+def _sequences(dataset: PreferenceDataset, indices: list[int], seq_length: int,
+               mismatched: bool) -> tuple[list[torch.Tensor], list[int]]:
+    """The token ids (cut to ``seq_length``) and prompt lengths of a microbatch's sequences: the
+    ``indices``' own, then, with ``mismatched``, one mismatched pair per index (:func:`_previous`)."""
+    full = [torch.from_numpy(dataset.tokens[i].astype(np.int64)) for i in indices]
+    prompts = [int(n) for n in dataset.meta[indices]["prompt_length"]]
+    sequences = [t[:seq_length] for t in full]
+    if mismatched:
+        sequences += [torch.cat([full[k][: prompts[k]], full[j][prompts[j]:]])[:seq_length]
+                      for k, j in enumerate(_previous(len(indices)))]
+        prompts = prompts + prompts
+    return sequences, prompts
+
+
+def _lengths(dataset: PreferenceDataset, indices: list[int], seq_length: int, mismatched: bool) -> list[int]:
+    """The lengths :func:`_sequences` gives, from the metadata alone."""
+    total = dataset.tokens.sequence_lengths[indices].astype(np.int64)
+    out = [min(int(n), seq_length) for n in total]
+    if mismatched:
+        prompts = dataset.meta[indices]["prompt_length"].astype(np.int64)
+        out += [min(int(prompts[k] + total[j] - prompts[j]), seq_length)
+                for k, j in enumerate(_previous(len(indices)))]
+    return out
+
+
 def collate(dataset: PreferenceDataset, indices: list[int], seq_length: int, pad_id: int = 0, *,
-            packed_length: int | None = None, sequence_multiple: int = 1) -> dict:
+            packed_length: int | None = None, sequence_multiple: int = 1, mismatched: bool = False) -> dict:
     """The batch contract for ``indices`` (chosen sequences first for paired microbatches), on the host.
 
     Sequences are cut to ``seq_length`` tokens. Without ``packed_length`` every row is
     right-padded to ``seq_length``, so all microbatches have one shape, as pipeline stages need;
     with it the sequences are packed into one row of ``packed_length`` tokens
     (:mod:`megatron_rpo.data.packing`), each padded to a multiple of ``sequence_multiple``.
+    ``mismatched`` (KTO's reference point) appends, for each index, its prompt with the previous
+    index's completion, marked by ``is_mismatched`` (neither chosen nor of a pair).
     Use :func:`collate_step` for a step's microbatches.
     """
-    sequences = [torch.from_numpy(dataset.tokens[i].astype(np.int64))[:seq_length] for i in indices]
+    sequences, prompt_lengths = _sequences(dataset, indices, seq_length, mismatched)
     meta = dataset.meta[indices]
     packed = packed_length is not None
-    batch = layout.token_fields(sequences, [int(n) for n in meta["prompt_length"]], packed=packed,
-                         length=packed_length if packed else seq_length, pad_id=pad_id,
-                         sequence_multiple=sequence_multiple)
-    batch["is_chosen"] = torch.from_numpy(meta["is_chosen"].copy())
-    batch["pair_id"] = torch.from_numpy(meta["pair_id"].copy())
+    batch = layout.token_fields(sequences, prompt_lengths, packed=packed,
+                                length=packed_length if packed else seq_length, pad_id=pad_id,
+                                sequence_multiple=sequence_multiple)
+    extra = len(indices) if mismatched else 0
+    batch["is_chosen"] = torch.from_numpy(np.concatenate([meta["is_chosen"], np.zeros(extra, bool)]))
+    batch["pair_id"] = torch.from_numpy(np.concatenate([meta["pair_id"], np.full(extra, -1, np.int64)]))
+    if mismatched:
+        batch["is_mismatched"] = torch.arange(2 * extra) >= extra
     if dataset.embeddings is not None:
-        batch["prompt_embedding"] = torch.from_numpy(dataset.embeddings[meta["prompt_id"]])
+        prompt_ids = np.concatenate([meta["prompt_id"]] * (2 if mismatched else 1))
+        batch["prompt_embedding"] = torch.from_numpy(dataset.embeddings[prompt_ids])
     if dataset.ref_logps is not None:
+        if mismatched:
+            raise ValueError(f"{dataset.prefix}: precomputed reference log-probs do not cover mismatched pairs")
         batch["ref_logps"] = torch.from_numpy(dataset.ref_logps[indices].copy())
     return batch
 
 
 def collate_step(dataset: PreferenceDataset, microbatches: list[list[int]], seq_length: int, *,
-                 packing: bool, pack_multiple: int = 64, sequence_multiple: int = 1) -> list[dict]:
+                 packing: bool, pack_multiple: int = 64, sequence_multiple: int = 1,
+                 mismatched: bool = False) -> list[dict]:
     """One step's microbatches (lists of sequence indices), all of one shape, on the host.
 
     Padded: [B, seq_length] rows. Packed: one row per microbatch, as long as the longest
     microbatch of the step needs, rounded up to ``pack_multiple`` (pipeline stages exchange one
     fixed shape per step; sequence parallelism needs a multiple of the tensor-parallel size),
     each sequence padded to a multiple of ``sequence_multiple`` (context parallelism's cut).
+    ``mismatched``: see :func:`collate`.
     """
     if not packing:
-        return [collate(dataset, indices, seq_length) for indices in microbatches]
-    lengths = dataset.tokens.sequence_lengths
-    length = max(layout.packed_length([min(int(n), seq_length) for n in lengths[indices]], pack_multiple,
+        return [collate(dataset, indices, seq_length, mismatched=mismatched) for indices in microbatches]
+    length = max(layout.packed_length(_lengths(dataset, indices, seq_length, mismatched), pack_multiple,
                                       sequence_multiple)
                  for indices in microbatches)
-    return [collate(dataset, indices, seq_length, packed_length=length, sequence_multiple=sequence_multiple)
+    return [collate(dataset, indices, seq_length, packed_length=length, sequence_multiple=sequence_multiple,
+                    mismatched=mismatched)
             for indices in microbatches]

@@ -17,6 +17,10 @@ log-ratio; chosen rows i = 1..M, rejected columns j = 1..N; ``w`` are the contra
   ``(1/M) sum_i [alpha l(beta L_ii) + (1 - alpha) mean_{j != i} l(beta L_ij)]`` with
   ``l = -log sigmoid``; a single pair is DPO (the released code returns NaN there).
 * IPO with ``length_normalized=True`` (TRL's): log-ratios divided by the response length.
+* KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on unpaired items, desirable i and undesirable j:
+  ``(sum_i lambda_D (1 - sigmoid(beta (delta_c_i - z0))) + sum_j lambda_U (1 - sigmoid(beta (z0 - delta_r_j))))
+  / (M + N)``, with the reference point ``z0 = max(0, mean_k delta_kl_k)`` over mismatched
+  (prompt, completion) pairs, detached (:func:`kto_reference_point`).
 
 Every loss is computed in float32 (float64 for float64 inputs) whatever the input dtype and
 returns a 0-dim tensor. An empty side (M = 0 or N = 0) has no cell to contrast: the loss is
@@ -30,7 +34,8 @@ import torch.nn.functional as F
 
 from megatron_rpo.loss.contrast import check_logratios, compute_dtype, contrast_weights
 
-__all__ = ["rpo_loss", "dpo_loss", "ipo_loss", "simpo_rewards", "simpo_loss", "simpo_rpo_loss"]
+__all__ = ["rpo_loss", "dpo_loss", "ipo_loss", "simpo_rewards", "simpo_loss", "simpo_rpo_loss", "kto_reference_point",
+           "kto_loss"]
 
 
 def _check_beta(beta: float) -> None:
@@ -265,3 +270,58 @@ def simpo_rpo_loss(
     if weights.numel() == 0:
         return _empty_loss(chosen_logps, rejected_logps)
     return _contrast_loss(rc.to(weights.dtype), rr.to(weights.dtype), weights, gamma, weights_outside=outside)
+
+
+def kto_reference_point(mismatched_logratios: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point ``z0``: the policy's KL from the reference, estimated as the paper does.
+
+    ``z0 = max(0, mean_k (policy_logp - ref_logp))`` over completions scored after a prompt they
+    do not answer (each item's prompt with another item's completion), detached: no gradient
+    flows through it. 0 when there is no mismatched pair.
+
+    Args:
+        mismatched_logratios: [K] policy minus reference log-prob of each mismatched pair.
+    """
+    if mismatched_logratios.dim() != 1:
+        raise ValueError(f"mismatched_logratios must be 1-D [K], got shape {tuple(mismatched_logratios.shape)}")
+    x = mismatched_logratios.detach().to(compute_dtype(mismatched_logratios))
+    if x.numel() == 0:
+        return x.new_zeros(())
+    return x.mean().clamp(min=0.0)
+
+
+def kto_loss(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    mismatched_logratios: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """Kahneman-Tversky Optimization over unpaired items (the paper's Eq. 8, as TRL computes it).
+
+    ``L = (sum_i lambda_D (1 - sigmoid(beta (delta_c_i - z0))) + sum_j lambda_U (1 - sigmoid(beta (z0 - delta_r_j))))
+    / (M + N)``, ``z0`` from :func:`kto_reference_point`.
+
+    Args:
+        chosen_logratios: [M] policy minus reference log-prob of each desirable item.
+        rejected_logratios: [N] the same for each undesirable item.
+        mismatched_logratios: [K] the same for each mismatched (prompt, completion) pair.
+        beta: inverse temperature, > 0.
+        desirable_weight, undesirable_weight: lambda_D and lambda_U, > 0 (the paper advises
+            ``lambda_D M / (lambda_U N)`` in [1, 4/3]).
+    """
+    check_logratios(chosen_logratios, rejected_logratios)
+    _check_beta(beta)
+    if not (desirable_weight > 0 and undesirable_weight > 0):
+        raise ValueError(f"KTO weights must be > 0, got desirable {desirable_weight} and "
+                         f"undesirable {undesirable_weight}")
+    dtype = compute_dtype(chosen_logratios, rejected_logratios)
+    count = chosen_logratios.numel() + rejected_logratios.numel()
+    if count == 0:
+        return _empty_loss(chosen_logratios, rejected_logratios)
+    z0 = kto_reference_point(mismatched_logratios).to(dtype)
+    desirable = 1.0 - torch.sigmoid(beta * (chosen_logratios.to(dtype) - z0))
+    undesirable = 1.0 - torch.sigmoid(beta * (z0 - rejected_logratios.to(dtype)))
+    return (desirable_weight * desirable.sum() + undesirable_weight * undesirable.sum()) / count

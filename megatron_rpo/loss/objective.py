@@ -15,10 +15,19 @@ import torch
 
 from megatron_rpo.config import LossConfig
 from megatron_rpo.loss.contrast import contrast_weights
-from megatron_rpo.loss.losses import dpo_loss, ipo_loss, rpo_loss, simpo_loss, simpo_rewards, simpo_rpo_loss
+from megatron_rpo.loss.losses import (
+    dpo_loss,
+    ipo_loss,
+    kto_loss,
+    kto_reference_point,
+    rpo_loss,
+    simpo_loss,
+    simpo_rewards,
+    simpo_rpo_loss,
+)
 from megatron_rpo.loss.metrics import preference_metrics
 
-__all__ = ["Sequences", "sequence_rows", "sides_from_batch", "preference_loss", "LOSS_TYPES"]
+__all__ = ["Sequences", "sequence_rows", "sides_from_batch", "mismatched_from_batch", "preference_loss", "LOSS_TYPES"]
 
 
 @dataclass
@@ -51,6 +60,7 @@ def sequence_rows(batch: dict, policy_logps: torch.Tensor, lengths: torch.Tensor
         "policy_logps": policy_logps,
         "lengths": lengths,
         "is_chosen": batch["is_chosen"],
+        "is_mismatched": batch.get("is_mismatched"),
         "ref_logps": batch.get("ref_logps"),
         "prompt_embedding": batch.get("prompt_embedding"),
     }
@@ -60,9 +70,11 @@ def sides_from_batch(batch: dict, policy_logps: torch.Tensor, lengths: torch.Ten
     """Chosen rows and rejected columns of a microbatch (batch contract keys), in batch order.
 
     Paired microbatches hold the chosen rows first and the rejected second, in the same pair
-    order, so chosen i and rejected i share a prompt.
+    order, so chosen i and rejected i share a prompt. Mismatched pairs (KTO's, ``is_mismatched``)
+    are on neither side: :func:`mismatched_from_batch`.
     """
     is_chosen = batch["is_chosen"].bool()
+    scored = _scored(batch)
     ref, emb = batch.get("ref_logps"), batch.get("prompt_embedding")
 
     def side(mask):
@@ -73,7 +85,22 @@ def sides_from_batch(batch: dict, policy_logps: torch.Tensor, lengths: torch.Ten
             prompt_emb=None if emb is None else emb[mask],
         )
 
-    return side(is_chosen), side(~is_chosen)
+    return side(is_chosen & scored), side(~is_chosen & scored)
+
+
+def _scored(batch: dict) -> torch.Tensor:
+    mismatched = batch.get("is_mismatched")
+    return torch.ones_like(batch["is_chosen"], dtype=torch.bool) if mismatched is None else ~mismatched.bool()
+
+
+def mismatched_from_batch(batch: dict, policy_logps: torch.Tensor, lengths: torch.Tensor) -> Sequences | None:
+    """The mismatched (prompt, completion) pairs of a microbatch (KTO's reference point), or None."""
+    if batch.get("is_mismatched") is None:
+        return None
+    mask = ~_scored(batch)
+    ref = batch.get("ref_logps")
+    return Sequences(policy_logps=policy_logps[mask], lengths=lengths[mask],
+                     ref_logps=None if ref is None else ref[mask])
 
 
 def _weighting_kwargs(c: LossConfig) -> dict:
@@ -84,24 +111,24 @@ def _loss_kwargs(c: LossConfig) -> dict:
     return dict(_weighting_kwargs(c), diagonal_form=c.diagonal_form)
 
 
-def _rpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
+def _rpo(c: LossConfig, chosen: Sequences, rejected: Sequences, mismatched: Sequences | None):
     lc, lr = chosen.logratios(), rejected.logratios()
     loss = rpo_loss(lc, lr, chosen.prompt_emb, rejected.prompt_emb, beta=c.beta, **_loss_kwargs(c))
     return loss, c.beta * lc, c.beta * lr
 
 
-def _dpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
+def _dpo(c: LossConfig, chosen: Sequences, rejected: Sequences, mismatched: Sequences | None):
     lc, lr = chosen.logratios(), rejected.logratios()
     return dpo_loss(lc, lr, beta=c.beta), c.beta * lc, c.beta * lr
 
 
-def _ipo(c: LossConfig, chosen: Sequences, rejected: Sequences):
+def _ipo(c: LossConfig, chosen: Sequences, rejected: Sequences, mismatched: Sequences | None):
     lc, lr = chosen.logratios(), rejected.logratios()
     lengths = dict(chosen_lengths=chosen.lengths, rejected_lengths=rejected.lengths) if c.ipo_length_normalized else {}
     return ipo_loss(lc, lr, beta=c.beta, **lengths), c.beta * lc, c.beta * lr
 
 
-def _simpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
+def _simpo(c: LossConfig, chosen: Sequences, rejected: Sequences, mismatched: Sequences | None):
     loss = simpo_loss(chosen.policy_logps, rejected.policy_logps, chosen.lengths, rejected.lengths,
                       beta=c.beta, gamma=c.gamma)
     rc = simpo_rewards(chosen.policy_logps, chosen.lengths, beta=c.beta)
@@ -109,7 +136,7 @@ def _simpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
     return loss, rc, rr
 
 
-def _simpo_rpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
+def _simpo_rpo(c: LossConfig, chosen: Sequences, rejected: Sequences, mismatched: Sequences | None):
     loss = simpo_rpo_loss(chosen.policy_logps, rejected.policy_logps, chosen.lengths, rejected.lengths,
                           chosen.prompt_emb, rejected.prompt_emb, beta=c.beta, gamma=c.gamma, **_loss_kwargs(c))
     rc = simpo_rewards(chosen.policy_logps, chosen.lengths, beta=c.beta)
@@ -117,7 +144,7 @@ def _simpo_rpo(c: LossConfig, chosen: Sequences, rejected: Sequences):
     return loss, rc, rr
 
 
-def _sft(c: LossConfig, chosen: Sequences, rejected: Sequences):
+def _sft(c: LossConfig, chosen: Sequences, rejected: Sequences, mismatched: Sequences | None):
     # Supervised warm-up: negative log-likelihood per response token of the chosen sequences,
     # averaged over tokens. Rewards: per-token log-probs, so accuracy says which response the
     # model finds likelier.
@@ -130,23 +157,34 @@ def _sft(c: LossConfig, chosen: Sequences, rejected: Sequences):
     return loss, chosen.policy_logps / lengths, rr
 
 
+def _kto(c: LossConfig, chosen: Sequences, rejected: Sequences, mismatched: Sequences | None):
+    if mismatched is None:
+        raise ValueError("loss_type kto needs the microbatch's mismatched pairs (batch key 'is_mismatched'), got none")
+    lc, lr = chosen.logratios(), rejected.logratios()
+    loss = kto_loss(lc, lr, mismatched.logratios(), beta=c.beta, desirable_weight=c.kto_desirable_weight,
+                    undesirable_weight=c.kto_undesirable_weight)
+    return loss, c.beta * lc, c.beta * lr
+
+
 LOSS_TYPES: dict[str, Callable] = {"rpo": _rpo, "dpo": _dpo, "ipo": _ipo, "simpo": _simpo, "simpo_rpo": _simpo_rpo,
-                                   "sft": _sft}
-"""loss_type -> fn(config, chosen, rejected) -> (loss, chosen_rewards, rejected_rewards)."""
+                                   "kto": _kto, "sft": _sft}
+"""loss_type -> fn(config, chosen, rejected, mismatched) -> (loss, chosen_rewards, rejected_rewards)."""
 
 
 def preference_loss(
-    config: LossConfig, chosen: Sequences, rejected: Sequences, *, paired: bool
+    config: LossConfig, chosen: Sequences, rejected: Sequences, *, paired: bool, mismatched: Sequences | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The configured loss over chosen rows and rejected columns, and its metrics.
 
     ``paired``: chosen i and rejected i share a prompt (see :func:`preference_metrics`).
+    ``mismatched``: KTO's mismatched pairs; their estimate of the KL (the reference point
+    ``z0``) is reported as ``kl``.
 
     Returns:
         (0-dim loss, metrics): rewards are ``beta * (policy - reference)`` for reference-based
         losses and SimPO's ``beta / |y| * policy_logp`` for reference-free ones.
     """
-    loss, chosen_rewards, rejected_rewards = LOSS_TYPES[config.loss_type](config, chosen, rejected)
+    loss, chosen_rewards, rejected_rewards = LOSS_TYPES[config.loss_type](config, chosen, rejected, mismatched)
     weights = None
     if config.uses_matrix:
         with torch.no_grad():
@@ -154,5 +192,8 @@ def preference_loss(
                 chosen.prompt_emb, rejected.prompt_emb, chosen_rewards.shape[0], rejected_rewards.shape[0],
                 **_weighting_kwargs(config), device=chosen_rewards.device,
             )
-    return loss, preference_metrics(chosen_rewards, rejected_rewards, weights, paired=paired,
-                                    chosen_logps=chosen.policy_logps, rejected_logps=rejected.policy_logps)
+    metrics = preference_metrics(chosen_rewards, rejected_rewards, weights, paired=paired,
+                                 chosen_logps=chosen.policy_logps, rejected_logps=rejected.policy_logps)
+    if mismatched is not None and mismatched.ref_logps is not None:
+        metrics["kl"] = kto_reference_point(mismatched.logratios()).float()
+    return loss, metrics

@@ -6,6 +6,8 @@ A microbatch is a dict of tensors (the batch contract)::
     loss_mask [B, S]         1 on response tokens only
     is_chosen [B] bool       prompt_embedding [B, D] float32 (embedding weighting)
     ref_logps [B] float32    (reference-based losses)   pair_id [B] (paired data)
+    is_mismatched [B] bool   (loss_type kto: the last half of the rows, each an item's prompt with
+                             another item's completion, scored for the reference point only)
 
 Paired microbatches put the P chosen rows first and the P rejected rows second, in the same
 pair order, so chosen row i and rejected column i share a prompt. A packed microbatch
@@ -32,7 +34,7 @@ from megatron_rpo.config import LossConfig
 from megatron_rpo.data.packing import context_parallel_indices
 from megatron_rpo.logprobs import sequence_logprobs
 from megatron_rpo.loss.distributed import gather_rows
-from megatron_rpo.loss.objective import preference_loss, sequence_rows, sides_from_batch
+from megatron_rpo.loss.objective import mismatched_from_batch, preference_loss, sequence_rows, sides_from_batch
 from megatron_rpo.models import use_transformer_engine
 
 __all__ = ["forward_step", "packed_seq_params", "preference_loss_func", "logps_loss_func", "surrogate_loss_func"]
@@ -113,7 +115,8 @@ def preference_loss_func(loss_config: LossConfig, group, paired: bool, batch: di
     policy_logps, lengths = _sequence_logps(batch, token_logps)
     rows = gather_rows(sequence_rows(batch, policy_logps, lengths), group)
     chosen, rejected = sides_from_batch(rows, rows["policy_logps"], rows["lengths"])
-    loss, metrics = preference_loss(loss_config, chosen, rejected, paired=paired)
+    mismatched = mismatched_from_batch(rows, rows["policy_logps"], rows["lengths"])
+    loss, metrics = preference_loss(loss_config, chosen, rejected, paired=paired, mismatched=mismatched)
     # A copy: the schedule divides the returned loss by the number of microbatches in place (and
     # multiplies it by CP: megatron's DDP averages over data x context parallel ranks, whose
     # gradients are parts of one gradient, to be summed).

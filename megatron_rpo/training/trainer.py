@@ -351,7 +351,8 @@ class Trainer:
         c = self.config.data
         indices = list(itertools.islice(iterator, count))
         batches = collate_step(data, indices, c.max_length, packing=c.packing, pack_multiple=c.pack_multiple,
-                               sequence_multiple=self.config.parallel.sequence_multiple)
+                               sequence_multiple=self.config.parallel.sequence_multiple,
+                               mismatched=self.config.loss.uses_mismatched)
         flat = np.concatenate([np.asarray(i) for i in indices])
         return batches, np.minimum(data.tokens.sequence_lengths[flat], c.max_length).astype(np.int64)
 

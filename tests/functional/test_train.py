@@ -302,3 +302,34 @@ def test_what_a_stop_leaves_undone_after_its_checkpoint_is_done_on_resume(worksp
         assert scalars["eval/loss"] == expected["eval/loss"] and [s for s, _ in scalars["eval/loss"]] == [2, 4]
         a = ConvertedCheckpoint(str(save / "export"))
         assert sorted(a.index) == sorted(b.index) and all(torch.equal(a.get(n), b.get(n)) for n in a.index)
+
+
+def _kto_runs(ws, root):
+    from tests.workspace import step_gradients
+
+    kto = ["data.paired=false", "loss.loss_type=kto", "loss.reference=online", "train.micro_batch_size=2",
+           "train.global_batch_size=4", "train.export=false"]
+    (run,) = train_each([_overrides(ws, root / "kto", *kto, "train.train_iters=3", "loss.beta=0.5")])
+    grads = [step_gradients(_overrides(ws, root / f"g{i}", *kto, f"loss.contrast_scope={scope}"))
+             for i, scope in enumerate(("data_parallel", "local"))]
+    return {"run": run, "grads": grads}
+
+
+def test_kto_trains_on_unpaired_items_against_its_reference_point(workspace, tmp_path):
+    out = run_ranks(_kto_runs, 2, workspace, tmp_path, timeout=600)[0]
+    history = out["run"]["history"]
+    # Step 1: the policy is the reference, every log-ratio and the reference point are 0, and each
+    # item's loss is lambda (1 - sigmoid(0)) = 0.5.
+    assert history[0]["loss"] == pytest.approx(0.5, abs=1e-6) and history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    for h in history:
+        assert h["kl"] >= 0.0 and h["matrix_rows"] + h["matrix_cols"] == 4  # 2 ranks x 2 items, pairs apart
+        assert h["accuracy"] != h["accuracy"] and 0.0 <= h["reward_auc"] <= 1.0
+    assert history[1]["loss"] != 0.5 and history[1]["chosen_reward"] != 0.0  # the first step moved the policy
+    evaluation = out["run"]["eval"]  # the held-out set is paired: scored as items, with its accuracy
+    assert evaluation["loss"] == evaluation["loss"] and 0.0 <= evaluation["accuracy"] <= 1.0
+    # The items and their mismatched pairs cross ranks intact: one matrix over both ranks' items
+    # gives the gradients of each rank's own at the first step (the reference point is 0 in both).
+    a, b = out["grads"]
+    assert a["loss"] == pytest.approx(0.5, abs=1e-6)
+    for name in a["grads"]:
+        torch.testing.assert_close(a["grads"][name], b["grads"][name], rtol=1e-5, atol=1e-7)

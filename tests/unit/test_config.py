@@ -85,6 +85,11 @@ def test_dump_and_load_round_trip(tmp_path):
     (["loss.weighting=diagonal", "data.paired=false"], r"weighting='diagonal' needs paired data.*data.paired=False"),
     (["loss.loss_type=dpo", "data.paired=false"], r"loss_type='dpo'.*needs data.paired=True"),
     (["loss.loss_type=dpo", "loss.contrast_scope=global_batch"], r"global_batch.*loss_type='dpo'"),
+    (["loss.loss_type=kto"], r"loss_type='kto' trains on items.*set data.paired=false"),
+    (["loss.loss_type=kto", "data.paired=false"], r"loss_type='kto' needs loss.reference='online'"),
+    (["loss.loss_type=kto", "data.paired=false", "loss.reference=online", "loss.contrast_scope=global_batch"],
+     r"global_batch.*loss_type='kto'"),
+    (["loss.kto_undesirable_weight=0"], r"loss.kto_undesirable_weight must be > 0, got 0.0"),
     (["parallel.context_parallel_size=2", "data.packing=false"], r"context_parallel_size=2 cuts packed rows only"),
     (["parallel.context_parallel_size=4", "data.pack_multiple=4"], r"data.pack_multiple \(4\) must be a multiple "
                                                                     r"of 8 with context parallelism"),

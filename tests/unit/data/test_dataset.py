@@ -3,8 +3,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate
+from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate, collate_step
 from megatron_rpo.data.embeddings import precompute_prompt_embeddings
 from megatron_rpo.data.preprocess import preprocess
 from megatron_rpo.data.reference_logps import write_reference_logps
@@ -79,6 +80,32 @@ def test_collate_follows_the_batch_contract(dataset_prefix, sp_tokenizer):
         scored = batch["labels"][b][batch["loss_mask"][b].bool()].tolist()
         assert scored == ids[plen:]  # exactly the response tokens, eos included
     assert "ref_logps" not in batch
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_mismatched_pairs_are_each_prompt_with_the_previous_items_completion(dataset_prefix, packed):
+    # KTO's reference point: item k's prompt, then item k-1's response, scored on that response only.
+    ds = PreferenceDataset(dataset_prefix, embeddings=True)
+    (indices,) = _take(UnpairedSampler(micro_batch_size=3, data_parallel_rank=0, data_parallel_size=1, seed=0,
+                                       chosen=ds.chosen_indices, rejected=ds.rejected_indices), 1)
+    (batch,) = collate_step(ds, [indices], 128, packing=packed, pack_multiple=8, mismatched=True)
+    assert batch["is_mismatched"].tolist() == [False] * 3 + [True] * 3
+    assert batch["is_chosen"][3:].tolist() == [False] * 3 and batch["pair_id"][3:].tolist() == [-1] * 3
+    meta = ds.meta[indices]
+    assert (batch["prompt_embedding"][3:] == batch["prompt_embedding"][:3]).all()  # each item's own prompt
+    owner = batch["sequence_index"][0] if packed else torch.arange(6)[:, None].expand(6, 128)
+    tokens = batch["tokens"].reshape(-1)
+    labels, mask = batch["labels"].reshape(-1), batch["loss_mask"].reshape(-1).bool()
+    for k in range(3):
+        j = (k - 1) % 3
+        prompt = ds.tokens[indices[k]][: int(meta["prompt_length"][k])].tolist()
+        response = ds.tokens[indices[j]][int(meta["prompt_length"][j]):].tolist()
+        mine = owner.reshape(-1) == 3 + k
+        assert tokens[mine].tolist()[: len(prompt) + len(response)] == prompt + response
+        assert labels[mine & mask].tolist() == response
+    with pytest.raises(ValueError, match="do not cover mismatched pairs"):
+        ds.ref_logps = np.zeros(len(ds), np.float32)
+        collate(ds, indices, 128, mismatched=True)
 
 
 def test_reference_logps_are_aligned_and_checked(dataset_prefix, tmp_path):

@@ -88,3 +88,18 @@ def ipo_length_normalized(chosen, rejected, chosen_len, rejected_len, beta):
     """TRL's IPO: log-ratios averaged per response token."""
     margins = [c / lc - r / lr for c, r, lc, lr in zip(chosen, rejected, chosen_len, rejected_len)]
     return sum((m - 1.0 / (2.0 * beta)) ** 2 for m in margins) / len(margins)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def kto(desirable, undesirable, mismatched, beta, lambda_d, lambda_u):
+    """KTO (Ethayarajh et al. 2024, Eq. 8): the mean over items of ``lambda_y - v(x, y)``, with
+    ``v = lambda_D sigmoid(beta (r - z0))`` for a desirable item and ``lambda_U sigmoid(beta (z0 - r))``
+    for an undesirable one, ``r`` the log-ratio and ``z0 = max(0, mean of the mismatched pairs' log-ratios)``
+    (section 4.1's estimate)."""
+    z0 = max(0.0, sum(mismatched) / len(mismatched)) if mismatched else 0.0
+    values = [lambda_d - lambda_d * sigmoid(beta * (r - z0)) for r in desirable]
+    values += [lambda_u - lambda_u * sigmoid(beta * (z0 - r)) for r in undesirable]
+    return sum(values) / len(values)
