@@ -1,40 +1,48 @@
-"""Does RPO learn what its preferences say? A miniature reproduction with a ground-truth judge.
+"""Does RPO learn what its preferences say? A miniature reproduction with ground-truth judges, over worlds.
 
-The world (``bench/preference_world.py``, described in ``bench/REPRODUCTION.md``): English
-requests from 12 topics in 4 groups; the judge scores a reply by relevance and by two rules of
-the prompt's group that only the preferences teach. One command runs it all through the real
-pipeline:
+The worlds (``bench/preference_world.py``, described in ``bench/REPRODUCTION.md``): English
+requests from topics in groups; the judge scores a reply by relevance and by two rules of the
+prompt's group that only the preferences teach. World 0 is the hand-built one; the others are
+drawn from a seed (groups, topics, words, the base policy's habit, the label noise), so a
+conclusion has to hold in worlds nobody tuned. For every world, one command runs it all through
+the real pipeline:
 
-1. the world's files (the preferences drawn anew for every seed), a sentencepiece tokenizer, a
-   random tiny Llama (HF), HF -> Megatron conversion, preprocessing (paired, unpaired, warm-up
-   corpus) and all-MiniLM-L6-v2 prompt embeddings;
+1. the world's files (the preferences drawn anew for every seed), checked as world 0 was (the
+   base policy's habits wrong in every group, labels agreeing with the judge at the rate the
+   temperature states, held-out prompts new wordings); a sentencepiece tokenizer, a random tiny
+   Llama (HF), HF -> Megatron conversion, preprocessing (paired, unpaired, warm-up corpus) and
+   all-MiniLM-L6-v2 prompt embeddings;
 2. a supervised warm-up on the base policy's replies (``python -m megatron_rpo.train``, sft);
 3. from that same start, every method, every learning rate of one grid, every seed: DPO, RPO paired
-   with embedding / uniform / diagonal weights, RPO unpaired, IPO, SimPO and SimPO+RPO; each a
+   with embedding / uniform weights (rows summing to 1, and rows averaging 1), RPO unpaired, KTO
+   on the same unpaired items, IPO and SimPO (diagonal weights and SimPO+RPO on request); each a
    ``torchrun -m megatron_rpo.train`` run (the warm-up is the online reference) exported back to
    Hugging Face; two runs at a time on CPU, one process each;
-4. the batch-size study for RPO with embedding weights and rows averaging 1 (so that beta does not
-   shrink as the matrix grows) at its chosen learning rate: the contrast matrix over 2, 4 and 8
-   pairs per rank with 8 pairs per step, and 2 data-parallel ranks of 4 pairs each, their matrix
-   gathered (8 x 8) or kept per rank (``contrast_scope: local``, 4 x 4);
+4. in the first world only, the batch-size study for RPO with embedding weights and rows
+   averaging 1 at its chosen learning rate: the contrast matrix over 2, 4 and 8 pairs per rank with
+   8 pairs per step, and 2 data-parallel ranks of 4 pairs each, their matrix gathered (8 x 8) or
+   kept per rank (``contrast_scope: local``, 4 x 4);
 5. evaluation with transformers on held-out prompts (their exact wording never trained on): the
    judge's win rate of each model's greedy reply against the warm-up's (ties count half), the
-   judge's mean reward, how often each group rule is followed, and the held-out preference ranking
-   accuracy (pairs labelled by the judge without noise; a pair is ranked right when the model's
-   log-ratio against the warm-up is larger for the better reply);
-6. ``results.md`` (tables, mean +- standard error over seeds), ``reproduction.png`` and
-   ``results.json`` in the run folder.
+   judge's mean reward, how often each group rule is followed, how many replies keep the world's
+   shape, and the held-out preference ranking accuracy (pairs labelled by the judge without
+   noise; a pair is ranked right when the model's log-ratio against the warm-up is larger for the
+   better reply);
+6. ``results.md`` (pooled tables over worlds and seeds, collapse rates, per-world tables),
+   ``reproduction.png`` and ``results.json`` in the run folder.
 
-Tuning, the same for every method: the learning rate is chosen from one grid by the mean judge
-reward on *validation* prompts (separate from the test prompts the tables report), averaged over
-all seeds; steps, batch, beta (0.1; SimPO 2.0 with gamma 0.5), the optimizer and the seeds are
-fixed. Contrast weights use the paper's defaults (tau 0.5 paired, 0.75 unpaired; alpha 0.8; rows
-summing to 1), and RPO with embedding weights runs once more with rows averaging 1
-(``row_normalization: mean``). A seed draws the preference data and orders it; the warm-up is shared.
+Tuning, the same for every method: the learning rate is chosen per method *and world* from one
+grid by the mean judge reward on that world's *validation* prompts (separate from the test prompts
+the tables report), averaged over seeds; steps, batch, beta (0.1; SimPO 2.0 with gamma 0.5), the
+optimizer and the seeds are fixed. Contrast weights use the paper's defaults (tau 0.5 paired,
+0.75 unpaired; alpha 0.8; rows summing to 1). A run *collapses* when fewer than half of its greedy
+test replies keep the world's shape; collapse is counted per method and learning rate, not
+averaged away. A seed draws the preference data and orders it; the warm-up is shared in a world.
 
-    python bench/reproduction.py                 # about 20 minutes on 2 CPU cores
-    python bench/reproduction.py --quick         # the harness end to end in under 2 minutes
-    python bench/reproduction.py --gpu           # a larger world, model and budget on CUDA
+    python bench/reproduction.py                 # 4 worlds x 3 seeds, about 70-90 minutes on 2 CPU cores
+    python bench/reproduction.py --worlds 2 --seeds 2
+    python bench/reproduction.py --quick         # the harness end to end (2 worlds) in about 2 minutes
+    python bench/reproduction.py --gpu           # a larger model and budget on CUDA
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "examples"))
 
-import preference_world as world  # noqa: E402
+import preference_world as worlds  # noqa: E402
 from quickstart import prepare_workdir  # noqa: E402
 
 # key -> (what the tables call it, loss overrides, trained on the unpaired items)
@@ -75,11 +83,14 @@ METHODS = {
     "rpo_diagonal": ("RPO paired, diagonal weights", ["loss.loss_type=rpo", "loss.weighting=diagonal",
                                                        "loss.alpha=0.8"], False),
     "rpo_unpaired": ("RPO unpaired", ["loss.loss_type=rpo", "loss.weighting=embedding", "loss.tau=0.75"], True),
+    "kto": ("KTO", ["loss.loss_type=kto"], True),
     "ipo": ("IPO", ["loss.loss_type=ipo"], False),
     "simpo": ("SimPO", ["loss.loss_type=simpo", "loss.beta=2.0", "loss.gamma=0.5"], False),
     "simpo_rpo": ("SimPO+RPO", ["loss.loss_type=simpo_rpo", "loss.beta=2.0", "loss.gamma=0.5", "loss.tau=0.5"],
                   False),
 }
+DEFAULT_METHODS = ("dpo", "rpo_embedding", "rpo_embedding_mean", "rpo_uniform", "rpo_unpaired", "kto", "ipo", "simpo")
+COLLAPSED_BELOW = 0.5  # a run whose greedy test replies keep the world's shape less often than this has collapsed
 # The batch-size study's method: rows averaging 1 keep each cell's beta as the matrix grows (with rows
 # summing to 1 a larger matrix also shrinks the effective beta; DESIGN section 2), so only the matrix changes.
 STUDY_METHOD = "rpo_embedding_mean"
@@ -89,10 +100,10 @@ STUDY_METHOD = "rpo_embedding_mean"
 class Scale:
     """How big the world, the model and the budget are."""
 
+    worlds: tuple = (0, 1, 2, 3)      # bench/preference_world.py's seeds (0: the hand-built world)
     held_out_per_topic: int = 12      # validation prompts per topic, and as many test prompts
     pairs_per_prompt: int = 2         # preference pairs per training prompt
     demos_per_prompt: int = 4         # warm-up replies per training prompt
-    label_temperature: float = 0.5    # Bradley-Terry noise of the labels
     model: dict = field(default_factory=lambda: dict(num_layers=2, hidden_size=128, ffn_hidden_size=352,
                                                      num_attention_heads=4, num_query_groups=2))
     vocab_size: int = 1000
@@ -100,9 +111,9 @@ class Scale:
     warmup_lr: float = 1e-3
     steps: int = 100                  # preference steps, 8 pairs (16 unpaired items) each
     pairs_per_step: int = 8
-    lrs: tuple = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4)
+    lrs: tuple = (1e-4, 2e-4, 3e-4, 5e-4)
     seeds: tuple = (0, 1, 2)
-    methods: tuple = tuple(METHODS)
+    methods: tuple = DEFAULT_METHODS
     # The batch-size study's extra runs of STUDY_METHOD at its chosen learning rate, each
     # (pairs per rank and microbatch, ranks, contrast scope); the main runs are 1 rank x pairs_per_step.
     study: tuple = ((2, 1, "data_parallel"), (4, 1, "data_parallel"), (4, 2, "data_parallel"), (4, 2, "local"))
@@ -111,10 +122,10 @@ class Scale:
 
 SCALES = {
     "default": Scale(),
-    # Every stage once, small: the functional test's. Its one study run (2 ranks x 4 pairs, the matrix
-    # gathered) must end where the main RPO run (1 rank x 8 pairs) does.
-    "quick": Scale(held_out_per_topic=2, pairs_per_prompt=1, demos_per_prompt=1, warmup_steps=30, steps=4,
-                   lrs=(3e-4,), seeds=(0,), methods=("dpo", "rpo_embedding", "rpo_embedding_mean", "rpo_unpaired"),
+    # Every stage once, small, in two worlds: the functional test's. Its one study run (2 ranks x 4
+    # pairs, the matrix gathered) must end where the main RPO run (1 rank x 8 pairs) does.
+    "quick": Scale(worlds=(0, 1), held_out_per_topic=2, pairs_per_prompt=1, demos_per_prompt=1, warmup_steps=30,
+                   steps=4, lrs=(3e-4,), seeds=(0,), methods=("dpo", "rpo_embedding_mean", "rpo_unpaired", "kto"),
                    study=((4, 2, "data_parallel"),)),
     "gpu": Scale(model=dict(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=8,
                             num_query_groups=4),
@@ -181,9 +192,10 @@ class Pipeline:
 class Evaluator:
     """Judges exported models against the warm-up, with transformers: independent of the trainer's code."""
 
-    def __init__(self, sp_model: str, test: list, valid: list, test_pairs: list[dict], warmup_hf: str):
+    def __init__(self, world, sp_model: str, test: list, valid: list, test_pairs: list[dict], warmup_hf: str):
         from megatron_rpo.data.tokenizer import load_tokenizer
 
+        self.world = world
         self.tok = load_tokenizer(sp_model)
         self.test, self.valid, self.test_pairs = test, valid, test_pairs
         self.warmup = self.load(warmup_hf)
@@ -241,13 +253,13 @@ class Evaluator:
         out = {}
         for split, prompts in (("test", self.test), ("valid", self.valid)):
             replies = self.replies(model, prompts)
-            rewards = [world.judge(p, r) for p, r in zip(prompts, replies)]
-            base = [world.judge(p, r) for p, r in zip(prompts, self.warmup_replies[split])]
+            rewards = [self.world.judge(p, r) for p, r in zip(prompts, replies)]
+            base = [self.world.judge(p, r) for p, r in zip(prompts, self.warmup_replies[split])]
             out[f"{split}_reward"] = statistics.mean(rewards)
             out[f"{split}_win_rate"] = statistics.mean(1.0 if a > b else 0.5 if a == b else 0.0
                                                        for a, b in zip(rewards, base))
             if split == "test":
-                out.update(rule_rates(prompts, replies))
+                out.update(rule_rates(self.world, prompts, replies))
                 out["examples"] = [{"prompt": p.text, "reply": r, "reward": x}
                                    for p, r, x in list(zip(prompts, replies, rewards))[:: max(1, len(prompts) // 6)]]
         ratio = self.response_logps(model) - self.warmup_logps  # [pairs, 2]
@@ -257,16 +269,16 @@ class Evaluator:
         return out
 
 
-def rule_rates(prompts: list, replies: list[str]) -> dict:
+def rule_rates(world, prompts: list, replies: list[str]) -> dict:
     """How often the replies have the world's shape, and follow each of the judge's rules."""
     lead = closing = on_topic = shaped = 0
     for p, r in zip(prompts, replies):
         parts = world.parse(r)
         if parts is not None:
-            want_lead, want_closing = world.GROUPS[p.group][:2]
+            want_lead, want_closing = world.groups[world.group(p)][:2]
             shaped += 1
             lead += parts[0] == want_lead
-            on_topic += world.ITEM_TOPIC.get(parts[1]) == p.topic
+            on_topic += world.item_topic.get(parts[1]) == p.topic
             closing += parts[2] == want_closing
     n = len(prompts)
     return {"lead_rule": lead / n, "closing_rule": closing / n, "on_topic": on_topic / n, "well_formed": shaped / n}
@@ -278,6 +290,7 @@ def rule_rates(prompts: list, replies: list[str]) -> dict:
 
 @dataclass
 class Run:
+    world: int
     method: str
     lr: float
     seed: int
@@ -287,11 +300,11 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.method}_lr{self.lr:g}_s{self.seed}_m{self.micro}_dp{self.nproc}_{self.scope}"
+        return f"w{self.world}_{self.method}_lr{self.lr:g}_s{self.seed}_m{self.micro}_dp{self.nproc}_{self.scope}"
 
 
-def prepare(pipe: Pipeline, scale: Scale) -> dict:
-    """The world's files, tokenizer, converted model and datasets; returns their paths."""
+def prepare(pipe: Pipeline, scale: Scale, world) -> dict:
+    """The world's files (checked), tokenizer, converted model and datasets; returns their paths and checks."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megatron_rpo.config import load_config
@@ -302,7 +315,15 @@ def prepare(pipe: Pipeline, scale: Scale) -> dict:
     from megatron_rpo.data.tokenizer import train_sentencepiece
 
     work = pipe.work
-    say("the world: prompts, base replies, judged preferences (a new draw of the preferences per seed)")
+    say(f"{world.describe()}: prompts, base replies, judged preferences (a new draw per seed)")
+    checks = world.check(scale.held_out_per_topic, split_seed=2024)
+    print(f"checks: base policy wrong in {checks['base_wrong_groups']} of {checks['groups']} groups; labels agree "
+          f"with the judge {checks['label_agreement']:.3f} of the time (the temperature states "
+          f"{checks['label_agreement_stated']:.3f}); desirable items {checks['unpaired_reward_gap']:+.2f} reward over "
+          f"undesirable ones; {checks['held_out_overlap']} held-out prompts seen in training")
+    failures = worlds.check_failures(checks)
+    if failures:
+        raise SystemExit(f"world {world.seed} is not usable: {'; '.join(failures)}")
     train_prompts, valid, test = world.split_prompts(world.make_prompts(), scale.held_out_per_topic, seed=2024)
     rng = random.Random(2024)
     files = {"demonstrations": world.make_demonstrations(train_prompts, scale.demos_per_prompt, rng),
@@ -310,10 +331,10 @@ def prepare(pipe: Pipeline, scale: Scale) -> dict:
     for seed in scale.seeds:
         rng = random.Random(seed)
         files[f"train_pairs_s{seed}"] = world.make_pairs(train_prompts, scale.pairs_per_prompt,
-                                                         scale.label_temperature, rng)
+                                                         world.label_temperature, rng)
         # As many sequences as the pairs hold, one per item.
         files[f"train_unpaired_s{seed}"] = world.make_unpaired(train_prompts, 2 * scale.pairs_per_prompt,
-                                                               scale.label_temperature, rng)
+                                                               world.label_temperature, rng)
     os.makedirs(os.path.join(work, "world"), exist_ok=True)
     for name, rows in files.items():
         with open(os.path.join(work, "world", f"{name}.jsonl"), "w") as f:
@@ -352,7 +373,7 @@ def prepare(pipe: Pipeline, scale: Scale) -> dict:
         print(f"{name}: {m['num_sequences']} sequences -> {prefix}.* ({len(m['skipped'])} rows skipped)")
         prefixes[name] = prefix
     return {"sp_model": sp_model, "init": init, "prefixes": prefixes, "valid": valid, "test": test,
-            "test_pairs": files["test_pairs"]}
+            "test_pairs": files["test_pairs"], "checks": checks}
 
 
 def overrides_for(run: Run, scale: Scale, paths: dict, warmup_export: str) -> list[str]:
@@ -377,14 +398,20 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" if math.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
+def collapsed(run: dict) -> bool:
+    return run["well_formed"] < COLLAPSED_BELOW
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "reproduction"))
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the harness end to end, small, one seed")
-    size.add_argument("--gpu", action="store_true", help="a larger model and budget, all methods, 5 seeds; CUDA")
+    size.add_argument("--quick", action="store_true", help="the harness end to end, small, two worlds, one seed")
+    size.add_argument("--gpu", action="store_true", help="a larger model and budget, 5 seeds; CUDA")
+    p.add_argument("--worlds", type=int, default=None,
+                   help="worlds 0..K-1 of bench/preference_world.py (default 4; --quick 2)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of: {','.join(METHODS)} (default: all)")
+                   help=f"comma-separated subset of: {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; --gpu 5; --quick 1)")
     p.add_argument("--lrs", default=None, help="the learning-rate grid, comma-separated")
     p.add_argument("--steps", type=int, default=None, help="preference steps per run")
@@ -405,6 +432,7 @@ def main() -> None:
     except ValueError:
         raise SystemExit(f"--lrs takes comma-separated numbers, e.g. 1e-4,3e-4; got {args.lrs!r}") from None
     for name, value in (("seeds", args.seeds and tuple(range(args.seeds))), ("lrs", lrs),
+                        ("worlds", args.worlds and tuple(range(args.worlds))),
                         ("steps", args.steps), ("warmup_steps", args.warmup_steps), ("jobs", args.jobs)):
         if value:
             setattr(scale, name, value)
@@ -418,25 +446,47 @@ def main() -> None:
     started = time.time()
     work = os.path.abspath(args.workdir)
     prepare_workdir(work, marker=".megatron_rpo_reproduction", made_by="bench/reproduction.py")
-    pipe = Pipeline(work, scale)
-    paths = prepare(pipe, scale)
+    results: dict[str, dict] = {}
+    per_world: dict[int, dict] = {}
+    runs_total = len(scale.worlds) * len(scale.methods) * len(scale.lrs) * len(scale.seeds)
+    say(f"{len(scale.worlds)} world(s) x {len(scale.methods)} methods x {len(scale.lrs)} learning rates x "
+        f"{len(scale.seeds)} seeds = {runs_total} preference runs of {scale.steps} steps of {scale.pairs_per_step} "
+        f"pairs, and the batch-size study in world {scale.worlds[0]}")
+    for k, seed in enumerate(scale.worlds):
+        world = worlds.draw(seed)
+        per_world[seed] = run_world(Pipeline(os.path.join(work, f"world{seed}"), scale), scale, world, results,
+                                    study=bool(scale.study) and k == 0)
+        done = sum(1 for r in results.values() if r["nproc"] == 1 and r["micro"] == scale.pairs_per_step)
+        elapsed = time.time() - started
+        print(f"world {seed} done: {done}/{runs_total} runs in {elapsed / 60:.1f} min "
+              f"(about {elapsed / max(done, 1) * (runs_total - done) / 60:.0f} min to go)", flush=True)
 
-    say(f"supervised warm-up on the base policy's replies ({scale.warmup_steps} steps)")
-    warm_dir = os.path.join(work, "warmup")
+    say(f"results ({(time.time() - started) / 60:.1f} min)")
+    report = write_report(work, scale, per_world, results, minutes=(time.time() - started) / 60)
+    print(report)
+    print(f"written: {os.path.join(work, 'results.md')}, {os.path.join(work, 'reproduction.png')}, "
+          f"{os.path.join(work, 'results.json')}")
+
+
+def run_world(pipe: Pipeline, scale: Scale, world, results: dict, study: bool) -> dict:
+    """One world: its data, its warm-up, every method x learning rate x seed, and (``study``) the
+    batch-size study. Adds every run's metrics to ``results``; returns the world's checks, warm-up
+    metrics and chosen learning rates."""
+    paths = prepare(pipe, scale, world)
+    say(f"world {world.seed}: supervised warm-up on the base policy's replies ({scale.warmup_steps} steps)")
+    warm_dir = os.path.join(pipe.work, "warmup")
     seconds = pipe.train(warm_dir, 1, [f"data.train_data_prefix={paths['prefixes']['demonstrations']}",
                                        f"train.load={paths['init']}", "loss.loss_type=sft",
                                        f"train.train_iters={scale.warmup_steps}", f"optimizer.lr={scale.warmup_lr}",
                                        "train.global_batch_size=16", "train.micro_batch_size=16",
                                        "train.log_interval=50"])
     warmup_export = os.path.join(warm_dir, "export")
-    evaluator = Evaluator(paths["sp_model"], paths["test"], paths["valid"], paths["test_pairs"],
+    evaluator = Evaluator(world, paths["sp_model"], paths["test"], paths["valid"], paths["test_pairs"],
                           pipe.export(warm_dir))
     warm = evaluator.evaluate(os.path.join(warm_dir, "hf"))
     print(f"warm-up: {seconds:.0f} s; judge reward on test prompts {warm['test_reward']:.2f} of "
-          f"{world.MAX_REWARD:.0f}; lead rule {warm['lead_rule']:.2f}, closing rule {warm['closing_rule']:.2f}, "
+          f"{worlds.MAX_REWARD:.0f}; lead rule {warm['lead_rule']:.2f}, closing rule {warm['closing_rule']:.2f}, "
           f"well formed {warm['well_formed']:.2f}")
-
-    results: dict[str, dict] = {}
     lock = threading.Lock()
     counter = {"done": 0}
 
@@ -445,7 +495,7 @@ def main() -> None:
         counter["done"] = 0
 
         def one(run: Run) -> None:
-            run_dir = os.path.join(work, "runs", run.name)
+            run_dir = os.path.join(pipe.work, "runs", run.name)
             seconds = pipe.train(run_dir, run.nproc, overrides_for(run, scale, paths, warmup_export))
             metrics = evaluator.evaluate(pipe.export(run_dir))
             metrics["train_seconds"] = seconds
@@ -458,10 +508,10 @@ def main() -> None:
             with lock:
                 results[run.name] = dict(asdict(run), **metrics)
                 counter["done"] += 1
-                print(f"[{counter['done']}/{total}] {METHODS[run.method][0]}, lr {run.lr:g}, seed {run.seed}, "
-                      f"{run.micro} per rank x {run.nproc} rank(s) ({run.scope}): "
-                      f"win rate {metrics['test_win_rate']:.2f}, "
-                      f"reward {metrics['test_reward']:.2f}, ranking {metrics['ranking_accuracy']:.2f}, "
+                print(f"[world {run.world}: {counter['done']}/{total}] {METHODS[run.method][0]}, lr {run.lr:g}, "
+                      f"seed {run.seed}, {run.micro} per rank x {run.nproc} rank(s) ({run.scope}): "
+                      f"win rate {metrics['test_win_rate']:.2f}, reward {metrics['test_reward']:.2f}, "
+                      f"well formed {metrics['well_formed']:.2f}, ranking {metrics['ranking_accuracy']:.2f}, "
                       f"validation reward {metrics['valid_reward']:.2f} ({seconds:.0f} s)", flush=True)
 
         # Runs on 2 ranks take both cores: run them alone.
@@ -472,66 +522,101 @@ def main() -> None:
         for run in wide:
             one(run)
 
-    grid = [Run(m, lr, s, scale.pairs_per_step) for m in scale.methods for lr in scale.lrs for s in scale.seeds]
-    say(f"{len(grid)} preference runs: {len(scale.methods)} methods x {len(scale.lrs)} learning rates x "
-        f"{len(scale.seeds)} seeds, {scale.steps} steps of {scale.pairs_per_step} pairs")
+    grid = [Run(world.seed, m, lr, s, scale.pairs_per_step) for m in scale.methods for lr in scale.lrs
+            for s in scale.seeds]
+    say(f"world {world.seed}: {len(grid)} preference runs")
     execute(grid)
-
-    def runs_of(method: str, lr: float, micro: int, nproc: int = 1, scope: str = "data_parallel") -> list[dict]:
-        return [results[Run(method, lr, s, micro, nproc, scope).name] for s in scale.seeds]
-
-    chosen_lr = {m: max(scale.lrs, key=lambda lr: statistics.mean(r["valid_reward"] for r in
-                                                                   runs_of(m, lr, scale.pairs_per_step)))
-                 for m in scale.methods}
-
-    study = []
-    if scale.study and STUDY_METHOD not in scale.methods:
+    chosen_lr = {m: max(scale.lrs, key=lambda lr: statistics.mean(
+        r["valid_reward"] for r in runs_of(results, scale, world.seed, m, lr))) for m in scale.methods}
+    if study and STUDY_METHOD not in scale.methods:
         print(f"no batch-size study: it runs {STUDY_METHOD}, which --methods left out")
-    elif scale.study:
+        study = False
+    if study:
         lr = chosen_lr[STUDY_METHOD]
-        study = [Run(STUDY_METHOD, lr, s, micro, nproc, scope) for micro, nproc, scope in scale.study
-                 for s in scale.seeds]
-        say(f"batch-size study: {len(study)} runs of {METHODS[STUDY_METHOD][0]} at lr {lr:g}")
-        execute(study)
-
-    say(f"results ({(time.time() - started) / 60:.1f} min)")
-    report = write_report(work, scale, warm, results, chosen_lr, runs_of, bool(study))
-    print(report)
-    print(f"written: {os.path.join(work, 'results.md')}, {os.path.join(work, 'reproduction.png')}, "
-          f"{os.path.join(work, 'results.json')}")
+        runs = [Run(world.seed, STUDY_METHOD, lr, s, micro, nproc, scope) for micro, nproc, scope in scale.study
+                for s in scale.seeds]
+        say(f"world {world.seed}: batch-size study, {len(runs)} runs of {METHODS[STUDY_METHOD][0]} at lr {lr:g}")
+        execute(runs)
+    return {"description": world.describe(), "checks": paths["checks"], "warmup": warm, "chosen_lr": chosen_lr,
+            "study": study}
 
 
-def write_report(work, scale, warm, results, chosen_lr, runs_of, with_study: bool) -> str:
-    lines = [f"Judge reward of the warm-up's greedy replies on the test prompts: "
-             f"{warm['test_reward']:.2f} of {world.MAX_REWARD:.0f} (lead rule {warm['lead_rule']:.2f}, "
-             f"closing rule {warm['closing_rule']:.2f}). "
-             f"{len(scale.seeds)} seed(s); {scale.steps} steps of {scale.pairs_per_step} pairs; mean ± standard "
-             f"error over seeds; learning rate chosen per method from {', '.join(f'{x:g}' for x in scale.lrs)} "
-             "by the validation prompts' judge reward.", "",
-             "| method | lr | win rate vs warm-up | judge reward (of 3) | lead rule | closing rule "
-             "| ranking accuracy |", "|---|---|---|---|---|---|---|"]
-    per_method = {}
+def runs_of(results: dict, scale: Scale, world: int, method: str, lr: float, micro: int | None = None,
+            nproc: int = 1, scope: str = "data_parallel") -> list[dict]:
+    """The runs of one setting in one world, one per seed."""
+    micro = scale.pairs_per_step if micro is None else micro
+    return [results[Run(world, method, lr, s, micro, nproc, scope).name] for s in scale.seeds]
+
+
+def _label(method: str) -> str:
+    return METHODS[method][0]
+
+
+def write_report(work, scale, per_world: dict, results: dict, minutes: float) -> str:
+    """results.md: pooled tables, collapse, per-world tables and the study; results.json; the plot."""
+    ws, seeds = list(per_world), len(scale.seeds)
+    n = len(ws) * seeds
+
+    def chosen(method: str, world: int) -> list[dict]:
+        return runs_of(results, scale, world, method, per_world[world]["chosen_lr"][method])
+
+    def pooled(method: str) -> list[dict]:
+        return [r for w in ws for r in chosen(method, w)]
+
+    lines = [f"{len(ws)} world(s) x {seeds} seed(s), {scale.steps} steps of {scale.pairs_per_step} pairs (16 items "
+             f"unpaired), {minutes:.0f} minutes. Learning rate chosen per method and world from "
+             f"{', '.join(f'{x:g}' for x in scale.lrs)} by the validation prompts' judge reward; the tables report "
+             f"test prompts. Mean ± standard error over the {n} runs (worlds x seeds). A run has *collapsed* when "
+             f"fewer than {COLLAPSED_BELOW:.0%} of its greedy test replies keep the world's shape.", "",
+             "The worlds (the checks of bench/preference_world.py, and the warm-up on the test prompts):", "",
+             "| world | groups x topics | habit | label temp. | labels agree with judge (stated) "
+             "| warm-up reward | warm-up lead rule | warm-up closing rule |", "|---|---|---|---|---|---|---|---|"]
+    for w in ws:
+        c, warm = per_world[w]["checks"], per_world[w]["warmup"]
+        lines.append(f"| {w} | {c['groups']} x {c['topics'] // c['groups']} | {c['habit']:.2f} "
+                     f"| {c['label_temperature']:g} | {c['label_agreement']:.3f} ({c['label_agreement_stated']:.3f}) "
+                     f"| {warm['test_reward']:.2f} | {warm['lead_rule']:.2f} | {warm['closing_rule']:.2f} |")
+    lines += ["", "Pooled over worlds and seeds, each method at its chosen learning rate per world:", "",
+              "| method | worlds beating DPO | win rate vs warm-up | win rate, runs not collapsed | collapsed "
+              "| judge reward (of 3) | lead rule | closing rule | ranking accuracy |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    dpo_mean = {w: statistics.mean(r["test_win_rate"] for r in chosen("dpo", w)) for w in ws} \
+        if "dpo" in scale.methods else None
     for m in scale.methods:
-        rs = runs_of(m, chosen_lr[m], scale.pairs_per_step)
-        per_method[m] = rs
-        lines.append(f"| {METHODS[m][0]} | {chosen_lr[m]:g} | {fmt([r['test_win_rate'] for r in rs])} "
-                     f"| {fmt([r['test_reward'] for r in rs])} | {fmt([r['lead_rule'] for r in rs])} "
-                     f"| {fmt([r['closing_rule'] for r in rs])} | {fmt([r['ranking_accuracy'] for r in rs])} |")
-    lines += ["", "Every learning rate (test win rate; validation judge reward):", "",
-              "| method | " + " | ".join(f"lr {x:g}" for x in scale.lrs) + " |",
-              "|---|" + "---|" * len(scale.lrs)]
+        rs = pooled(m)
+        kept = [r for r in rs if not collapsed(r)]
+        beats = "-" if m == "dpo" or dpo_mean is None else \
+            f"{sum(statistics.mean(r['test_win_rate'] for r in chosen(m, w)) > dpo_mean[w] for w in ws)} of {len(ws)}"
+        lines.append(f"| {_label(m)} | {beats} | {fmt([r['test_win_rate'] for r in rs])} "
+                     f"| {fmt([r['test_win_rate'] for r in kept]) if kept else '-'} ({len(kept)}) "
+                     f"| {len(rs) - len(kept)} of {len(rs)} | {fmt([r['test_reward'] for r in rs])} "
+                     f"| {fmt([r['lead_rule'] for r in rs])} | {fmt([r['closing_rule'] for r in rs])} "
+                     f"| {fmt([r['ranking_accuracy'] for r in rs])} |")
+    lines += ["", "Every learning rate, pooled over worlds and seeds (test win rate; runs collapsed):", "",
+              "| method | " + " | ".join(f"lr {x:g}" for x in scale.lrs) + " |", "|---|" + "---|" * len(scale.lrs)]
     for m in scale.methods:
         cells = []
         for lr in scale.lrs:
-            rs = runs_of(m, lr, scale.pairs_per_step)
-            cells.append(f"{fmt([r['test_win_rate'] for r in rs])}; {fmt([r['valid_reward'] for r in rs])}")
-        lines.append(f"| {METHODS[m][0]} | " + " | ".join(cells) + " |")
+            rs = [r for w in ws for r in runs_of(results, scale, w, m, lr)]
+            cells.append(f"{fmt([r['test_win_rate'] for r in rs])}; {sum(map(collapsed, rs))} of {len(rs)}")
+        lines.append(f"| {_label(m)} | " + " | ".join(cells) + " |")
+    for w in ws:
+        lines += ["", f"W{per_world[w]['description'][1:]}. Mean ± standard error over seeds:", "",
+                  "| method | lr | win rate vs warm-up | collapsed | judge reward | lead rule | closing rule "
+                  "| ranking accuracy |", "|---|---|---|---|---|---|---|---|"]
+        for m in scale.methods:
+            rs = chosen(m, w)
+            lines.append(f"| {_label(m)} | {per_world[w]['chosen_lr'][m]:g} | {fmt([r['test_win_rate'] for r in rs])} "
+                         f"| {sum(map(collapsed, rs))} of {len(rs)} | {fmt([r['test_reward'] for r in rs])} "
+                         f"| {fmt([r['lead_rule'] for r in rs])} | {fmt([r['closing_rule'] for r in rs])} "
+                         f"| {fmt([r['ranking_accuracy'] for r in rs])} |")
     study_rows = []
-    if with_study:
-        lr = chosen_lr[STUDY_METHOD]
+    study_world = next((w for w in ws if per_world[w]["study"]), None)
+    if study_world is not None:
+        lr = per_world[study_world]["chosen_lr"][STUDY_METHOD]
         configs = [(scale.pairs_per_step, 1, "data_parallel"), *scale.study]
-        lines += ["", f"Batch-size study ({METHODS[STUDY_METHOD][0]}, lr {lr:g}, {scale.pairs_per_step} pairs "
-                  "per step in every row; only the contrast matrix changes):", "",
+        lines += ["", f"Batch-size study (world {study_world}, {_label(STUDY_METHOD)}, lr {lr:g}, "
+                  f"{scale.pairs_per_step} pairs per step in every row; only the contrast matrix changes):", "",
                   "| contrast matrix | M x N | win rate vs warm-up | judge reward | ranking accuracy |",
                   "|---|---|---|---|---|"]
         for micro, nproc, scope in sorted(configs, key=lambda c: (c[1], c[0], c[2])):
@@ -541,7 +626,7 @@ def write_report(work, scale, warm, results, chosen_lr, runs_of, with_study: boo
             else:
                 kept = "gathered" if scope == "data_parallel" else "per rank (local)"
                 label = f"{nproc} ranks x {micro} pairs, {kept}"
-            rs = runs_of(STUDY_METHOD, lr, micro, nproc, scope)
+            rs = runs_of(results, scale, study_world, STUDY_METHOD, lr, micro, nproc, scope)
             study_rows.append((label, side, rs))
             lines.append(f"| {label} | {side}x{side} | {fmt([r['test_win_rate'] for r in rs])} "
                          f"| {fmt([r['test_reward'] for r in rs])} | {fmt([r['ranking_accuracy'] for r in rs])} |")
@@ -549,14 +634,15 @@ def write_report(work, scale, warm, results, chosen_lr, runs_of, with_study: boo
     with open(os.path.join(work, "results.md"), "w") as f:
         f.write(report)
     with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump({"scale": asdict(scale), "warmup": warm, "chosen_lr": chosen_lr, "study_method": STUDY_METHOD,
-                   "runs": results}, f, indent=1)
-    plot(os.path.join(work, "reproduction.png"), per_method, study_rows)
+        json.dump({"scale": asdict(scale), "worlds": {str(w): v for w, v in per_world.items()},
+                   "study_method": STUDY_METHOD, "collapsed_below": COLLAPSED_BELOW, "runs": results}, f, indent=1)
+    plot(os.path.join(work, "reproduction.png"), {m: pooled(m) for m in scale.methods}, study_rows, len(ws))
     return report
 
 
-def plot(path: str, per_method: dict, study_rows: list) -> None:
-    """Win rate per method (error bars: standard error over seeds); win rate against the matrix size."""
+def plot(path: str, per_method: dict, study_rows: list, worlds_count: int) -> None:
+    """Win rate per method pooled over worlds (error bars: standard error over runs; the hollow bar
+    leaves collapsed runs out); win rate against the matrix size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -565,15 +651,20 @@ def plot(path: str, per_method: dict, study_rows: list) -> None:
     fig, axes = plt.subplots(1, 2 if study_rows else 1, figsize=(13 if study_rows else 8, 5), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 2]} if study_rows else None)
     ax = axes[0, 0]
+    x = range(len(per_method))
     stats = [mean_se([r["test_win_rate"] for r in rs]) for rs in per_method.values()]
-    ax.bar(range(len(stats)), [m for m, _ in stats], yerr=[0 if math.isnan(e) else e for _, e in stats],
-           capsize=4, color="tab:blue")
+    kept = [[r["test_win_rate"] for r in rs if not collapsed(r)] for rs in per_method.values()]
+    ax.bar([i - 0.2 for i in x], [m for m, _ in stats], width=0.4, yerr=[0 if math.isnan(e) else e for _, e in stats],
+           capsize=3, color="tab:blue", label="all runs")
+    ax.bar([i + 0.2 for i in x], [statistics.mean(k) if k else 0 for k in kept], width=0.4, fill=False,
+           edgecolor="tab:blue", label="runs not collapsed")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(stats)), [METHODS[m][0].replace("RPO paired, ", "RPO ") for m in per_method],
+    ax.set_xticks(list(x), [METHODS[m][0].replace("RPO paired, ", "RPO ") for m in per_method],
                   rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("judge win rate vs warm-up (ties half)")
     ax.set_ylim(0, 1)
-    ax.set_title("held-out test prompts, mean ± s.e. over seeds")
+    ax.legend(fontsize=8)
+    ax.set_title(f"held-out test prompts, {worlds_count} world(s) x seeds, mean ± s.e.")
     if study_rows:
         ax = axes[0, 1]
         for k, (label, side, rs) in enumerate(study_rows):

@@ -16,9 +16,10 @@ from tests.workspace import load_script
 BENCH = os.path.join(REPO, "bench")
 
 
-world = load_script("bench/preference_world.py", "preference_world")
-FRUIT = world.Prompt("Can you recommend a piece of fruit for my picnic?", "fruit")
-PETS = world.Prompt("Help me choose a pet for the zoo visit.", "pet")
+worlds = load_script("bench/preference_world.py", "preference_world")
+world = worlds.draw(0)
+FRUIT = worlds.Prompt("Can you recommend a piece of fruit for my picnic?", "fruit")
+PETS = worlds.Prompt("Help me choose a pet for the zoo visit.", "pet")
 
 
 @pytest.mark.parametrize("prompt, reply, reward", [
@@ -43,17 +44,17 @@ def test_held_out_prompts_are_new_wordings_of_trained_topics():
     texts = [{p.text for p in split} for split in (train, valid, test)]
     assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
     for split in (train, valid, test):
-        assert {p.topic for p in split} == set(world.TOPIC_GROUP)
+        assert {p.topic for p in split} == set(world.topic_group)
     assert len(valid) == len(test) == 12 * 12
 
 
 def test_the_base_policy_does_not_follow_the_rules_and_the_labels_do_only_noisily():
     rng = random.Random(0)
     prompts = world.make_prompts()
-    for group in world.GROUPS:
-        want_lead, want_closing = world.GROUPS[group][:2]
-        leads = world.base_choices(group, world.LEADS, 1)
-        closings = world.base_choices(group, world.CLOSINGS, 2)
+    for group in world.groups:
+        want_lead, want_closing = world.groups[group][:2]
+        leads = world.base_choices(group, world.leads, 1)
+        closings = world.base_choices(group, world.closings, 2)
         assert abs(sum(leads.values()) - 1) < 1e-9 and abs(sum(closings.values()) - 1) < 1e-9
         # The most likely choice, what greedy decoding of a faithful imitation picks, is wrong in every group.
         assert max(leads, key=leads.get) != want_lead and max(closings, key=closings.get) != want_closing
@@ -75,6 +76,25 @@ def test_the_base_policy_does_not_follow_the_rules_and_the_labels_do_only_noisil
     assert statistics.mean(desirable) > statistics.mean(undesirable) + 0.5
 
 
+def test_every_drawn_world_holds_what_world_0_holds():
+    # World 0 is the hand-built one; the others are drawn from pools of topics, purposes and words.
+    assert world.groups is worlds.GROUPS and (world.habit, world.label_temperature) == (0.4, 0.5)
+    shapes = set()
+    for seed in range(8):
+        w = worlds.draw(seed)
+        numbers = w.check(held_out_per_topic=12, split_seed=2024)
+        assert worlds.check_failures(numbers) == [], (seed, numbers)
+        assert 3 <= numbers["groups"] <= 6 and 0.3 <= numbers["habit"] <= 0.6
+        assert len({lead[0] for lead in w.leads}) == len(w.leads)  # no two leads share a first letter
+        replies = [w.sample_reply(p, random.Random(seed)) for p in w.make_prompts()[:50]]
+        assert all(w.parse(r) is not None for r in replies)
+        shapes.add((numbers["groups"], numbers["topics"], numbers["label_temperature"]))
+        assert worlds.draw(seed).describe() == w.describe()  # a seed is one world
+    assert len(shapes) >= 5  # the draws differ
+    broken = dict(worlds.draw(1).check(12, 2024), base_wrong_groups=3)
+    assert worlds.check_failures(broken) == ["the base policy's habits are right in 2 group(s)"]
+
+
 def test_the_reproduction_runs_end_to_end(tmp_path):
     """Every stage of the real pipeline once (--quick); DP=2 with the matrix gathered ends where one rank does."""
     work = tmp_path / "repro"
@@ -83,7 +103,8 @@ def test_the_reproduction_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((work / "results.json").read_text())
     runs = results["runs"]
-    assert {r["method"] for r in runs.values()} == {"dpo", "rpo_embedding", "rpo_embedding_mean", "rpo_unpaired"}
+    assert {r["method"] for r in runs.values()} == {"dpo", "rpo_embedding_mean", "rpo_unpaired", "kto"}
+    assert {r["world"] for r in runs.values()} == {0, 1}  # two worlds, pooled
     for r in runs.values():
         assert 0.0 <= r["test_win_rate"] <= 1.0 and 0.0 <= r["ranking_accuracy"] <= 1.0
         assert 0.0 <= r["test_reward"] <= world.MAX_REWARD
@@ -97,9 +118,11 @@ def test_the_reproduction_runs_end_to_end(tmp_path):
     else:
         assert gathered[0]["ranking_margin"] == pytest.approx(single["ranking_margin"], rel=1e-4, abs=1e-5)
     table = (work / "results.md").read_text()
-    for label in ("| DPO |", "| RPO paired, embedding weights |", "| RPO paired, embedding weights, rows mean 1 |",
-                  "| RPO unpaired |", "| 1 rank x 8 pairs |"):
+    for label in ("| DPO |", "| RPO paired, embedding weights, rows mean 1 |", "| RPO unpaired |", "| KTO |",
+                  "| 1 rank x 8 pairs |", "worlds beating DPO", "World 1: 10 topics in 5 groups"):
         assert label in table
+    for r in runs.values():  # collapse is counted from the replies' shape
+        assert 0.0 <= r["well_formed"] <= 1.0
     assert (work / "reproduction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (work / "runs" / next(iter(runs)) / "hf" / "config.json").exists()  # exported to Hugging Face
     assert (work / "world" / "test_pairs.jsonl").exists() and "results (" in result.stdout
