@@ -12,7 +12,7 @@ RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 WORLD = {"tiny_cpu.yaml": 2, "mistral7b_hh_rpo_paired.yaml": 8, "mistral7b_hh_rpo_unpaired.yaml": 8,
          "llama3_8b_rpo_tp2.yaml": 8, "llama2_70b_rpo_tp8_pp4.yaml": 64, "llama31_8b_instruct_rpo.yaml": 8,
          "qwen3_8b_rpo.yaml": 8, "qwen3_30b_a3b_rpo.yaml": 32, "mixtral_8x7b_rpo.yaml": 32,
-         "llama31_8b_long_rpo.yaml": 8}
+         "llama31_8b_long_rpo.yaml": 8, "mistral7b_hh_kto.yaml": 8}
 
 
 def test_every_recipe_is_listed_here():
@@ -75,6 +75,7 @@ HUB_CONFIGS = {
                           original_max_position_embeddings=8192)),
 }
 HUB_CONFIGS["mistral7b_hh_rpo_unpaired.yaml"] = HUB_CONFIGS["mistral7b_hh_rpo_paired.yaml"]
+HUB_CONFIGS["mistral7b_hh_kto.yaml"] = HUB_CONFIGS["mistral7b_hh_rpo_paired.yaml"]
 HUB_CONFIGS["llama31_8b_long_rpo.yaml"] = HUB_CONFIGS["llama31_8b_instruct_rpo.yaml"]
 
 
