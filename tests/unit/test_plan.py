@@ -244,3 +244,14 @@ def test_the_model_comes_from_a_hugging_face_config_before_conversion(tmp_path, 
     logits = next(line for line in out.splitlines() if line.strip().startswith("logits"))
     assert 13.0 < float(logits.split()[1]) < 15.0, out
     assert "verdict: does not fit" in out and "model.logprob_chunk_tokens=4096" in out
+
+
+def test_kto_plans_for_its_mismatched_pairs():
+    # KTO scores each item and one mismatched pair per item: twice RPO unpaired's tokens and activations.
+    from megatron_rpo.plan import plan
+
+    base = ["data.paired=false", "loss.reference=online", "train.micro_batch_size=4"]
+    rpo = plan(load_config("configs/mistral7b_hh_rpo_paired.yaml", base), 8, 80)
+    kto = plan(load_config("configs/mistral7b_hh_rpo_paired.yaml", base + ["loss.loss_type=kto"]), 8, 80)
+    assert kto.tokens_per_microbatch == 2 * rpo.tokens_per_microbatch
+    assert kto.stages[0].parts["activations"] == pytest.approx(2 * rpo.stages[0].parts["activations"])
