@@ -90,14 +90,6 @@ PURPOSE_POOL = tuple(p for g in GROUPS.values() for p in g[2]) + (
     "book club")
 LEAD_POOL = ("Consider", "Perhaps", "Try", "Maybe", "Imagine", "Behold", "Here", "Well")
 CLOSING_POOL = ("Enjoy!", "Cheers!", "Goodbye!", "Thanks!", "Farewell!", "Bye!", "Regards!", "Later!")
-TEMPLATES = (
-    "Can you recommend {phrase} for my {purpose}?",
-    "I need {phrase} for a {purpose}. What do you suggest?",
-    "What would you pick as {phrase} for a {purpose}?",
-    "Please suggest {phrase} for my {purpose}.",
-    "Any ideas for {phrase}? It is for a {purpose}.",
-    "Help me choose {phrase} for the {purpose}.",
-)
 BASE_ITEM = {"topic": 0.75, "group": 0.15, "other": 0.10}  # where the base policy's item comes from
 MAX_REWARD = 3.0
 

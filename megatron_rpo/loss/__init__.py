@@ -6,14 +6,14 @@ See DESIGN section 2 for the formulas; :mod:`.contrast` builds the RPO contrast 
 
 from megatron_rpo.loss.contrast import ROW_NORMALIZATIONS, WEIGHTINGS, contrast_weights, row_entropy
 from megatron_rpo.loss.losses import (
-                                     dpo_loss,
-                                     ipo_loss,
-                                     kto_loss,
-                                     kto_reference_point,
-                                     rpo_loss,
-                                     simpo_loss,
-                                     simpo_rewards,
-                                     simpo_rpo_loss,
+    dpo_loss,
+    ipo_loss,
+    kto_loss,
+    kto_reference_point,
+    rpo_loss,
+    simpo_loss,
+    simpo_rewards,
+    simpo_rpo_loss,
 )
 from megatron_rpo.loss.metrics import preference_metrics
 
