@@ -18,6 +18,8 @@ __all__ = ["METRICS", "TRL_NAMES", "scalar_name", "reduce_reports", "accuracy_te
 
 METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "reward_auc", "diag_weight",
            "row_entropy", "matrix_rows", "matrix_cols", "chosen_logps", "rejected_logps", "kl")
+# Reported by some losses only (KTO's reference point): left out of a step's metrics where no loss reported it.
+OPTIONAL_METRICS = ("kl",)
 
 # The names TensorBoard and Weights & Biases get: TRL's for what users compare across tools, ours
 # under contrast/ for the matrix; the rest (loss, lr, grad_norm, throughput) as they are.
@@ -56,7 +58,8 @@ def reduce_reports(reports: list[dict]) -> dict[str, float]:
     dist.all_reduce(values)  # only the data-parallel replicas of the last stage's TP rank 0 add in
     values = values.cpu()
     count = values[-1].item()
-    return {key: values[i].item() / count for i, key in enumerate(METRICS)}
+    return {key: values[i].item() / count for i, key in enumerate(METRICS)
+            if key not in OPTIONAL_METRICS or not math.isnan(values[i].item())}
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -79,7 +82,7 @@ def format_line(step: int, total: int, m: dict, lr: float, grad_norm: float | No
     return (f"step {step}/{total} | loss {_fmt(m['loss'], '.4f')} | chosen {_fmt(m['chosen_reward'], '+.4f')} | "
             f"rejected {_fmt(m['rejected_reward'], '+.4f')} | margin {_fmt(m['reward_margin'], '+.4f')} | "
             f"{accuracy_text(m, paired)} | {shape} | "
-            + ("" if math.isnan(m.get("kl", math.nan)) else f"kl {m['kl']:.4f} | ")  # KTO's reference point
+            + (f"kl {m['kl']:.4f} | " if "kl" in m else "")  # KTO's reference point
             + f"lr {lr:.2e} | grad {_fmt(grad_norm if grad_norm is not None else float('nan'), '.3f')} | "
             f"{tokens_per_s:,.0f} tok/s | "
             + ("" if tflops is None else f"{tflops:.2f} TFLOP/s{'/GPU' if mfu is not None else ''} | ")

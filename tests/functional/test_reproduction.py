@@ -107,7 +107,7 @@ def test_the_reproduction_runs_end_to_end(tmp_path):
     assert {r["world"] for r in runs.values()} == {0, 1}  # two worlds, pooled
     for r in runs.values():
         assert 0.0 <= r["test_win_rate"] <= 1.0 and 0.0 <= r["ranking_accuracy"] <= 1.0
-        assert 0.0 <= r["test_reward"] <= world.MAX_REWARD
+        assert 0.0 <= r["test_reward"] <= worlds.MAX_REWARD
         assert r["ranking_margin"] != 0.0  # every run moved the model away from the warm-up
     # The same 8 pairs a step, one matrix: on 1 rank of 8, or gathered over 2 ranks of 4 (exact gradients).
     study = results["study_method"]
