@@ -124,5 +124,8 @@ def test_the_reproduction_runs_end_to_end(tmp_path):
     for r in runs.values():  # collapse is counted from the replies' shape
         assert 0.0 <= r["well_formed"] <= 1.0
     assert (work / "reproduction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (work / "runs" / next(iter(runs)) / "hf" / "config.json").exists()  # exported to Hugging Face
-    assert (work / "world" / "test_pairs.jsonl").exists() and "results (" in result.stdout
+    for key, r in runs.items():  # each world's runs and files in its own folder; every run exported to Hugging Face
+        assert (work / f"world{r['world']}" / "runs" / key / "hf" / "config.json").exists(), key
+    for w in (0, 1):
+        assert (work / f"world{w}" / "world" / "test_pairs.jsonl").exists()
+    assert "results (" in result.stdout
