@@ -39,7 +39,7 @@ optimizer and the seeds are fixed. Contrast weights use the paper's defaults (ta
 test replies keep the world's shape; collapse is counted per method and learning rate, not
 averaged away. A seed draws the preference data and orders it; the warm-up is shared in a world.
 
-    python bench/reproduction.py                 # 4 worlds x 3 seeds, about 70-90 minutes on 2 CPU cores
+    python bench/reproduction.py                 # 6 worlds x 4 seeds, about 80 minutes on 2 CPU cores
     python bench/reproduction.py --worlds 2 --seeds 2
     python bench/reproduction.py --quick         # the harness end to end (2 worlds) in about 2 minutes
     python bench/reproduction.py --gpu           # a larger model and budget on CUDA
@@ -100,7 +100,7 @@ STUDY_METHOD = "rpo_embedding_mean"
 class Scale:
     """How big the world, the model and the budget are."""
 
-    worlds: tuple = (0, 1, 2, 3)      # bench/preference_world.py's seeds (0: the hand-built world)
+    worlds: tuple = (0, 1, 2, 3, 4, 5)  # bench/preference_world.py's seeds (0: the hand-built world)
     held_out_per_topic: int = 12      # validation prompts per topic, and as many test prompts
     pairs_per_prompt: int = 2         # preference pairs per training prompt
     demos_per_prompt: int = 4         # warm-up replies per training prompt
@@ -112,7 +112,7 @@ class Scale:
     steps: int = 100                  # preference steps, 8 pairs (16 unpaired items) each
     pairs_per_step: int = 8
     lrs: tuple = (1e-4, 2e-4, 3e-4, 5e-4)
-    seeds: tuple = (0, 1, 2)
+    seeds: tuple = (0, 1, 2, 3)
     methods: tuple = DEFAULT_METHODS
     # The batch-size study's extra runs of STUDY_METHOD at its chosen learning rate, each
     # (pairs per rank and microbatch, ranks, contrast scope); the main runs are 1 rank x pairs_per_step.
@@ -393,9 +393,10 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return m, se
 
 
-def fmt(values: list[float], digits: int = 2) -> str:
+def fmt(values: list[float], digits: int = 2, signed: bool = False) -> str:
     m, se = mean_se(values)
-    return f"{m:.{digits}f}" if math.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
+    mean = f"{m:+.{digits}f}" if signed else f"{m:.{digits}f}"
+    return mean if math.isnan(se) else f"{mean} ± {se:.{digits}f}"
 
 
 def collapsed(run: dict) -> bool:
@@ -409,10 +410,10 @@ def main() -> None:
     size.add_argument("--quick", action="store_true", help="the harness end to end, small, two worlds, one seed")
     size.add_argument("--gpu", action="store_true", help="a larger model and budget, 5 seeds; CUDA")
     p.add_argument("--worlds", type=int, default=None,
-                   help="worlds 0..K-1 of bench/preference_world.py (default 4; --quick 2)")
+                   help="worlds 0..K-1 of bench/preference_world.py (default 6; --quick 2)")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated subset of: {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; --gpu 5; --quick 1)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 4; --gpu 5; --quick 1)")
     p.add_argument("--lrs", default=None, help="the learning-rate grid, comma-separated")
     p.add_argument("--steps", type=int, default=None, help="preference steps per run")
     p.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps")
@@ -577,17 +578,23 @@ def write_report(work, scale, per_world: dict, results: dict, minutes: float) ->
                      f"| {c['label_temperature']:g} | {c['label_agreement']:.3f} ({c['label_agreement_stated']:.3f}) "
                      f"| {warm['test_reward']:.2f} | {warm['lead_rule']:.2f} | {warm['closing_rule']:.2f} |")
     lines += ["", "Pooled over worlds and seeds, each method at its chosen learning rate per world:", "",
-              "| method | worlds beating DPO | win rate vs warm-up | win rate, runs not collapsed | collapsed "
-              "| judge reward (of 3) | lead rule | closing rule | ranking accuracy |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| method | worlds beating DPO | win rate minus DPO's, paired (runs ahead) | win rate vs warm-up "
+              "| win rate, runs not collapsed | collapsed | judge reward (of 3) | lead rule | closing rule "
+              "| ranking accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
     dpo_mean = {w: statistics.mean(r["test_win_rate"] for r in chosen("dpo", w)) for w in ws} \
         if "dpo" in scale.methods else None
     for m in scale.methods:
         rs = pooled(m)
         kept = [r for r in rs if not collapsed(r)]
-        beats = "-" if m == "dpo" or dpo_mean is None else \
-            f"{sum(statistics.mean(r['test_win_rate'] for r in chosen(m, w)) > dpo_mean[w] for w in ws)} of {len(ws)}"
-        lines.append(f"| {_label(m)} | {beats} | {fmt([r['test_win_rate'] for r in rs])} "
+        beats = paired = "-"
+        if m != "dpo" and dpo_mean is not None:
+            beats = f"{sum(statistics.mean(r['test_win_rate'] for r in chosen(m, w)) > dpo_mean[w] for w in ws)} " \
+                    f"of {len(ws)}"
+            # The same world and seed (one warm-up, one draw of the data) with DPO: their difference.
+            diffs = [r["test_win_rate"] - d["test_win_rate"]
+                     for w in ws for r, d in zip(chosen(m, w), chosen("dpo", w))]
+            paired = f"{fmt(diffs, digits=3, signed=True)} ({sum(x > 0 for x in diffs)} of {len(diffs)})"
+        lines.append(f"| {_label(m)} | {beats} | {paired} | {fmt([r['test_win_rate'] for r in rs])} "
                      f"| {fmt([r['test_win_rate'] for r in kept]) if kept else '-'} ({len(kept)}) "
                      f"| {len(rs) - len(kept)} of {len(rs)} | {fmt([r['test_reward'] for r in rs])} "
                      f"| {fmt([r['lead_rule'] for r in rs])} | {fmt([r['closing_rule'] for r in rs])} "

@@ -121,6 +121,11 @@ def test_the_reproduction_runs_end_to_end(tmp_path):
     for label in ("| DPO |", "| RPO paired, embedding weights, rows mean 1 |", "| RPO unpaired |", "| KTO |",
                   "| 1 rank x 8 pairs |", "worlds beating DPO", "World 1: 10 topics in 5 groups"):
         assert label in table
+    # The paired column: each world's KTO run minus that world's DPO run (one seed, one lr in --quick).
+    main = {(r["world"], r["method"]): r["test_win_rate"] for r in runs.values() if r["nproc"] == 1 and r["micro"] == 8}
+    diff = (main[0, "kto"] - main[0, "dpo"] + main[1, "kto"] - main[1, "dpo"]) / 2
+    kto_row = next(line for line in table.splitlines() if line.startswith("| KTO |"))
+    assert kto_row.split(" | ")[2].startswith(f"{diff:+.3f} ± "), kto_row
     for r in runs.values():  # collapse is counted from the replies' shape
         assert 0.0 <= r["well_formed"] <= 1.0
     assert (work / "reproduction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
