@@ -90,6 +90,10 @@ METHODS = {
                   False),
 }
 DEFAULT_METHODS = ("dpo", "rpo_embedding", "rpo_embedding_mean", "rpo_uniform", "rpo_unpaired", "kto", "ipo", "simpo")
+# Pairs of methods that differ in one thing, compared run by run in the report: (first, second, what differs).
+COMPARISONS = (("rpo_embedding_mean", "rpo_embedding", "the row normalisation"),
+               ("rpo_embedding", "rpo_uniform", "the contrast weights"),
+               ("kto", "rpo_unpaired", "the loss on unpaired items"))
 COLLAPSED_BELOW = 0.5  # a run whose greedy test replies keep the world's shape less often than this has collapsed
 # The batch-size study's method: rows averaging 1 keep each cell's beta as the matrix grows (with rows
 # summing to 1 a larger matrix also shrinks the effective beta; DESIGN section 2), so only the matrix changes.
@@ -581,24 +585,38 @@ def write_report(work, scale, per_world: dict, results: dict, minutes: float) ->
               "| method | worlds beating DPO | win rate minus DPO's, paired (runs ahead) | win rate vs warm-up "
               "| win rate, runs not collapsed | collapsed | judge reward (of 3) | lead rule | closing rule "
               "| ranking accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
-    dpo_mean = {w: statistics.mean(r["test_win_rate"] for r in chosen("dpo", w)) for w in ws} \
-        if "dpo" in scale.methods else None
+    def worlds_ahead(a: str, b: str) -> int:
+        return sum(statistics.mean(r["test_win_rate"] for r in chosen(a, w)) >
+                   statistics.mean(r["test_win_rate"] for r in chosen(b, w)) for w in ws)
+
+    def paired(a: str, b: str) -> list[float]:
+        """a's win rate minus b's, run by run: the same world and seed (one warm-up, one draw of the data)."""
+        return [x["test_win_rate"] - y["test_win_rate"] for w in ws for x, y in zip(chosen(a, w), chosen(b, w))]
+
     for m in scale.methods:
         rs = pooled(m)
         kept = [r for r in rs if not collapsed(r)]
-        beats = paired = "-"
-        if m != "dpo" and dpo_mean is not None:
-            beats = f"{sum(statistics.mean(r['test_win_rate'] for r in chosen(m, w)) > dpo_mean[w] for w in ws)} " \
-                    f"of {len(ws)}"
-            # The same world and seed (one warm-up, one draw of the data) with DPO: their difference.
-            diffs = [r["test_win_rate"] - d["test_win_rate"]
-                     for w in ws for r, d in zip(chosen(m, w), chosen("dpo", w))]
-            paired = f"{fmt(diffs, digits=3, signed=True)} ({sum(x > 0 for x in diffs)} of {len(diffs)})"
-        lines.append(f"| {_label(m)} | {beats} | {paired} | {fmt([r['test_win_rate'] for r in rs])} "
+        beats = vs_dpo = "-"
+        if m != "dpo" and "dpo" in scale.methods:
+            diffs = paired(m, "dpo")
+            beats = f"{worlds_ahead(m, 'dpo')} of {len(ws)}"
+            vs_dpo = f"{fmt(diffs, digits=3, signed=True)} ({sum(x > 0 for x in diffs)} of {len(diffs)})"
+        lines.append(f"| {_label(m)} | {beats} | {vs_dpo} | {fmt([r['test_win_rate'] for r in rs])} "
                      f"| {fmt([r['test_win_rate'] for r in kept]) if kept else '-'} ({len(kept)}) "
                      f"| {len(rs) - len(kept)} of {len(rs)} | {fmt([r['test_reward'] for r in rs])} "
                      f"| {fmt([r['lead_rule'] for r in rs])} | {fmt([r['closing_rule'] for r in rs])} "
                      f"| {fmt([r['ranking_accuracy'] for r in rs])} |")
+    pairs = [(a, b, what) for a, b, what in COMPARISONS if a in scale.methods and b in scale.methods]
+    if pairs:
+        lines += ["", "The comparisons the conclusions rest on, run by run (the same world and seed, each method at "
+                  "its chosen learning rate):", "",
+                  "| comparison | win rate, first minus second | runs ahead / tied / behind | worlds ahead |",
+                  "|---|---|---|---|"]
+        for a, b, what in pairs:
+            diffs = paired(a, b)
+            lines.append(f"| {what}: {_label(a)} minus {_label(b)} | {fmt(diffs, digits=3, signed=True)} "
+                         f"| {sum(x > 0 for x in diffs)} / {sum(x == 0 for x in diffs)} / {sum(x < 0 for x in diffs)} "
+                         f"| {worlds_ahead(a, b)} of {len(ws)} |")
     lines += ["", "Every learning rate, pooled over worlds and seeds (test win rate; runs collapsed):", "",
               "| method | " + " | ".join(f"lr {x:g}" for x in scale.lrs) + " |", "|---|" + "---|" * len(scale.lrs)]
     for m in scale.methods:

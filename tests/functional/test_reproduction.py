@@ -126,6 +126,9 @@ def test_the_reproduction_runs_end_to_end(tmp_path):
     diff = (main[0, "kto"] - main[0, "dpo"] + main[1, "kto"] - main[1, "dpo"]) / 2
     kto_row = next(line for line in table.splitlines() if line.startswith("| KTO |"))
     assert kto_row.split(" | ")[2].startswith(f"{diff:+.3f} ± "), kto_row
+    ahead = (main[0, "kto"] > main[0, "rpo_unpaired"]) + (main[1, "kto"] > main[1, "rpo_unpaired"])
+    comparison = next(line for line in table.splitlines() if line.startswith("| the loss on unpaired items: KTO minus"))
+    assert comparison.split(" | ")[2].startswith(f"{ahead} / "), comparison
     for r in runs.values():  # collapse is counted from the replies' shape
         assert 0.0 <= r["well_formed"] <= 1.0
     assert (work / "reproduction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
