@@ -585,6 +585,7 @@ def write_report(work, scale, per_world: dict, results: dict, minutes: float) ->
               "| method | worlds beating DPO | win rate minus DPO's, paired (runs ahead) | win rate vs warm-up "
               "| win rate, runs not collapsed | collapsed | judge reward (of 3) | lead rule | closing rule "
               "| ranking accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
+
     def worlds_ahead(a: str, b: str) -> int:
         return sum(statistics.mean(r["test_win_rate"] for r in chosen(a, w)) >
                    statistics.mean(r["test_win_rate"] for r in chosen(b, w)) for w in ws)
