@@ -109,6 +109,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     if bf16 and not on_gpu:
         raise ValueError("bf16=True needs a GPU; CPU runs are fp32")
     dtype = torch.bfloat16 if bf16 else torch.float32
+    interleaved = parallel.virtual_pipeline_model_parallel_size is not None
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -139,6 +140,13 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         # transformer-engine's context-parallel attention: keys and values passed around the ring
         cp_comm_type="p2p" if parallel.context_parallel_size > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
+        # The interleaved schedule exchanges activations and gradients both ways at once. With
+        # batched p2p ops at PP 2 the one peer is both previous and next stage, and the two sends
+        # meet the two receives in the order posted: activations land where gradients were
+        # expected (wrong gradients, no error; Megatron-LM issues #750, #1450). Megatron-LM's own
+        # choice for the interleaved schedule, separate forward and backward exchanges, is exact.
+        overlap_p2p_comm=interleaved,
+        batch_p2p_comm=not interleaved,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_size,
         params_dtype=dtype,
