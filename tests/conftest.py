@@ -42,3 +42,9 @@ def sp_tokenizer(tmp_path_factory) -> str:
 def workspace(tmp_path_factory, hh_slice, sp_tokenizer) -> dict:
     """A converted tiny Llama matching configs/tiny_cpu.yaml, train/valid datasets and embeddings."""
     return build(tmp_path_factory.mktemp("train"), hh_slice, sp_tokenizer)
+
+
+def pytest_report_header(config):
+    from tests.equivalence import RUN_SEED, SEEDS
+
+    return f"equivalence harness: cases drawn with seeds {SEEDS[0]}..{SEEDS[-1]} (run seed {RUN_SEED})"

@@ -42,7 +42,13 @@ __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save
            "read_training_state", "mark_done", "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
 
 LATEST = "latest"
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# How the distributed optimizer's state is laid out in a checkpoint. megatron's "dp_reshardable"
+# stores each rank's flat gradient buckets, which change shape whenever the parameters a rank holds
+# change (EP, VPP, TP, PP): a checkpoint in it resumes at another DP size only. "fully_reshardable"
+# stores each parameter's state whole, gathered on data-parallel rank 0 when saving, and loads at
+# any layout. Checkpoints record theirs; those that do not were written in "dp_reshardable".
+OPTIMIZER_FORMAT = "fully_reshardable"
+_LEGACY_OPTIMIZER_FORMAT = "dp_reshardable"
 
 
 def checkpoint_model_config(path: str) -> ModelConfig:
@@ -153,6 +159,31 @@ def _placeholder_optimizer_state(optimizer) -> None:
                                       "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
 
+def _load_optimizer(optimizer, state_dict: dict, optimizer_format: str) -> None:
+    """``optimizer.load_state_dict``, with the per-parameter state of a ``fully_reshardable``
+    checkpoint loaded apart: megatron-core's loader copies the checkpoint's tensors into every key
+    of each parameter's state, torch Adam's step included, which such a checkpoint does not hold
+    (a KeyError wherever megatron falls back to torch's Adam: CPU, or a GPU without
+    transformer-engine or apex). The steps are set aside meanwhile (:func:`_restore_step_counters`
+    then sets them from the checkpoint)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = optimizer_parts(optimizer)
+    states = [state_dict] if len(parts) == 1 else [v for _, v in sorted(state_dict.items())]
+    apart = []
+    if optimizer_format == "fully_reshardable":
+        for opt, state in zip(parts, states):
+            if isinstance(opt, DistributedOptimizer) and "param_state" in state:
+                apart.append((opt, state.pop("param_state")))
+                state.pop("param_state_sharding_type", None)
+    optimizer.load_state_dict(state_dict)
+    for opt, param_state in apart:
+        steps = {p: state.pop("step") for p, state in opt.optimizer.state.items() if "step" in state}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            opt.optimizer.state[p]["step"] = step
+
+
 def _restore_step_counters(optimizer, loaded: dict) -> None:
     """Put the checkpoint's step count back into each parameter's state after a distributed-optimizer load.
 
@@ -186,13 +217,14 @@ def _model_state(module) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def _sharded(module, optimizer, loading: bool, rng: bool = True) -> dict:
+def _sharded(module, optimizer, loading: bool, rng: bool = True, optimizer_format: str = OPTIMIZER_FORMAT) -> dict:
     model_sd = _model_state(module)
     if loading:
         _placeholder_optimizer_state(optimizer)
     sharded = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=_OPTIMIZER_METADATA),
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading,
+                                                  metadata={"distrib_optim_sharding_type": optimizer_format}),
     }
     if rng:
         sharded["rng_state"] = _rng_object()
@@ -216,7 +248,8 @@ def save_training_checkpoint(save_dir: str, step: int, module, optimizer, schedu
                             sharded_strategy=SyncTorchDistSaveStrategy())
     if dist.get_rank() == 0:
         with open(os.path.join(tmp, "training_state.json"), "w") as f:
-            json.dump(dict(state, step=step, scheduler=scheduler.state_dict(), layout=_layout()), f, indent=2)
+            json.dump(dict(state, step=step, scheduler=scheduler.state_dict(), layout=_layout(),
+                           optimizer_format=OPTIMIZER_FORMAT), f, indent=2)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -259,7 +292,9 @@ def load_training_checkpoint(path: str, module, optimizer, scheduler, *, keep_sc
     # state reshard to another layout, the RNG streams cannot and start afresh (seeded) then.
     same_layout = state.get("layout") == _layout()
     with torch.no_grad():
-        loaded = dist_checkpointing.load(_sharded(module, optimizer, loading=True, rng=same_layout), path)
+        optimizer_format = state.get("optimizer_format", _LEGACY_OPTIMIZER_FORMAT)
+        loaded = dist_checkpointing.load(_sharded(module, optimizer, loading=True, rng=same_layout,
+                                                  optimizer_format=optimizer_format), path)
         chunks = module if isinstance(module, list) else [module]
         if len(chunks) == 1:
             chunks[0].load_state_dict(loaded["model"])
@@ -267,7 +302,7 @@ def load_training_checkpoint(path: str, module, optimizer, scheduler, *, keep_sc
             for i, chunk in enumerate(chunks):
                 chunk.load_state_dict(loaded["model"][f"chunk{i}"])
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer(optimizer, loaded["optimizer"], optimizer_format)
         _restore_step_counters(optimizer, loaded["optimizer"])
         if not keep_schedule:
             for group, mine in zip(optimizer.param_groups, settings):
