@@ -44,7 +44,8 @@ import torch
 
 from tests.workspace import RECIPE, REPO
 
-__all__ = ["RUN_SEED", "SEEDS", "Case", "draw", "recipe_case", "resumed", "reference_overrides", "run_cases", "compare", "prepare_world"]
+__all__ = ["RUN_SEED", "SEEDS", "Case", "draw", "recipe_case", "resumed", "reference_overrides", "evaluates",
+           "run_cases", "compare", "prepare_world"]
 
 FAMILIES = ("llama", "qwen3", "qwen3_moe", "mixtral")
 MOE = ("qwen3_moe", "mixtral")

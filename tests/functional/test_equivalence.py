@@ -19,6 +19,7 @@ from tests.equivalence import (
     SEEDS,
     compare,
     draw,
+    evaluates,
     prepare_world,
     recipe_case,
     reference_overrides,
@@ -48,12 +49,14 @@ CASES = [recipe_case(r) for r in RECIPES] + RESUMED + [draw(seed) for seed in SE
 def outcomes(workspace, sp_tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("equivalence")
     world = prepare_world(root, workspace, sp_tokenizer)
+    def key(case):  # what decides the single process's run
+        return case.recipe, case.family, case.steps, evaluates(case), reference_overrides(case)
+
     single, index = [], {}
-    for n, case in enumerate(CASES):
-        key = (case.recipe, case.family, case.steps, reference_overrides(case))
-        if key not in index:
-            index[key] = len(single)
-            single.append((case, key[3], str(root / "single" / f"run{len(single)}")))
+    for case in CASES:
+        if key(case) not in index:
+            index[key(case)] = len(single)
+            single.append((case, reference_overrides(case), str(root / "single" / f"run{len(single)}")))
     want = run_ranks(run_cases, 1, world, single, True, timeout=1800)[0]
     out = {}
     for size in sorted({c.world for c in CASES}):
@@ -61,7 +64,7 @@ def outcomes(workspace, sp_tokenizer, tmp_path_factory):
         runs = [(c, c.overrides, str(root / f"world{size}" / f"case{n}")) for n, c in enumerate(group)]
         got = run_ranks(run_cases, size, world, runs, timeout=1800)[0]
         for case, result in zip(group, got):
-            out[case.name] = (result, want[index[(case.recipe, case.family, case.steps, reference_overrides(case))]])
+            out[case.name] = (result, want[index[key(case)]])
     return out
 
 
