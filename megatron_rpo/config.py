@@ -46,6 +46,7 @@ __all__ = [
     "RESUMABLE_CHANGES",
     "MODEL_TRAINING_CHOICES",
     "MEMORY_KEYS",
+    "model_conflicts",
     "dump_config",
 ]
 
@@ -910,6 +911,17 @@ def explicit_keys(config: Config) -> frozenset | None:
     """The ``section.key`` names a recipe or the command line set (:func:`load_config`); None for a
     Config built otherwise, whose every value counts as set."""
     return getattr(config, "explicit_keys", None)
+
+
+def model_conflicts(config: Config, theirs: ModelConfig) -> list[tuple[str, Any, Any]]:
+    """``(key, config's value, theirs)`` for every architecture key of ``model`` the config sets
+    (all of them for a Config built in code) that differs from ``theirs``, the model of a
+    checkpoint or config.json. Training and the memory plan refuse such a config."""
+    explicit = explicit_keys(config)
+    mine, other = dataclasses.asdict(config.model), dataclasses.asdict(theirs)
+    return [(k, mine[k], other[k]) for k in mine
+            if k not in MODEL_TRAINING_CHOICES and (explicit is None or f"model.{k}" in explicit)
+            and mine[k] != other[k]]
 
 
 def dump_config(config: Config, path: str) -> None:

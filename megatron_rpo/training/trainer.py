@@ -20,12 +20,12 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from megatron_rpo import parallel
 from megatron_rpo.config import (
-    MODEL_TRAINING_CHOICES,
     Config,
     config_changes,
     config_to_dict,
     dump_config,
     explicit_keys,
+    model_conflicts,
 )
 from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.convert.save import save_converted
@@ -252,12 +252,11 @@ class Trainer:
         def given(key: str) -> bool:  # a Config built in code counts every value as set
             return explicit is None or key in explicit
 
-        mine, theirs = dataclasses.asdict(c.model), dataclasses.asdict(ckpt_model)
-        diff = {k: (mine[k], theirs[k]) for k in mine
-                if k not in MODEL_TRAINING_CHOICES and given(f"model.{k}") and mine[k] != theirs[k]}
+        diff = model_conflicts(c, ckpt_model)
         if diff:
-            detail = ", ".join(f"model.{k}={a!r} but the checkpoint has {b!r}" for k, (a, b) in diff.items())
+            detail = ", ".join(f"model.{k}={a!r} but the checkpoint has {b!r}" for k, a, b in diff)
             raise ValueError(f"{c.train.load} does not fit the config: {detail}")
+        theirs = dataclasses.asdict(ckpt_model)
         # The checkpoint's value of a training choice is the default; a value that was set wins.
         model = dataclasses.replace(c.model, **{k: v for k, v in theirs.items()
                                                 if k != "make_vocab_size_divisible_by" and not given(f"model.{k}")})

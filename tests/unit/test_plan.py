@@ -255,3 +255,19 @@ def test_kto_plans_for_its_mismatched_pairs():
     kto = plan(load_config("configs/mistral7b_hh_rpo_paired.yaml", base + ["loss.loss_type=kto"]), 8, 80)
     assert kto.tokens_per_microbatch == 2 * rpo.tokens_per_microbatch
     assert kto.stages[0].parts["activations"] == pytest.approx(2 * rpo.stages[0].parts["activations"])
+
+
+def test_a_hugging_face_config_that_contradicts_the_recipe_is_refused_by_name(tmp_path, capsys):
+    # Issue 31 item 3: the 70B recipe sets Llama-2's shape; a Qwen3-30B-A3B config.json beside it was
+    # planned as 80 layers of hidden 8192 with 128 experts. Training refuses that mix; the plan too.
+    import json
+
+    from megatron_rpo.plan import main
+    from tests.unit.test_recipes import HUB_CONFIGS
+
+    (tmp_path / "config.json").write_text(json.dumps(HUB_CONFIGS["qwen3_30b_a3b_rpo.yaml"]))
+    argv = ["--config", "configs/llama2_70b_rpo_tp8_pp4.yaml", "--gpus", "64", "--hf-config", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"the model of {tmp_path}/config.json does not fit the config: model.num_layers=80 but it has 48" in err
+    assert "model.hidden_size=8192 but it has 2048" in err and "model.vocab_size=32000 but it has 151936" in err
