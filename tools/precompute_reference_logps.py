@@ -18,6 +18,7 @@ from megatron_rpo import parallel
 from megatron_rpo.config import Config, DataConfig, ParallelConfig
 from megatron_rpo.data.files import read_manifest
 from megatron_rpo.data.preprocess import MANIFEST_KIND
+from megatron_rpo.data.tokenizer import check_tokenized_for
 from megatron_rpo.models import model_provider
 from megatron_rpo.training.checkpointing import checkpoint_model_config, load_weights
 from megatron_rpo.training.reference import compute_reference_logps
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         dataset = read_manifest(a.data_prefix, MANIFEST_KIND)
+        check_tokenized_for(a.data_prefix, dataset, a.load)  # before any GPU-hour is spent on it
         model_config = dataclasses.replace(checkpoint_model_config(a.load), logprob_chunk_tokens=a.logprob_chunk_tokens)
         model_config.validate()
         config = Config(

@@ -153,6 +153,21 @@ def tokenizer_digests(directory: str) -> set[str]:
     return digests
 
 
+def check_tokenized_for(prefix: str, manifest: dict, checkpoint: str) -> None:
+    """Refuse the dataset ``prefix`` (its ``manifest``) unless it was tokenised with the tokenizer
+    the converted ``checkpoint`` carries (a checkpoint that carries none is not checked).
+
+    Raises:
+        ValueError: naming both tokenizers and the fix.
+    """
+    carried = tokenizer_digests(os.path.join(checkpoint, "tokenizer"))
+    if carried and manifest["tokenizer"]["sha256"] not in carried:
+        raise ValueError(f"{prefix} was tokenised with {manifest['tokenizer']['path']}, not with the "
+                         f"tokenizer {checkpoint} carries ({os.path.join(checkpoint, 'tokenizer')}): the "
+                         "token ids would mean other words to the model; preprocess the data again with "
+                         "--tokenizer pointing there")
+
+
 def train_sentencepiece(texts, model_prefix: str, vocab_size: int = 1000) -> str:
     """Train a small Llama-style (BPE, byte fallback, bos=1/eos=2) sentencepiece model on ``texts``.
 

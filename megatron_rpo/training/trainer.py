@@ -32,7 +32,7 @@ from megatron_rpo.convert.save import save_converted
 from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate_step
 from megatron_rpo.data.files import manifest_path, read_manifest
 from megatron_rpo.data.reference_logps import REFERENCE_KIND, reference_prefix
-from megatron_rpo.data.tokenizer import tokenizer_digests
+from megatron_rpo.data.tokenizer import check_tokenized_for
 from megatron_rpo.device import current_device
 from megatron_rpo.models import model_chunks, use_transformer_engine
 from megatron_rpo.models.flops import peak_tflops, step_flops
@@ -294,13 +294,8 @@ class Trainer:
             if c.data.paired and not d.paired:
                 raise ValueError(f"{d.prefix} is unpaired data but data.paired=True")
         self._check_reference_checkpoint()
-        carried = tokenizer_digests(os.path.join(c.train.load, "tokenizer"))
         for d in datasets:
-            if carried and d.manifest["tokenizer"]["sha256"] not in carried:
-                raise ValueError(f"{d.prefix} was tokenised with {d.manifest['tokenizer']['path']}, not with the "
-                                 f"tokenizer {c.train.load} carries ({os.path.join(c.train.load, 'tokenizer')}): the "
-                                 "token ids would mean other words to the model; preprocess the data again with "
-                                 "--tokenizer pointing there")
+            check_tokenized_for(d.prefix, d.manifest, c.train.load)
         if self.valid_data is not None:
             a, b = self.train_data.manifest, self.valid_data.manifest
             if a["tokenizer"]["sha256"] != b["tokenizer"]["sha256"]:

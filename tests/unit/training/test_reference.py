@@ -67,3 +67,30 @@ def test_precomputed_equal_online(setup, tp, packing, chunk):
     indices = [0, 1, 57, 200, 479]  # 479 sits in the last, topped-up microbatch
     (online,) = run_ranks(_online, 1, ckpt, prefix, indices)
     np.testing.assert_allclose(ds.ref_logps[indices], online.numpy(), rtol=1e-5)
+
+
+def test_the_reference_tool_refuses_data_tokenised_for_another_checkpoint(workspace, hh_slice, tmp_path, capsys):
+    """Issue 31 item 4: it wrote log-probs for such a dataset, which training refused after the
+    GPU-hours were spent; now it refuses first, as training does, naming both tokenizers."""
+    import json
+    import shutil
+
+    from megatron_rpo.data.preprocess import preprocess
+    from megatron_rpo.data.tokenizer import train_sentencepiece
+    from tests.workspace import load_script
+
+    root = workspace["root"]
+    ckpt = tmp_path / "ckpt"  # the workspace's checkpoint, carrying the tokenizer its data was tokenised with
+    shutil.copytree(root / "ckpt", ckpt)
+    tokenizer = json.loads((root / "train.manifest.json").read_text())["tokenizer"]["path"]
+    shutil.copy(tokenizer, ckpt / "tokenizer" / "tokenizer.model")
+    rows = [json.loads(line) for line in open(hh_slice)]
+    other = train_sentencepiece([r["rejected"] for r in rows] + [r["chosen"][::-1] for r in rows],
+                                str(tmp_path / "other"), vocab_size=workspace["vocab"])
+    preprocess([str(root / "valid.jsonl")], "hh", other, str(tmp_path / "other_valid"), max_prompt_length=96,
+               max_length=160, progress=False)
+    tool = load_script("tools/precompute_reference_logps.py", "reference_tool_refusal")
+    assert tool.main(["--load", str(ckpt), "--data-prefix", str(tmp_path / "other_valid"), "--no-progress"]) == 1
+    assert f"{tmp_path / 'other_valid'} was tokenised with {other}, not with the tokenizer {ckpt} carries" in \
+        capsys.readouterr().err
+    assert not list(tmp_path.glob("other_valid.ref*"))
