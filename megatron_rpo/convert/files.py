@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from megatron_rpo.data.files import remove_stale, staging_tag
 
 __all__ = ["HFWeights", "ConvertedCheckpoint", "StagedDirectory", "MARKER", "copy_tokenizer", "TOKENIZER_FILES"]
 
@@ -40,8 +41,7 @@ class HFWeights:
                 weight_map = json.load(f)["weight_map"]
             self.files = {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
         elif os.path.exists(single):
-            with safe_open(single, "pt") as f:
-                self.files = {name: single for name in f.keys()}
+            self.files = {name: single for name in _read_safetensors(single, lambda f: list(f.keys()))}
         else:
             found = sorted(os.listdir(hf_dir))
             raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json (found {found}); "
@@ -56,8 +56,19 @@ class HFWeights:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
             raise ValueError(f"tensor {name!r} is missing from the checkpoint")
-        with safe_open(self.files[name], "pt") as f:
-            return f.get_tensor(name)
+        return _read_safetensors(self.files[name], lambda f: f.get_tensor(name), name,
+                                 "download or copy the file again")
+
+
+def _read_safetensors(path: str, read, name: str | None = None, fix: str = "convert the checkpoint again"):
+    """``read(safe_open handle)``, with a truncated or corrupt file named in a ValueError."""
+    try:
+        with safe_open(path, "pt") as f:
+            return read(f)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+        what = f"tensor {name!r}" if name else "its tensor names"
+        raise ValueError(f"{path}: cannot read {what} ({type(e).__name__}: {e}); the file is truncated or "
+                         f"corrupt, {fix}") from e
 
 
 class ConvertedCheckpoint:
@@ -87,14 +98,7 @@ class ConvertedCheckpoint:
         return os.path.join(self.path, self.index[name])
 
     def _read(self, name: str, read):
-        """``read(safe_open handle)``, with a truncated or corrupt file named in a ValueError."""
-        path = self._file(name)
-        try:
-            with safe_open(path, "pt") as f:
-                return read(f)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
-            raise ValueError(f"{path}: cannot read tensor {name!r} ({type(e).__name__}: {e}); the file is "
-                             "truncated or corrupt, convert the checkpoint again") from e
+        return _read_safetensors(self._file(name), read, name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._read(name, lambda f: tuple(f.get_slice(name).get_shape()))
@@ -112,15 +116,20 @@ class ConvertedCheckpoint:
 
 
 class StagedDirectory:
-    """Write a directory under a temporary sibling name; rename it into place on success only."""
+    """Write a directory under a temporary sibling name; rename it into place on success only.
+
+    The name is :func:`~megatron_rpo.data.files.staging_tag`'s, so what a ``kill -9`` left (tens
+    of GB for a 70B conversion) is removed by the next run on that output from the same host.
+    """
 
     def __init__(self, final: str):
         self.final = os.path.abspath(final)
         if os.path.exists(self.final) and os.listdir(self.final):
             raise ValueError(f"output directory {final} exists and is not empty; choose another or remove it")
-        self.tmp = f"{self.final}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.final + staging_tag()
 
     def __enter__(self) -> str:
+        remove_stale(self.final)
         os.makedirs(self.tmp)
         return self.tmp
 

@@ -16,13 +16,15 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import uuid
 
 from megatron_rpo.data.tokenizer import file_sha256
 
-__all__ = ["StagedOutputs", "read_manifest", "manifest_path", "verify_files", "remove_stale", "process_alive"]
+__all__ = ["StagedOutputs", "read_manifest", "manifest_path", "verify_files", "staging_tag", "remove_stale",
+           "process_alive"]
 
 
 def manifest_path(prefix: str) -> str:
@@ -44,14 +46,24 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def staging_tag() -> str:
+    """The suffix a process stages its outputs under (``.tmp-HOST-PID-XXXXXXXX``), which
+    :func:`remove_stale` recognises once that process is gone."""
+    return f".tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def remove_stale(final: str) -> list[str]:
-    """Delete what killed runs on this host left staged for ``final``; returns the removed paths."""
+    """Delete what killed runs on this host left staged for ``final`` (files, or directories of a
+    staged directory); returns the removed paths."""
     removed = []
     for path in glob.glob(glob.escape(final) + ".tmp-*"):
         tag = _TAG.search(path[len(final):])
         if tag and tag["host"] == _HOST and not process_alive(int(tag["pid"])):
             try:
-                os.remove(path)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
                 removed.append(path)
             except FileNotFoundError:
                 pass
@@ -66,7 +78,7 @@ class StagedOutputs:
     """Context manager: ``staged.path(final)`` gives a temporary path; all are committed on success."""
 
     def __init__(self) -> None:
-        self._tag = f".tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._tag = staging_tag()
         self._staged: dict[str, str] = {}
         self._previous_handler = None
 

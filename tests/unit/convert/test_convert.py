@@ -242,6 +242,39 @@ def test_errors_name_the_problem_and_leave_nothing(tmp_path):
     fails(r"not a Hugging Face model directory: no config.json")
 
 
+def test_a_truncated_hugging_face_shard_is_named(tmp_path):
+    # Issue 31 item 5: a shard cut short made conversion end in safetensors' own error, no file named.
+    model = _hf_model("llama_gqa")
+    model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].write_bytes(shards[1].read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"{shards[1]}: cannot read tensor '.*' \(SafetensorError: .*\); the "
+                                         "file is truncated or corrupt, download or copy the file again"):
+        convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_what_a_killed_conversion_left_is_removed_by_the_next(tmp_path):
+    # Issue 31 item 6: kill -9 during conversion left <output>.tmp-<id> (tens of GB at 70B) for ever.
+    import subprocess
+
+    from megatron_rpo.data.files import staging_tag
+
+    hf = _small_hf(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tag = staging_tag().rsplit("-", 2)[0] + f"-{dead.pid}-0123abcd"  # this host, a process that is gone
+    left = tmp_path / f"out{tag}"
+    (left / "weights").mkdir(parents=True)
+    (left / "weights" / "layer_00000.safetensors").write_bytes(b"half")
+    alive = tmp_path / f"out{staging_tag()}"  # this process's: a run in progress, kept
+    alive.mkdir()
+    convert_hf_to_megatron(str(hf), str(tmp_path / "out"), progress=False)
+    assert (tmp_path / "out" / "megatron_rpo_checkpoint.json").exists()
+    assert not left.exists() and alive.exists()
+
+
 def test_existing_output_is_refused(tmp_path):
     hf = _small_hf(tmp_path)
     (tmp_path / "out").mkdir()
