@@ -116,3 +116,17 @@ def test_every_gpu_recipe_fits_80_gb_by_the_memory_plan(name):
 
     result = plan(_with_hub_model(name), WORLD[name], 80)
     assert result.fits, describe(result)
+
+
+@pytest.mark.parametrize("path", [r for r in RECIPES if not r.endswith("tiny_cpu.yaml")], ids=os.path.basename)
+def test_each_recipe_says_how_to_preprocess_for_it_and_launches_through_the_launcher(path):
+    # Issue 31 item 7: the long-context recipe's data was preprocessed at the default lengths, which
+    # training then refused; and plain torchrun loses the launcher's exit code 75 after a stop.
+    import re
+
+    text = open(path).read()
+    flags = re.search(r"^# Preprocess with: --max-prompt-length (\d+) --max-length (\d+) ", text, flags=re.M)
+    assert flags, f"{path}: no '# Preprocess with:' line"
+    data = load_config(path).data
+    assert int(flags[2]) == data.max_length and data.max_prompt_length in (None, int(flags[1]))
+    assert not re.search(r"torchrun [^\n]*-m megatron_rpo\.train", text)
