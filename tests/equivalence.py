@@ -158,7 +158,8 @@ def draw(seed: int) -> Case:
         o += ["model.recompute_granularity=selective", "model.recompute_modules=[core_attn]"]
     if g.random() < 0.4:
         o.append("model.logprob_chunk_tokens=48")
-    words = [f"tp{tp}" + ("sp" if "parallel.sequence_parallel=true" in o else ""), f"pp{pp}" + (f"vpp{vpp}" if vpp else ""),
+    words = [f"tp{tp}" + ("sp" if "parallel.sequence_parallel=true" in o else ""),
+             f"pp{pp}" + (f"vpp{vpp}" if vpp else ""),
              f"cp{cp}", f"dp{dp}", *(("ep" if "expert_model" in x else "etp") + x.split("=")[1] for x in o
                                      if x.startswith(("parallel.expert_model", "parallel.expert_tensor"))),
              loss + (f"-{weighting}" if weighting else ""), scope, reference if loss not in REFERENCE_FREE else "",

@@ -115,8 +115,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, **kwargs) -> l
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_worker, args=(fn, rank, world_size, store, results, dict(os.environ), os.getcwd(), _Output(),
-                                                 args, kwargs), daemon=True)
+            ctx.Process(target=_worker, daemon=True, args=(fn, rank, world_size, store, results, dict(os.environ),
+                                                           os.getcwd(), _Output(), args, kwargs))
             for rank in range(world_size)
         ]
         for p in procs:

@@ -8,6 +8,8 @@ never builds the reference model.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from megatron_rpo.data.files import StagedOutputs, manifest_path, read_manifest
@@ -50,6 +52,10 @@ def load_reference_logps(data_prefix: str, num_sequences: int) -> np.ndarray:
         ValueError: missing, for another version of the dataset, or of the wrong length.
     """
     prefix = reference_prefix(data_prefix)
+    if not os.path.exists(manifest_path(prefix)):
+        raise ValueError(f"{data_prefix} has no precomputed reference log-probs ({manifest_path(prefix)} not found): "
+                         f"run tools/precompute_reference_logps.py --load CHECKPOINT --data-prefix {data_prefix}, "
+                         "or train with loss.reference=online")
     manifest = read_manifest(prefix, REFERENCE_KIND)
     if manifest["dataset_manifest_sha256"] != file_sha256(manifest_path(data_prefix)):
         raise ValueError(

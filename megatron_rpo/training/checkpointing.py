@@ -39,7 +39,7 @@ from megatron_rpo.convert.load import load_converted
 from megatron_rpo.training.optimizer import optimizer_parts
 
 __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
-           "read_training_state", "mark_done", "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
+           "describe_layout", "read_training_state", "mark_done", "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
 
 LATEST = "latest"
 # How the distributed optimizer's state is laid out in a checkpoint. megatron's "dp_reshardable"
@@ -133,6 +133,15 @@ def _layout() -> list[int]:
                parallel_state.get_expert_tensor_parallel_world_size())
     cp = parallel_state.get_context_parallel_world_size()
     return layout + ([ep, etp] if (ep, etp) != (1, layout[0]) else []) + ([cp] if cp > 1 else [])
+
+
+def describe_layout(layout: list[int] | None) -> str:
+    """A checkpoint's recorded layout (:func:`_layout`'s list) with its names: "TP 1 x PP 2 x DP 2"."""
+    if not layout:
+        return "an unrecorded layout"
+    names = ["TP", "PP", "DP"] + (["EP", "ETP"] if len(layout) in (5, 6) else []) + (["CP"] if len(layout) in (4, 6)
+                                                                                     else [])
+    return " x ".join(f"{name} {size}" for name, size in zip(names, layout))
 
 
 def _placeholder_optimizer_state(optimizer) -> None:

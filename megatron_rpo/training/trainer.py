@@ -39,6 +39,7 @@ from megatron_rpo.models.flops import peak_tflops, step_flops
 from megatron_rpo.plan import plan
 from megatron_rpo.training.checkpointing import (
     checkpoint_model_config,
+    describe_layout,
     latest_checkpoint,
     load_training_checkpoint,
     load_weights,
@@ -133,8 +134,8 @@ class Trainer:
                 self._checkpoint, self._pending = (resume, self.step), list(state.get("pending", []))
                 self.sampler.consumed_samples = state["consumed_samples"]
                 _log(f"resumed from {resume} at step {self.step}" + (
-                    "" if state["rng_restored"] else f" (trained as TP x PP x DP = {state.get('layout')}: weights and "
-                    "optimizer state resharded, random streams seeded afresh)"))
+                    "" if state["rng_restored"] else f" (trained as {describe_layout(state.get('layout'))}: weights "
+                    "and optimizer state resharded, random streams seeded afresh)"))
             log_dir = c.train.tensorboard_dir or (os.path.join(c.train.save, "tensorboard") if c.train.save else None)
             self.scalars = Scalars(log_dir, self._wandb_settings())
         except BaseException:

@@ -39,8 +39,9 @@ def _recipe(name: str):
 RESUMED = [resumed(_recipe("qwen3_30b_a3b_rpo.yaml"), 2, "parallel.expert_model_parallel_size=1"),
            resumed(_recipe("mixtral_8x7b_rpo.yaml"), 1, "parallel.expert_model_parallel_size=1"),
            resumed(_recipe("llama2_70b_rpo_tp8_pp4.yaml"), 2, "parallel.virtual_pipeline_model_parallel_size=null"),
+           # at DP 4 then, a smaller micro batch: the global-batch matrix is the same
            resumed(_recipe("llama3_8b_rpo_tp2.yaml"), 1, "parallel.tensor_model_parallel_size=1",
-                   "parallel.sequence_parallel=false", "train.micro_batch_size=1"),  # DP 4 then: the global-batch matrix is the same
+                   "parallel.sequence_parallel=false", "train.micro_batch_size=1"),
            resumed(_recipe("llama31_8b_long_rpo.yaml"), 2, "parallel.context_parallel_size=1")]
 CASES = [recipe_case(r) for r in RECIPES] + RESUMED + [draw(seed) for seed in SEEDS]
 

@@ -126,3 +126,14 @@ def test_missing_embeddings_are_a_clear_error(tmp_path, sp_tokenizer):
     preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "d"), progress=False)
     with pytest.raises(ValueError, match=r"d.emb.manifest.json not found"):
         PreferenceDataset(str(tmp_path / "d"), embeddings=True)
+
+
+def test_missing_reference_logps_name_the_tool_and_the_online_reference(tmp_path, sp_tokenizer):
+    # Issue 31 item 8: the message asked whether the prefix was a dataset written by our tools.
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
+    preprocess([str(src)], "pairs", sp_tokenizer, str(tmp_path / "d"), progress=False)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'd'} has no precomputed reference log-probs .*: run "
+                                         rf"tools/precompute_reference_logps.py --load CHECKPOINT --data-prefix "
+                                         rf"{tmp_path / 'd'}, or train with loss.reference=online"):
+        PreferenceDataset(str(tmp_path / "d"), reference_logps=True)
