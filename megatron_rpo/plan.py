@@ -391,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     try:
         config = load_config(a.config, a.overrides)
-        if a.gpus <= 0 or a.gpu_memory_gib <= 0:
-            raise ValueError(f"--gpus ({a.gpus}) and --gpu-memory-gib ({a.gpu_memory_gib}) must be > 0")
+        if a.gpus <= 0 or not 0 < a.gpu_memory_gib < float("inf"):  # nan and inf fail the comparison
+            raise ValueError(f"--gpus ({a.gpus}) and --gpu-memory-gib ({a.gpu_memory_gib}) must be > 0 (and finite)")
         config, source = resolve_model(config, a.hf_config)
         config.check_lengths()
         result = plan(config, a.gpus, a.gpu_memory_gib)

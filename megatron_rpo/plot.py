@@ -13,7 +13,7 @@ import glob
 import os
 import sys
 
-__all__ = ["read_scalars", "plot_run", "main"]
+__all__ = ["read_scalars", "panel_lines", "plot_run", "main"]
 
 # (panel title, the scalar names to draw in it, first one found wins per split)
 PANELS = (
@@ -44,6 +44,17 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def panel_lines(scalars: dict) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Per panel of :data:`PANELS`, its title and the ``(split, scalar name)`` lines it draws: one
+    measure per panel, training's (an unpaired run evaluated on pairs also logs the accuracy, which
+    its training line does not show), for every split that logged it."""
+    out = []
+    for title, names in PANELS:
+        name = next((n for split in ("train", "eval") for n in names if f"{split}/{n}" in scalars), None)
+        out.append((title, [(split, name) for split in ("train", "eval") if name and f"{split}/{name}" in scalars]))
+    return out
+
+
 def plot_run(run_dir: str, output: str | None = None) -> str:
     """Draw the run into a PNG; returns its path.
 
@@ -61,13 +72,11 @@ def plot_run(run_dir: str, output: str | None = None) -> str:
     scalars = read_scalars(run_dir)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8), constrained_layout=True)
     drawn = 0
-    for ax, (title, names) in zip(axes, PANELS):
-        for split, style in (("train", dict(lw=1.2)), ("eval", dict(marker="o", lw=1.5))):
-            name = next((n for n in names if f"{split}/{n}" in scalars), None)
-            if name is None:
-                continue
+    styles = {"train": dict(lw=1.2), "eval": dict(marker="o", lw=1.5)}
+    for ax, (title, lines) in zip(axes, panel_lines(scalars)):
+        for split, name in lines:
             steps, values = zip(*scalars[f"{split}/{name}"])
-            ax.plot(steps, values, label=f"{split} ({name.split('/')[-1]})", **style)
+            ax.plot(steps, values, label=f"{split} ({name.split('/')[-1]})", **styles[split])
             drawn += 1
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -73,6 +73,9 @@ def convert_hf_to_megatron(
     """
     hf_config = read_hf_config(hf_dir)
     model, arch = model_config_from_hf(hf_config, os.path.join(hf_dir, "config.json"))
+    if model.num_moe_experts is None and expert_model_parallel_size != 1:
+        raise ValueError(f"--expert-model-parallel-size {expert_model_parallel_size} splits experts, and {hf_dir} "
+                         f"({arch}) is a dense model: leave it out")
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_model_parallel_size,
                               pipeline_model_parallel_size=pipeline_model_parallel_size,
                               expert_model_parallel_size=expert_model_parallel_size,
@@ -90,7 +93,8 @@ def convert_hf_to_megatron(
     index: dict[str, str] = {}
     dtype = None
     with StagedDirectory(output_dir) as tmp:
-        for group, mapping in tqdm(file_groups(model, arch), desc="convert", unit=" layers", disable=not progress):
+        # one file per group: the embedding, each layer, the final norm and output layer
+        for group, mapping in tqdm(file_groups(model, arch), desc="convert", unit=" files", disable=not progress):
             tensors = {target: _convert(weights, model, hf_keys, transform, target, shapes[target], consumed)
                        for target, (hf_keys, transform) in mapping.items()}
             dtype = dtype or str(next(iter(tensors.values())).dtype).replace("torch.", "")

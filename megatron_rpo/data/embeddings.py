@@ -54,10 +54,15 @@ def load_encoder(name_or_path: str = DEFAULT_MODEL, device: str | None = None):
     """A SentenceTransformer loaded from a local directory only.
 
     Raises:
-        ValueError: a CUDA device asked for on a machine where torch sees none.
+        ValueError: ``device`` is no torch device, or a CUDA device on a machine where torch sees none.
     """
     import torch
 
+    if device is not None:
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
     if device and device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: torch sees no CUDA GPU on this machine (torch {torch.__version__}); "
                          "embed on the CPU with --device cpu (the default)")

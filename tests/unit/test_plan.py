@@ -271,3 +271,12 @@ def test_a_hugging_face_config_that_contradicts_the_recipe_is_refused_by_name(tm
     err = capsys.readouterr().err
     assert f"the model of {tmp_path}/config.json does not fit the config: model.num_layers=80 but it has 48" in err
     assert "model.hidden_size=8192 but it has 2048" in err and "model.vocab_size=32000 but it has 151936" in err
+
+
+@pytest.mark.parametrize("memory", ["nan", "inf", "0"])
+def test_a_gpu_memory_that_is_not_a_positive_number_is_refused(memory, capsys):
+    # Issue 31 item 8: --gpu-memory-gib nan planned "nan% of the usable memory".
+    from megatron_rpo.plan import main
+
+    assert main(["--config", "configs/tiny_cpu.yaml", "--gpus", "2", "--gpu-memory-gib", memory]) == 2
+    assert f"--gpu-memory-gib ({float(memory)}) must be > 0 (and finite)" in capsys.readouterr().err

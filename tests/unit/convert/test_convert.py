@@ -223,6 +223,8 @@ def test_errors_name_the_problem_and_leave_nothing(tmp_path):
 
     fails(r"num_attention_heads \(4\) is not divisible by parallel.tensor_model_parallel_size \(3\)",
           tensor_model_parallel_size=3)
+    fails(r"--expert-model-parallel-size 2 splits experts, and .* \(LlamaForCausalLM\) is a dense model: leave it out",
+          expert_model_parallel_size=2)
     missing = dict(original)
     del missing["model.layers.2.mlp.up_proj.weight"]
     save_file(missing, weights)

@@ -82,3 +82,13 @@ def test_embeddings_sharded_over_ranks_equal_one_process(tmp_path, dataset):
     assert manifests[1] == {} and manifests[0]["num_prompts"] == len(single)
     sharded, _ = load_prompt_embeddings(str(copy))
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
+
+
+def test_a_device_torch_does_not_know_is_one_line(dataset, capsys):
+    # Issue 31 item 8: --device tpu ended in torch's raw RuntimeError.
+    from tests.workspace import load_script
+
+    tool = load_script("tools/precompute_prompt_embeddings.py", "precompute_prompt_embeddings_tool")
+    assert tool.main(["--data-prefix", dataset, "--device", "tpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: device 'tpu' is not a torch device: use cpu, cuda or cuda:N"
