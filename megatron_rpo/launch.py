@@ -13,11 +13,15 @@ halfway. Here:
 * when a worker exited with 75 and every other one that failed was taken down by torchrun
   (a signal) after it, the launcher exits with 75 too, with one line instead of torchrun's
   failure report; any other failure is torchrun's, reported as torchrun reports it;
+* when the workers stopped on a bad input they reported (exit code 2, one ``error:`` line from
+  rank 0), the launcher exits with 2 without torchrun's failure report after it;
+* torchrun's "failed (exitcode: N)" log line is left out for those two exits, which are no crash;
 * a second Ctrl-C stops the workers at once, as torchrun would on the first.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -25,6 +29,18 @@ import sys
 __all__ = ["main"]
 
 FORWARDED = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+INPUT_ERROR_EXIT_CODE = 2
+"""What ``megatron_rpo.train`` exits with after reporting a bad input (:mod:`megatron_rpo.errors`)."""
+
+
+class _QuietCleanExits(logging.Filter):
+    """Drop torchrun's "failed (exitcode: N) local_rank: ..." line for a stop or a reported bad input."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from megatron_rpo.training.interrupts import PREEMPTED_EXIT_CODE
+
+        return not (record.msg.startswith("failed (exitcode:") and record.args
+                    and record.args[0] in (PREEMPTED_EXIT_CODE, INPUT_ERROR_EXIT_CODE))
 
 
 class _Forwarder:
@@ -56,7 +72,7 @@ class _Forwarder:
 
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from megatron_rpo.training.interrupts import PREEMPTED_EXIT_CODE
 
@@ -70,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     kept = [s.strip() for s in args.signals_to_handle.split(",") if s.strip() and s.strip() not in FORWARDED]
     args.signals_to_handle = ",".join(kept) or "SIGQUIT"
     _Forwarder().install()
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietCleanExits())
     try:
-        record(torchrun.run)(args)
+        torchrun.run(args)  # torchrun's own ``record`` wrapper would log the workers' error files again
     except ChildFailedError as e:
         codes = [failure.exitcode for failure in e.failures.values()]
+        if INPUT_ERROR_EXIT_CODE in codes and all(code == INPUT_ERROR_EXIT_CODE or code < 0 for code in codes):
+            return INPUT_ERROR_EXIT_CODE  # rank 0 said what is wrong, in one line
         # A worker exits with 75 only after the checkpoint is published on every rank (the save
         # ends in a barrier); torchrun then takes down the workers still closing, with a signal.
         if PREEMPTED_EXIT_CODE in codes and all(code == PREEMPTED_EXIT_CODE or code < 0 for code in codes):

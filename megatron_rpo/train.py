@@ -6,33 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
-
-# Deprecation notices from inside torch and megatron-core are for their developers, not for ours.
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|megatron)(\.|$)")
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch|megatron)(\.|$)")
 
 from megatron_rpo.config import load_config
-
-
-def _report(error: ValueError) -> None:
-    """One message for the job: every rank finds the same bad input and rank 0 says it. Under
-    torchrun each rank also records it in its error file, which torchrun's failure summary quotes
-    (so an error only some rank saw is not lost): the message alone, as its "traceback", since a
-    bad input is the user's to fix, not a stack to read."""
-    message = f"error: {error}"
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(message, file=sys.stderr, flush=True)
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
-        import json
-        import time
-
-        # torchrun's error-file format (torch.distributed.elastic's ErrorHandler.record_exception)
-        # with the message where it would put the Python stack.
-        with open(path, "w") as f:
-            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
-                                                                     "timestamp": str(int(time.time()))}}}, f)
+from megatron_rpo.errors import report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ValueError as e:
-        _report(e)
+        report(e)
         return 2
     if "RANK" not in os.environ:
         print("no launcher environment (RANK is unset): training in this one process; for several, launch with "
@@ -56,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config)
         trainer.train()
     except ValueError as e:  # bad inputs found before training: say what, no traceback
-        _report(e)
+        report(e)
         return 2
     except Preempted as e:  # stopped on a signal after saving (the trainer said so)
         return e.exit_code

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from megatron_rpo.convert import convert_hf_to_megatron
+from megatron_rpo.errors import report
 
 
 def main(argv=None) -> int:
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
                                       expert_model_parallel_size=a.expert_model_parallel_size,
                                       progress=not a.no_progress)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 1
     m = meta["model"]
     experts = f", {m['num_moe_experts']} experts (top {m['moe_router_topk']})" if m.get("num_moe_experts") else ""

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from megatron_rpo.convert import convert_megatron_to_hf
+from megatron_rpo.errors import report
 
 
 def main(argv=None) -> int:
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
     try:
         config = convert_megatron_to_hf(a.megatron_dir, a.output_dir, progress=not a.no_progress)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 1
     print(f"{config['architectures'][0]} -> {a.output_dir}")
     return 0

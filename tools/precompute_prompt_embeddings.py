@@ -13,6 +13,7 @@ import os
 import sys
 
 from megatron_rpo.data.embeddings import DEFAULT_MODEL, embeddings_prefix, precompute_prompt_embeddings
+from megatron_rpo.errors import report
 
 
 def main(argv=None) -> int:
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
         m = precompute_prompt_embeddings(a.data_prefix, a.model, batch_size=a.batch_size, device=device,
                                          progress=not a.no_progress)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 1
     if m:
         print(f"{m['num_prompts']} prompts x {m['dim']} ({m['model']}) -> {embeddings_prefix(a.data_prefix)}"

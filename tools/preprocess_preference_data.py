@@ -19,6 +19,7 @@ import sys
 
 from megatron_rpo.data.formats import FORMATS
 from megatron_rpo.data.preprocess import preprocess
+from megatron_rpo.errors import report
 
 
 def main(argv=None) -> int:
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
                        max_length=a.max_length, strict=a.strict, keep_identical_pairs=a.keep_identical_pairs,
                        progress=not a.no_progress, split=a.split, chat_template=a.chat_template).manifest
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 1
     if m["format_detected"]:
         print(f"format: {m['format']} (detected from the columns; --format to choose)")

@@ -108,6 +108,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(workspace, tmp_p
         assert job.proc.wait(timeout=60) == 75  # the launcher's too: plain torchrun would exit with 1
     finally:
         job.kill()
+    assert "failed (exitcode: 75)" not in job.output()  # torchrun's crash line, for a clean stop
     step = int(stopped.group(1))
     assert (save / "latest").read_text().strip() == f"iter_{step:07d}"
     assert "Traceback" not in job.output().split("received SIGTERM")[0]  # no traceback wall before the clean stop
@@ -215,3 +216,27 @@ def test_inputs_that_do_not_belong_together_are_refused_before_any_work(workspac
     # An unpaired run evaluated on pairs shows the training line's measure next to the pairs' accuracy.
     assert unpaired["eval"]["reward_auc"] == unpaired["eval"]["reward_auc"]
     assert re.search(r"eval at step 1: loss \S+ \| acc \S+ \| reward AUC \S+ \| margin", out), out[-2000:]
+
+
+def test_under_the_launcher_a_bad_input_is_one_line_and_exit_code_2(workspace, tmp_path):
+    # Issue 31 item 8: after the one-line error, the launcher printed torchrun's 35-line failure report.
+    argv = overrides(workspace, tmp_path / "run", f"data.valid_data_prefix={tmp_path / 'missing'}")
+    result = subprocess.run(_torchrun(argv, "megatron_rpo.launch"), cwd=REPO, env=launch_env(), capture_output=True,
+                            text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert len([line for line in output.splitlines() if line.startswith("error: ")]) == 1, output[-3000:]
+    for noise in ("ChildFailedError", "Root Cause", "Traceback", "failed (exitcode"):
+        assert noise not in output, output[-3000:]
+
+
+def test_the_reference_tool_under_torchrun_says_a_bad_input_once_and_records_it(workspace, tmp_path):
+    # Issue 31 item 8: every rank printed the error and torchrun's report showed "error_file: <N/A>".
+    tool = os.path.join(REPO, "tools", "precompute_reference_logps.py")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", tool,
+                             "--load", str(workspace["root"] / "ckpt"), "--data-prefix", str(tmp_path / "missing")],
+                            cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert len([line for line in output.splitlines() if line.startswith("error: ")]) == 1, output[-3000:]
+    assert re.search(r"traceback : error: .*missing.manifest.json not found", output), output[-3000:]
