@@ -44,7 +44,7 @@ import torch
 
 from tests.workspace import RECIPE, REPO
 
-__all__ = ["RUN_SEED", "SEEDS", "Case", "draw", "recipe_case", "resumed", "reference_overrides", "evaluates",
+__all__ = ["RUN_SEED", "SEEDS", "Case", "draw", "family_of", "recipe_case", "write_references", "resumed", "reference_overrides", "evaluates",
            "run_cases", "compare", "prepare_world"]
 
 FAMILIES = ("llama", "qwen3", "qwen3_moe", "mixtral")
@@ -170,6 +170,19 @@ def draw(seed: int) -> Case:
     return Case(f"s{seed}-{family}-w{world}-{short}", world, family, tuple(o), steps=steps)
 
 
+def family_of(recipe: str) -> str:
+    """The family of the tiny model a recipe trains: the file name's (qwen3, mixtral), a Qwen3
+    recipe with expert parallelism Qwen3-MoE, Llama otherwise."""
+    from megatron_rpo.config import load_config
+
+    name = os.path.basename(recipe)
+    if name.startswith("mixtral"):
+        return "mixtral"
+    if name.startswith("qwen3"):
+        return "qwen3_moe" if load_config(recipe).parallel.expert_model_parallel_size > 1 else "qwen3"
+    return "llama"
+
+
 def recipe_case(recipe: str) -> Case:
     """A shipped recipe's layout on 2-4 processes: each parallel kind it uses at size 2 (TP with its
     sequence parallelism, PP with VPP, CP, EP with its ETP), DP 2 beside them where it fits in 4
@@ -181,8 +194,7 @@ def recipe_case(recipe: str) -> Case:
     c = load_config(recipe)
     p = c.parallel
     name = os.path.basename(recipe).removesuffix(".yaml")
-    family = ("mixtral" if name.startswith("mixtral") else
-              ("qwen3_moe" if p.expert_model_parallel_size > 1 else "qwen3") if name.startswith("qwen3") else "llama")
+    family = family_of(recipe)
     tp, pp, cp = (2 if n > 1 else 1 for n in (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                               p.context_parallel_size))
     dp = 2
@@ -299,7 +311,7 @@ def argv(world: dict, case: Case, overrides: tuple[str, ...], save, *last: str) 
             "train.tensorboard_dir=null", "train.wandb_project=null", "parallel.distributed_timeout_minutes=1", *last]
 
 
-def _references(world: dict) -> None:
+def write_references(world: dict) -> None:
     """Every family's reference log-probs (train and valid), on this one process."""
     from megatron.core import parallel_state
 
@@ -331,7 +343,7 @@ def run_cases(world: dict, runs: list[tuple[Case, tuple[str, ...], str]], refere
     from megatron_rpo.training.trainer import Trainer
 
     if references:
-        _references(world)
+        write_references(world)
     out = []
     for case, overrides, save in runs:
         if out and out[-1].get("fatal"):

@@ -21,64 +21,22 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.equivalence import SIZE_KEYS, family_of, prepare_world, write_references
 from tests.multiprocess import run_ranks
 from tests.workspace import RECIPE as TINY_RECIPE
-from tests.workspace import Job, family_checkpoint, launch_env, train_each
+from tests.workspace import Job, launch_env, train_each
 
 RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))
                  if os.path.basename(p) != "tiny_cpu.yaml")
 STEPS, INTERVAL = 8, 4
-SIZE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-             "vocab_size", "max_position_embeddings")
 TIMING = ("step_time", "tokens_per_s", "tflops", "mfu")  # the machine's, not the run's
 
 
 @pytest.fixture(scope="module")
 def recipe_world(tmp_path_factory, workspace, sp_tokenizer):
-    """A tiny Llama whose non-size settings agree with every recipe that sets them (RoPE base
-    500000 and RMSNorm epsilon 1e-5, as the Llama-3 and Llama-2 recipes say), a tiny Qwen3,
-    Qwen3-MoE and Mixtral for the recipes of those families, and per family a copy of the
-    workspace's datasets and embeddings (their reference log-probs come with the uninterrupted
-    runs)."""
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megatron_rpo.config import load_config
-    from megatron_rpo.convert import convert_hf_to_megatron
-
-    root = tmp_path_factory.mktemp("recipes")
-    m = load_config(TINY_RECIPE).model
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=workspace["vocab"], hidden_size=m.hidden_size,
-                                 intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
-                                 num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
-                                 max_position_embeddings=m.max_position_embeddings, rms_norm_eps=1e-5,
-                                 rope_theta=500000.0)).save_pretrained(root / "hf")
-    shutil.copy(sp_tokenizer, root / "hf" / "tokenizer.model")
-    convert_hf_to_megatron(str(root / "hf"), str(root / "ckpt"), progress=False)
-    families = {"llama": {"ckpt": str(root / "ckpt"), "data": root}}
-    for kind in ("qwen3", "qwen3_moe", "mixtral"):
-        families[kind] = {"ckpt": family_checkpoint(root, kind, workspace["vocab"], sp_tokenizer), "data": root / kind}
-    for family in families.values():  # the datasets, a copy per family: each gets its own reference log-probs
-        for split in ("train", "valid"):
-            for f in glob.glob(str(workspace["root"] / f"{split}.*")):
-                if not f.endswith(f"{split}.jsonl") and ".ref." not in f:
-                    shutil.copy(f, family["data"])
-    return {"root": root, "vocab": workspace["vocab"], "families": families}
-
-
-def family_of(recipe: str) -> str:
-    """The family of the tiny model a recipe trains: the file name's (qwen3, mixtral), a Qwen3
-    recipe with expert parallelism Qwen3-MoE, Llama otherwise."""
-    from megatron_rpo.config import load_config
-
-    name = os.path.basename(recipe)
-    if name.startswith("mixtral"):
-        return "mixtral"
-    if name.startswith("qwen3"):
-        return "qwen3_moe" if load_config(recipe).parallel.expert_model_parallel_size > 1 else "qwen3"
-    return "llama"
+    """A tiny checkpoint of every family with a copy of the workspace's datasets each
+    (:func:`tests.equivalence.prepare_world`; the reference log-probs come with the uninterrupted runs)."""
+    return prepare_world(tmp_path_factory.mktemp("recipes"), workspace, sp_tokenizer)
 
 
 def recipe_overrides(recipe: str, world: dict, save) -> list[str]:
@@ -88,8 +46,8 @@ def recipe_overrides(recipe: str, world: dict, save) -> list[str]:
     config = load_config(recipe)
     said = explicit_keys(config) or frozenset()
     tiny = load_config(TINY_RECIPE).model
-    family = world["families"][family_of(recipe)]
-    root = family["data"]
+    family = family_of(recipe)
+    root = world["root"] / family
     out = [f"model.{k}={world['vocab'] if k == 'vocab_size' else getattr(tiny, k)}"
            for k in SIZE_KEYS if f"model.{k}" in said]
     p = config.parallel
@@ -115,8 +73,11 @@ def recipe_overrides(recipe: str, world: dict, save) -> list[str]:
     else:
         dp = 2
     micro = min(config.train.micro_batch_size, 2)
-    out += [f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * dp * 2}",
-            "data.max_length=160", f"train.load={family['ckpt']}", f"data.train_data_prefix={root / 'train'}",
+    # more microbatches than pipeline stages, as the interleaved recipe runs (2 x PP 2)
+    microbatches = 4 if p.virtual_pipeline_model_parallel_size else 2
+    out += [f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * dp * microbatches}",
+            "data.max_length=160", f"train.load={world['checkpoints'][family]}",
+            f"data.train_data_prefix={root / 'train'}",
             f"data.valid_data_prefix={root / 'valid'}", f"train.save={save}", f"train.train_iters={STEPS}",
             f"train.save_interval={INTERVAL}", f"train.eval_interval={INTERVAL}", "train.log_interval=1"]
     if "data.max_prompt_length" in said:
@@ -125,26 +86,9 @@ def recipe_overrides(recipe: str, world: dict, save) -> list[str]:
 
 
 def _uninterrupted(world: dict, runs: list[tuple[str, list[str]]]) -> list[dict]:
-    """The datasets' reference log-probs from the tiny checkpoint (every GPU recipe uses a
+    """The datasets' reference log-probs from the tiny checkpoints (every GPU recipe uses a
     precomputed reference), then each recipe's whole run, one after another in these processes."""
-    from megatron.core import parallel_state
-
-    from megatron_rpo import parallel
-    from megatron_rpo.config import Config, DataConfig
-    from megatron_rpo.models import model_provider
-    from megatron_rpo.training.checkpointing import checkpoint_model_config, load_weights
-    from megatron_rpo.training.reference import compute_reference_logps
-
-    for family in world["families"].values():
-        ckpt = family["ckpt"]
-        config = Config(model=checkpoint_model_config(ckpt), data=DataConfig(max_prompt_length=96, max_length=160))
-        parallel.initialize(config.parallel)
-        model = model_provider(config)
-        load_weights(model, ckpt)
-        for split in ("train", "valid"):
-            compute_reference_logps(model, str(family["data"] / split),
-                                    checkpoint=ckpt, progress=False)
-        parallel_state.destroy_model_parallel()
+    write_references(world)
     return train_each(runs)
 
 
