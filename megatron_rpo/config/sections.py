@@ -1,18 +1,9 @@
-"""The run configuration: dataclasses with a docstring under each field, and their YAML loader.
+"""The run configuration's schema: six sections, dataclasses with a docstring under each field.
 
-This module is the only schema. Defaults live in the dataclasses and nowhere else; a YAML
-recipe holds only what differs from them::
-
-    defaults: base.yaml          # optional, one level: base.yaml may not have its own defaults
-    model:
-      num_layers: 2
-    loss:
-      beta: 0.1
-
-and the command line adds dotted overrides: ``loss.beta=0.2 train.micro_batch_size=4``.
-Unknown sections or keys, wrong types and conflicting values raise ``ValueError`` naming the
-key and the values. :func:`dump_config` writes the resolved config, which
-:func:`load_config` reads back unchanged.
+Defaults live in these dataclasses and nowhere else. Each section type-checks its fields and
+validates its own values; :class:`Config` runs the checks across sections
+(:mod:`megatron_rpo.config.checks`) once it is whole. Unknown keys, wrong types and conflicting
+values raise ``ValueError`` naming the key and the values.
 
 Batch sizes (``train.micro_batch_size``, ``train.global_batch_size``) count **pairs** for
 paired data (``data.paired: true``; each pair is two sequences) and **items** (one prompt with
@@ -22,34 +13,16 @@ one labelled response) for unpaired data.
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-import yaml
+from megatron_rpo.config import checks
+from megatron_rpo.config.losses import LOSSES
 
-__all__ = [
-    "ModelConfig",
-    "ParallelConfig",
-    "LossConfig",
-    "DataConfig",
-    "OptimizerConfig",
-    "TrainConfig",
-    "Config",
-    "load_config",
-    "config_from_dict",
-    "config_to_dict",
-    "config_changes",
-    "explicit_keys",
-    "RESUMABLE_CHANGES",
-    "MODEL_TRAINING_CHOICES",
-    "MEMORY_KEYS",
-    "model_conflicts",
-    "dump_config",
-]
-
+__all__ = ["ModelConfig", "ParallelConfig", "LossConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "Config",
+           "RECOMPUTE_MODULES", "RECOMPUTE_KEYS", "MEMORY_KEYS", "MODEL_TRAINING_CHOICES"]
 
 def _check_type(where: str, value: Any, annotation: Any) -> Any:
     """Return ``value`` checked (and int -> float widened) against a field annotation."""
@@ -453,20 +426,25 @@ class LossConfig(_Section):
                              f"got {self.loss_type!r}")
 
     @property
+    def facts(self):
+        """This loss type's facts (:data:`megatron_rpo.config.losses.LOSSES`)."""
+        return LOSSES[self.loss_type]
+
+    @property
     def uses_reference(self) -> bool:
         """Whether the loss needs reference log-probs."""
-        return self.loss_type not in ("simpo", "simpo_rpo", "sft")
+        return self.facts.reference
 
     @property
     def uses_matrix(self) -> bool:
         """Whether the loss contrasts every chosen with every rejected sequence."""
-        return self.loss_type in ("rpo", "simpo_rpo")
+        return self.facts.matrix
 
     @property
     def uses_mismatched(self) -> bool:
         """Whether every microbatch also scores mismatched (prompt, completion) pairs: KTO's
         reference point, from each item's prompt with the previous item's completion."""
-        return self.loss_type == "kto"
+        return self.facts.mismatched
 
 
 @dataclass
@@ -638,296 +616,13 @@ class Config:
     """The loop."""
 
     def __post_init__(self) -> None:
-        if self.loss.weighting == "diagonal" and self.loss.uses_matrix and not self.data.paired:
-            raise ValueError(
-                "loss.weighting='diagonal' needs paired data (the diagonal is each prompt's own pair), "
-                "but data.paired=False"
-            )
-        if self.loss.loss_type in ("dpo", "ipo", "simpo") and not self.data.paired:
-            raise ValueError(
-                f"loss.loss_type={self.loss.loss_type!r} contrasts each prompt's own pair and needs "
-                "data.paired=True; use rpo or simpo_rpo for unpaired data"
-            )
-        if self.loss.loss_type == "kto" and self.data.paired:
-            raise ValueError(
-                "loss.loss_type='kto' trains on items, desirable or not: set data.paired=false (a paired "
-                "dataset is then split into items, its chosen desirable and its rejected undesirable)"
-            )
-        if self.loss.loss_type == "kto" and self.loss.reference == "precomputed":
-            raise ValueError(
-                "loss.loss_type='kto' needs loss.reference='online': its reference point scores each "
-                "microbatch's mismatched (prompt, completion) pairs, which a precomputed reference file does not hold"
-            )
-        if self.loss.contrast_scope == "global_batch" and not self.loss.uses_matrix:
-            raise ValueError(
-                f"loss.contrast_scope='global_batch' only changes matrix losses (rpo, simpo_rpo), "
-                f"got loss.loss_type={self.loss.loss_type!r}"
-            )
-        tp = self.parallel.tensor_model_parallel_size
-        if self.data.packing and self.parallel.sequence_parallel and self.data.pack_multiple % tp:
-            raise ValueError(
-                f"data.pack_multiple ({self.data.pack_multiple}) must be a multiple of "
-                f"parallel.tensor_model_parallel_size ({tp}) with sequence parallelism (packed rows are split over it)"
-            )
-        if self.model.num_attention_heads % tp:
-            raise ValueError(
-                f"model.num_attention_heads ({self.model.num_attention_heads}) is not divisible by "
-                f"parallel.tensor_model_parallel_size ({tp})"
-            )
-        groups = self.model.num_query_groups or self.model.num_attention_heads
-        if groups % tp:
-            raise ValueError(
-                f"model.num_query_groups ({groups}) is not divisible by parallel.tensor_model_parallel_size ({tp})"
-            )
-        pp = self.parallel.pipeline_model_parallel_size
-        if self.model.num_layers % pp:
-            raise ValueError(
-                f"model.num_layers ({self.model.num_layers}) is not divisible by "
-                f"parallel.pipeline_model_parallel_size ({pp})"
-            )
-        vpp = self.parallel.virtual_pipeline_model_parallel_size
-        if vpp is not None and self.model.num_layers % (pp * vpp):
-            raise ValueError(f"model.num_layers ({self.model.num_layers}) is not divisible by "
-                             f"parallel.pipeline_model_parallel_size ({pp}) x virtual_pipeline_model_parallel_size "
-                             f"({vpp}): every model chunk holds the same number of layers")
-        self._check_experts()
-        cp = self.parallel.context_parallel_size
-        if cp > 1 and not self.data.packing:
-            raise ValueError(f"parallel.context_parallel_size={cp} cuts packed rows only: set data.packing=true "
-                             "(padded rows are not cut)")
-        if cp > 1 and self.data.pack_multiple % self.parallel.sequence_multiple:
-            raise ValueError(f"data.pack_multiple ({self.data.pack_multiple}) must be a multiple of "
-                             f"{self.parallel.sequence_multiple} with context parallelism (2 x "
-                             "parallel.context_parallel_size chunks per sequence, times TP with sequence parallelism)")
-        if self.model.recompute_granularity == "full":
-            per_stage = self.model.num_layers // pp
-            if self.model.recompute_num_layers > per_stage:
-                raise ValueError(f"model.recompute_num_layers ({self.model.recompute_num_layers}) exceeds the layers "
-                                 f"of one pipeline stage ({per_stage}: model.num_layers {self.model.num_layers} / "
-                                 f"parallel.pipeline_model_parallel_size {pp})")
-
-    def _check_experts(self) -> None:
-        """megatron's rules for mixture-of-experts layouts, before any process group exists."""
-        m, p = self.model, self.parallel
-        ep, etp = p.expert_model_parallel_size, p.expert_tensor_size
-        if m.num_moe_experts is None:
-            return  # a recipe's model is completed from the checkpoint; models.transformer_config checks again
-        if m.num_moe_experts % ep:
-            raise ValueError(f"model.num_moe_experts ({m.num_moe_experts}) is not divisible by "
-                             f"parallel.expert_model_parallel_size ({ep})")
-        if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
-            raise ValueError(f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} with a "
-                             "mixture-of-experts model needs parallel.sequence_parallel=true (megatron's rule)")
-        width = m.moe_ffn_hidden_size or m.ffn_hidden_size
-        if width % etp:
-            raise ValueError(f"the experts' width ({width}, model.moe_ffn_hidden_size) is not divisible by "
-                             f"parallel.expert_tensor_parallel_size ({etp})")
+        checks.check_config(self)
 
     def check_lengths(self) -> None:
-        """``data.max_length`` within the model's positions. Called once the model is the one that
-        runs (a recipe's model comes from its checkpoint, whose positions the recipe need not say).
-
-        Raises:
-            ValueError: the sequences are longer than the model's positions.
-        """
-        if self.data.max_length > self.model.max_position_embeddings:
-            raise ValueError(
-                f"data.max_length ({self.data.max_length}) exceeds "
-                f"model.max_position_embeddings ({self.model.max_position_embeddings})"
-            )
+        """``data.max_length`` within the model's positions (:func:`~megatron_rpo.config.checks.check_lengths`)."""
+        checks.check_lengths(self)
 
     def data_parallel_size(self, world_size: int) -> int:
-        """Data-parallel size for ``world_size`` ranks, checking that the batch sizes fit it.
-
-        Raises:
-            ValueError: world size not a multiple of TP x PP x CP, or a global batch that is
-                not a multiple of micro batch x data-parallel size.
-        """
-        dp = self.parallel.data_parallel_size(world_size)
-        step = self.train.micro_batch_size * dp
-        if self.train.global_batch_size % step:
-            raise ValueError(
-                f"train.global_batch_size ({self.train.global_batch_size}) is not divisible by "
-                f"train.micro_batch_size ({self.train.micro_batch_size}) x data-parallel size ({dp})"
-            )
-        pp = self.parallel.pipeline_model_parallel_size
-        microbatches = self.train.global_batch_size // step
-        if self.parallel.virtual_pipeline_model_parallel_size is not None and microbatches % pp:
-            raise ValueError(f"the interleaved pipeline (parallel.virtual_pipeline_model_parallel_size) runs a "
-                             f"multiple of parallel.pipeline_model_parallel_size ({pp}) microbatches per step, and "
-                             f"train.global_batch_size {self.train.global_batch_size} / (micro_batch_size "
-                             f"{self.train.micro_batch_size} x data-parallel size {dp}) is {microbatches}")
-        return dp
-
-
-_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
-
-
-def config_from_dict(raw: dict, source: str = "config") -> Config:
-    """Build a :class:`Config` from ``{section: {key: value}}``; ``source`` names it in errors."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    sections = {}
-    for name, values in raw.items():
-        if name not in _SECTIONS:
-            raise ValueError(f"{source}: unknown section {name!r}; expected one of {sorted(_SECTIONS)}")
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{source}: section {name!r} must be a mapping, got {values!r}")
-        cls = _SECTIONS[name]
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ValueError(f"{source}: unknown key {name}.{key}; {name} has {sorted(known)}")
-        try:
-            sections[name] = cls(**values)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-    try:
-        return Config(**sections)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-
-
-def config_to_dict(config: Config) -> dict:
-    """``{section: {key: value}}`` with every field, the inverse of :func:`config_from_dict`."""
-    return dataclasses.asdict(config)
-
-
-RESUMABLE_CHANGES = frozenset({
-    "train.train_iters", "train.log_interval", "train.exit_interval", "train.eval_interval", "train.eval_iters",
-    "train.save_interval", "train.keep_last", "train.export", "train.tensorboard_dir", "train.allow_config_change",
-    "train.stop_signal", "train.peak_tflops", "train.wandb_project", "train.wandb_entity", "train.wandb_run_name",
-    "train.wandb_mode", "data.valid_data_prefix", "parallel.distributed_timeout_minutes",
-    "parallel.sequence_parallel", "parallel.expert_model_parallel_size", "parallel.expert_tensor_parallel_size",
-    "parallel.virtual_pipeline_model_parallel_size", "parallel.context_parallel_size",
-    *(f"model.{key}" for key in MEMORY_KEYS),
-})
-"""Keys a resumed run may change freely: they decide how long it runs, how it logs, evaluates and
-saves, never what a training step computes."""
-
-
-def config_changes(trained: dict, config: Config) -> list[tuple[str, Any, Any]]:
-    """``(section.key, trained value, new value)`` for every setting that alters the run's meaning.
-
-    Args:
-        trained: the config a checkpoint was trained with (:func:`config_to_dict` form).
-        config: the config of the run that resumes from it.
-    """
-    new = config_to_dict(config)
-    changes = []
-    for section, values in new.items():
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            old = trained.get(section, {}).get(key, value)
-            if name not in RESUMABLE_CHANGES and old != value:
-                changes.append((name, old, value))
-    return changes
-
-
-def _read_yaml(path: str) -> dict:
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except OSError as e:
-        raise ValueError(f"cannot read config {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML: {e}") from e
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return raw
-
-
-def _merge(base: dict, top: dict) -> dict:
-    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for section, values in top.items():
-        if isinstance(values, dict) and isinstance(merged.get(section), dict):
-            merged[section].update(values)
-        else:
-            merged[section] = values
-    return merged
-
-
-def _apply_override(raw: dict, override: str) -> None:
-    key, sep, text = override.partition("=")
-    parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
-        raise ValueError(f"override {override!r} must look like section.key=value (e.g. loss.beta=0.2)")
-    section, name = parts
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ValueError(f"override {override!r}: cannot parse value {text!r}: {e}") from e
-    section_values = raw.setdefault(section, {})
-    if not isinstance(section_values, dict):
-        raise ValueError(f"override {override!r}: section {section!r} is not a mapping")
-    section_values[name] = value
-
-
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML recipe (with at most one level of ``defaults:``) and apply dotted overrides.
-
-    Args:
-        path: the recipe; None starts from the dataclass defaults.
-        overrides: ``section.key=value`` strings; values are parsed as YAML scalars.
-
-    Raises:
-        ValueError: unreadable file, nested ``defaults``, unknown section/key, wrong type, or
-            conflicting values.
-    """
-    raw: dict = {}
-    source = "command line"
-    if path is not None:
-        raw = _read_yaml(path)
-        source = path
-        parent = raw.pop("defaults", None)
-        if parent is not None:
-            if not isinstance(parent, str):
-                raise ValueError(f"{path}: defaults must be one file name, got {parent!r}")
-            parent_path = os.path.join(os.path.dirname(os.path.abspath(path)), parent)
-            base = _read_yaml(parent_path)
-            if "defaults" in base:
-                raise ValueError(
-                    f"{path}: its defaults file {parent_path} has defaults of its own; "
-                    "only one level of defaults is allowed"
-                )
-            raw = _merge(base, raw)
-    for override in overrides:
-        _apply_override(raw, override)
-    if overrides:
-        source = f"{source} + overrides"
-    config = config_from_dict(raw, source)
-    # What the recipe and the command line set, as opposed to defaults: the trainer fills the rest
-    # of `model` from the checkpoint and checks only what was set against the dataset.
-    config.explicit_keys = frozenset(f"{section}.{key}" for section, values in raw.items()
-                                     if isinstance(values, dict) for key in values)
-    return config
-
-
-def explicit_keys(config: Config) -> frozenset | None:
-    """The ``section.key`` names a recipe or the command line set (:func:`load_config`); None for a
-    Config built otherwise, whose every value counts as set."""
-    return getattr(config, "explicit_keys", None)
-
-
-def model_conflicts(config: Config, theirs: ModelConfig) -> list[tuple[str, Any, Any]]:
-    """``(key, config's value, theirs)`` for every architecture key of ``model`` the config sets
-    (all of them for a Config built in code) that differs from ``theirs``, the model of a
-    checkpoint or config.json. Training and the memory plan refuse such a config."""
-    explicit = explicit_keys(config)
-    mine, other = dataclasses.asdict(config.model), dataclasses.asdict(theirs)
-    return [(k, mine[k], other[k]) for k in mine
-            if k not in MODEL_TRAINING_CHOICES and (explicit is None or f"model.{k}" in explicit)
-            and mine[k] != other[k]]
-
-
-def dump_config(config: Config, path: str) -> None:
-    """Write the resolved config as YAML (atomically: a temporary file renamed into place)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
-    os.replace(tmp, path)
+        """Data-parallel size for ``world_size`` ranks, checking that the batch sizes fit it
+        (:func:`~megatron_rpo.config.checks.check_batch`)."""
+        return checks.check_batch(self, world_size)
