@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from megatron_rpo.config.sections import MODEL_TRAINING_CHOICES, Config, ModelConfig
+from megatron_rpo.publish import write_text
 
 __all__ = ["load_config", "config_from_dict", "config_to_dict", "explicit_keys", "model_conflicts", "dump_config"]
 
@@ -159,9 +160,5 @@ def model_conflicts(config: Config, theirs: ModelConfig) -> list[tuple[str, Any,
 
 
 def dump_config(config: Config, path: str) -> None:
-    """Write the resolved config as YAML (atomically: a temporary file renamed into place)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
-    os.replace(tmp, path)
+    """Write the resolved config as YAML (published whole: :func:`megatron_rpo.publish.write_text`)."""
+    write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -21,9 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_rpo.data.files import remove_stale, staging_tag
 
-__all__ = ["HFWeights", "ConvertedCheckpoint", "StagedDirectory", "MARKER", "copy_tokenizer", "TOKENIZER_FILES"]
+__all__ = ["HFWeights", "ConvertedCheckpoint", "MARKER", "copy_tokenizer", "TOKENIZER_FILES"]
 
 MARKER = "megatron_rpo_checkpoint.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -113,33 +112,6 @@ class ConvertedCheckpoint:
             return [sl[start:stop] if dim == 0 else sl[:, start:stop] for start, stop in ranges]
 
         return torch.cat(self._read(name, read), dim=dim)
-
-
-class StagedDirectory:
-    """Write a directory under a temporary sibling name; rename it into place on success only.
-
-    The name is :func:`~megatron_rpo.data.files.staging_tag`'s, so what a ``kill -9`` left (tens
-    of GB for a 70B conversion) is removed by the next run on that output from the same host.
-    """
-
-    def __init__(self, final: str):
-        self.final = os.path.abspath(final)
-        if os.path.exists(self.final) and os.listdir(self.final):
-            raise ValueError(f"output directory {final} exists and is not empty; choose another or remove it")
-        self.tmp = self.final + staging_tag()
-
-    def __enter__(self) -> str:
-        remove_stale(self.final)
-        os.makedirs(self.tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if os.path.isdir(self.final):
-            os.rmdir(self.final)  # empty (checked on entry)
-        os.replace(self.tmp, self.final)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:

@@ -12,8 +12,9 @@ import shutil
 
 from tqdm import tqdm
 
-from megatron_rpo.convert.files import ConvertedCheckpoint, StagedDirectory, save_tensors
+from megatron_rpo.convert.files import ConvertedCheckpoint, save_tensors
 from megatron_rpo.convert.layout import SPLIT, file_groups
+from megatron_rpo.publish import StagedDirectory
 
 __all__ = ["convert_megatron_to_hf"]
 

@@ -4,70 +4,26 @@ A tool writes every output under a temporary name inside :class:`StagedOutputs`;
 the tool finishes are they renamed onto their final names (each rename is atomic), the
 manifest last. If the tool fails -- an error, Ctrl-C, or SIGTERM, which is turned into an exit
 while staging -- the temporary files are deleted and whatever was at the final names before is
-untouched. Temporary names carry the host and process id (``FINAL.tmp-HOST-PID-XXXXXXXX``), so
-what a ``kill -9`` left behind is removed by the next run on that prefix from the same host.
+untouched. Temporary names are :mod:`megatron_rpo.publish`'s (host and process id), so what a
+``kill -9`` left behind is removed by the next run on that prefix from the same host.
 The manifest records each file's size and sha256, so a reader (:func:`read_manifest`) also
 notices files from two different runs.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
-import shutil
 import signal
-import socket
-import uuid
 
 from megatron_rpo.data.tokenizer import file_sha256
+from megatron_rpo.publish import remove_stale, staging_tag
 
-__all__ = ["StagedOutputs", "read_manifest", "manifest_path", "verify_files", "staging_tag", "remove_stale",
-           "process_alive"]
+__all__ = ["StagedOutputs", "read_manifest", "manifest_path", "verify_files"]
 
 
 def manifest_path(prefix: str) -> str:
     return f"{prefix}.manifest.json"
-
-
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
-_TAG = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (someone else's process counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def staging_tag() -> str:
-    """The suffix a process stages its outputs under (``.tmp-HOST-PID-XXXXXXXX``), which
-    :func:`remove_stale` recognises once that process is gone."""
-    return f".tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def remove_stale(final: str) -> list[str]:
-    """Delete what killed runs on this host left staged for ``final`` (files, or directories of a
-    staged directory); returns the removed paths."""
-    removed = []
-    for path in glob.glob(glob.escape(final) + ".tmp-*"):
-        tag = _TAG.search(path[len(final):])
-        if tag and tag["host"] == _HOST and not process_alive(int(tag["pid"])):
-            try:
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                else:
-                    os.remove(path)
-                removed.append(path)
-            except FileNotFoundError:
-                pass
-    return removed
 
 
 def _exit_on_sigterm(signum, frame):

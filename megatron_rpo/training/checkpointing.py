@@ -7,8 +7,9 @@ position and per-rank RNG state), so they reshard across parallel layouts::
     SAVE/latest             the name of the newest complete checkpoint, replaced atomically
     SAVE/export/            the final weights as a converted checkpoint (for Hugging Face export)
 
-A crash during a save leaves a ``.tmp`` directory and ``latest`` still naming the previous
-checkpoint. The files are megatron's ``torch_dist`` format, written synchronously by
+A crash during a save leaves a ``.tmp`` directory (every rank writes into it, so its name is the
+step's, not :mod:`megatron_rpo.publish`'s per-process one; the next save of that step clears it)
+and ``latest`` still naming the previous checkpoint. The files are megatron's ``torch_dist`` format, written synchronously by
 torch.distributed.checkpoint's own writer (:class:`SyncTorchDistSaveStrategy`): megatron's
 writer starts a manager process and forks workers, which hangs on CPU and is not allowed in
 daemonic processes.
@@ -36,6 +37,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron_rpo.config import ModelConfig
 from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.convert.load import load_converted
+from megatron_rpo.publish import write_text
 from megatron_rpo.training.optimizer import optimizer_parts
 
 __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
@@ -262,10 +264,7 @@ def save_training_checkpoint(save_dir: str, step: int, module, optimizer, schedu
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        pointer = os.path.join(save_dir, LATEST)
-        with open(pointer + ".tmp", "w") as f:
-            f.write(name + "\n")
-        os.replace(pointer + ".tmp", pointer)
+        write_text(os.path.join(save_dir, LATEST), name + "\n")
         kept = sorted(d for d in os.listdir(save_dir) if d.startswith("iter_") and not d.endswith(".tmp"))
         for old in kept[:-keep_last]:
             shutil.rmtree(os.path.join(save_dir, old))
@@ -284,10 +283,7 @@ def mark_done(path: str, what: str) -> None:
     """Strike ``what`` ("export", "eval") off the work a checkpoint's step still owes (rank 0 only)."""
     state = read_training_state(path)
     state["pending"] = [p for p in state.get("pending", []) if p != what]
-    target = os.path.join(path, "training_state.json")
-    with open(target + ".tmp", "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(target + ".tmp", target)
+    write_text(os.path.join(path, "training_state.json"), json.dumps(state, indent=2))
 
 
 def load_training_checkpoint(path: str, module, optimizer, scheduler, *, keep_schedule: bool = True) -> dict:

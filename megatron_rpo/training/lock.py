@@ -14,7 +14,7 @@ import json
 import os
 import socket
 
-from megatron_rpo.data.files import process_alive
+from megatron_rpo.publish import process_alive
 
 __all__ = ["SaveDirLock", "LOCK_FILE"]
 

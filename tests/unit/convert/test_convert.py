@@ -261,7 +261,7 @@ def test_what_a_killed_conversion_left_is_removed_by_the_next(tmp_path):
     # Issue 31 item 6: kill -9 during conversion left <output>.tmp-<id> (tens of GB at 70B) for ever.
     import subprocess
 
-    from megatron_rpo.data.files import staging_tag
+    from megatron_rpo.publish import staging_tag
 
     hf = _small_hf(tmp_path)
     dead = subprocess.Popen(["true"])
