@@ -1,4 +1,5 @@
-"""How an entry point reports a bad input: one line, once, and where torchrun looks for it."""
+"""Bad inputs: the exception our checks raise, and how an entry point reports it (one line, once,
+and where torchrun looks for it)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import os
 import sys
 import time
 
-__all__ = ["report"]
+__all__ = ["InputError", "report"]
 
 
-def report(error: Exception) -> None:
+class InputError(ValueError):
+    """A config, file or argument that cannot work, found by our own checks: the message names the
+    setting or file, its value and the fix. The entry points print it as one line; any other error
+    (torch's, megatron's, a bug of ours) keeps its traceback."""
+
+
+def report(error: InputError) -> None:
     """Say ``error: <message>`` for the job. Every rank finds the same bad input and rank 0 says it.
     Under torchrun each rank also records it in its error file, which torchrun's failure summary
     quotes (so an error only some rank saw is not lost): the message alone, as its "traceback",

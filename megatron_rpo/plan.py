@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass, field
 
 from megatron_rpo.config import Config, ModelConfig, explicit_keys, load_config, model_conflicts
+from megatron_rpo.errors import InputError, report
 
 __all__ = ["StagePlan", "Plan", "stage_parameters", "layer_activation_bytes", "plan", "main"]
 
@@ -363,14 +364,14 @@ def resolve_model(c: Config, hf_dir: str | None = None) -> tuple[Config, str]:
         explicit = explicit_keys(c) or frozenset()
         missing = [k for k in SHAPE_KEYS if f"model.{k}" not in explicit]
         if len(missing) == len(SHAPE_KEYS):
-            raise ValueError(f"the config takes its model from train.load ({c.train.load}), which is not a converted "
+            raise InputError(f"the config takes its model from train.load ({c.train.load}), which is not a converted "
                              "checkpoint here: convert it first, or pass --hf-config HF_DIR (its config.json)")
         return c, (f"the config's model (no checkpoint at {c.train.load})" + (
             f"; it leaves out {', '.join('model.' + k for k in missing)}: Llama-2-7B's values" if missing else ""))
     diff = model_conflicts(c, theirs)
     if diff:  # training would refuse it too
         detail = ", ".join(f"model.{k}={a!r} but it has {b!r}" for k, a, b in diff)
-        raise ValueError(f"{source} does not fit the config: {detail}; leave those keys out of the recipe (or "
+        raise InputError(f"{source} does not fit the config: {detail}; leave those keys out of the recipe (or "
                          "override them) to plan this model")
     explicit = explicit_keys(c) or frozenset()
     model = dataclasses.replace(c.model, **{k: v for k, v in dataclasses.asdict(theirs).items()
@@ -392,12 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(a.config, a.overrides)
         if a.gpus <= 0 or not 0 < a.gpu_memory_gib < float("inf"):  # nan and inf fail the comparison
-            raise ValueError(f"--gpus ({a.gpus}) and --gpu-memory-gib ({a.gpu_memory_gib}) must be > 0 (and finite)")
+            raise InputError(f"--gpus ({a.gpus}) and --gpu-memory-gib ({a.gpu_memory_gib}) must be > 0 (and finite)")
         config, source = resolve_model(config, a.hf_config)
         config.check_lengths()
         result = plan(config, a.gpus, a.gpu_memory_gib)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except InputError as e:
+        report(e)
         return 2
     print(f"memory plan for {a.config}, {source}")
     print(describe(result))

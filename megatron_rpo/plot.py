@@ -12,6 +12,7 @@ import argparse
 import glob
 import os
 import sys
+from megatron_rpo.errors import InputError
 
 __all__ = ["read_scalars", "panel_lines", "plot_run", "main"]
 
@@ -27,7 +28,7 @@ def _event_dir(run_dir: str) -> str:
     for candidate in (os.path.join(run_dir, "tensorboard"), run_dir):
         if glob.glob(os.path.join(candidate, "events.out.tfevents.*")):
             return candidate
-    raise ValueError(f"no TensorBoard events in {run_dir} or {os.path.join(run_dir, 'tensorboard')}")
+    raise InputError(f"no TensorBoard events in {run_dir} or {os.path.join(run_dir, 'tensorboard')}")
 
 
 def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -85,7 +86,7 @@ def plot_run(run_dir: str, output: str | None = None) -> str:
             ax.legend(fontsize=8)
     if not drawn:
         plt.close(fig)
-        raise ValueError(f"{run_dir}: none of {[n for _, names in PANELS for n in names]} was logged")
+        raise InputError(f"{run_dir}: none of {[n for _, names in PANELS for n in names]} was logged")
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     output = output or os.path.join(run_dir, "run.png")
     fig.savefig(output, dpi=120)

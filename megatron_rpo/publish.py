@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import uuid
+from megatron_rpo.errors import InputError
 
 __all__ = ["staging_tag", "remove_stale", "process_alive", "write_text", "StagedDirectory"]
 
@@ -84,7 +85,7 @@ class StagedDirectory:
     def __init__(self, final: str):
         self.final = os.path.abspath(final)
         if os.path.exists(self.final) and os.listdir(self.final):
-            raise ValueError(f"output directory {final} exists and is not empty; choose another or remove it")
+            raise InputError(f"output directory {final} exists and is not empty; choose another or remove it")
         self.tmp = self.final + staging_tag()
 
     def __enter__(self) -> str:

@@ -8,7 +8,7 @@ import os
 import sys
 
 from megatron_rpo.config import load_config
-from megatron_rpo.errors import report
+from megatron_rpo.errors import InputError, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-    except ValueError as e:
+    except InputError as e:
         report(e)
         return 2
     if "RANK" not in os.environ:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(config)
         trainer.train()
-    except ValueError as e:  # bad inputs found before training: say what, no traceback
+    except InputError as e:  # a bad input our checks found: say what, no traceback
         report(e)
         return 2
     except Preempted as e:  # stopped on a signal after saving (the trainer said so)

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from megatron_rpo.convert import convert_hf_to_megatron
-from megatron_rpo.errors import report
+from megatron_rpo.errors import InputError, report
 
 
 def main(argv=None) -> int:
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
                                       pipeline_model_parallel_size=a.pipeline_model_parallel_size,
                                       expert_model_parallel_size=a.expert_model_parallel_size,
                                       progress=not a.no_progress)
-    except ValueError as e:
+    except InputError as e:
         report(e)
         return 1
     m = meta["model"]

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from megatron_rpo.convert import convert_megatron_to_hf
-from megatron_rpo.errors import report
+from megatron_rpo.errors import InputError, report
 
 
 def main(argv=None) -> int:
@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         config = convert_megatron_to_hf(a.megatron_dir, a.output_dir, progress=not a.no_progress)
-    except ValueError as e:
+    except InputError as e:
         report(e)
         return 1
     print(f"{config['architectures'][0]} -> {a.output_dir}")

@@ -13,7 +13,7 @@ import os
 import sys
 
 from megatron_rpo.data.embeddings import DEFAULT_MODEL, embeddings_prefix, precompute_prompt_embeddings
-from megatron_rpo.errors import report
+from megatron_rpo.errors import InputError, report
 
 
 def main(argv=None) -> int:
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     try:
         m = precompute_prompt_embeddings(a.data_prefix, a.model, batch_size=a.batch_size, device=device,
                                          progress=not a.no_progress)
-    except ValueError as e:
+    except InputError as e:
         report(e)
         return 1
     if m:

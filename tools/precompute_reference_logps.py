@@ -19,7 +19,7 @@ from megatron_rpo.config import Config, DataConfig, ParallelConfig
 from megatron_rpo.data.files import read_manifest
 from megatron_rpo.data.preprocess import MANIFEST_KIND
 from megatron_rpo.data.tokenizer import check_tokenized_for
-from megatron_rpo.errors import report
+from megatron_rpo.errors import InputError, report
 from megatron_rpo.models import model_provider
 from megatron_rpo.training.checkpointing import checkpoint_model_config, load_weights
 from megatron_rpo.training.reference import compute_reference_logps
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                                         micro_batch_size=a.micro_batch_size, checkpoint=a.load,
                                         progress=not a.no_progress, packing=not a.no_packing,
                                         sequence_multiple=config.parallel.sequence_multiple)
-    except ValueError as e:
+    except InputError as e:
         report(e)
         return 1
     finally:

@@ -19,7 +19,7 @@ import sys
 
 from megatron_rpo.data.formats import FORMATS
 from megatron_rpo.data.preprocess import preprocess
-from megatron_rpo.errors import report
+from megatron_rpo.errors import InputError, report
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         m = preprocess(a.input, a.format, a.tokenizer, a.output_prefix, max_prompt_length=a.max_prompt_length,
                        max_length=a.max_length, strict=a.strict, keep_identical_pairs=a.keep_identical_pairs,
                        progress=not a.no_progress, split=a.split, chat_template=a.chat_template).manifest
-    except ValueError as e:
+    except InputError as e:
         report(e)
         return 1
     if m["format_detected"]:

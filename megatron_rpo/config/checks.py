@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from megatron_rpo.config.losses import LOSSES
+from megatron_rpo.errors import InputError
 
 if TYPE_CHECKING:
     from megatron_rpo.config.sections import Config
@@ -29,29 +30,29 @@ def check_loss_vs_data(c: Config) -> None:
     weighting, the reference and the contrast scope."""
     loss, facts = c.loss, c.loss.facts
     if loss.weighting == "diagonal" and facts.matrix and not c.data.paired:
-        raise ValueError(
+        raise InputError(
             "loss.weighting='diagonal' needs paired data (the diagonal is each prompt's own pair), "
             "but data.paired=False"
         )
     if facts.data == "paired" and not c.data.paired:
         either = " or ".join(name for name, f in LOSSES.items() if f.matrix and f.data == "either")
-        raise ValueError(
+        raise InputError(
             f"loss.loss_type={loss.loss_type!r} contrasts each prompt's own pair and needs "
             f"data.paired=True; use {either} for unpaired data"
         )
     if facts.data == "unpaired" and c.data.paired:
-        raise ValueError(
+        raise InputError(
             f"loss.loss_type={loss.loss_type!r} trains on items, desirable or not: set data.paired=false (a paired "
             "dataset is then split into items, its chosen desirable and its rejected undesirable)"
         )
     if facts.mismatched and loss.reference == "precomputed":
-        raise ValueError(
+        raise InputError(
             f"loss.loss_type={loss.loss_type!r} needs loss.reference='online': its reference point scores each "
             "microbatch's mismatched (prompt, completion) pairs, which a precomputed reference file does not hold"
         )
     if loss.contrast_scope == "global_batch" and not facts.matrix:
         matrix = ", ".join(name for name, f in LOSSES.items() if f.matrix)
-        raise ValueError(
+        raise InputError(
             f"loss.contrast_scope='global_batch' only changes matrix losses ({matrix}), "
             f"got loss.loss_type={loss.loss_type!r}"
         )
@@ -61,29 +62,29 @@ def check_layout(c: Config) -> None:
     """Tensor and pipeline parallelism against the model's heads and layers and the packed rows."""
     tp = c.parallel.tensor_model_parallel_size
     if c.data.packing and c.parallel.sequence_parallel and c.data.pack_multiple % tp:
-        raise ValueError(
+        raise InputError(
             f"data.pack_multiple ({c.data.pack_multiple}) must be a multiple of "
             f"parallel.tensor_model_parallel_size ({tp}) with sequence parallelism (packed rows are split over it)"
         )
     if c.model.num_attention_heads % tp:
-        raise ValueError(
+        raise InputError(
             f"model.num_attention_heads ({c.model.num_attention_heads}) is not divisible by "
             f"parallel.tensor_model_parallel_size ({tp})"
         )
     groups = c.model.num_query_groups or c.model.num_attention_heads
     if groups % tp:
-        raise ValueError(
+        raise InputError(
             f"model.num_query_groups ({groups}) is not divisible by parallel.tensor_model_parallel_size ({tp})"
         )
     pp = c.parallel.pipeline_model_parallel_size
     if c.model.num_layers % pp:
-        raise ValueError(
+        raise InputError(
             f"model.num_layers ({c.model.num_layers}) is not divisible by "
             f"parallel.pipeline_model_parallel_size ({pp})"
         )
     vpp = c.parallel.virtual_pipeline_model_parallel_size
     if vpp is not None and c.model.num_layers % (pp * vpp):
-        raise ValueError(f"model.num_layers ({c.model.num_layers}) is not divisible by "
+        raise InputError(f"model.num_layers ({c.model.num_layers}) is not divisible by "
                          f"parallel.pipeline_model_parallel_size ({pp}) x virtual_pipeline_model_parallel_size "
                          f"({vpp}): every model chunk holds the same number of layers")
 
@@ -95,14 +96,14 @@ def check_experts(c: Config) -> None:
     if m.num_moe_experts is None:
         return  # a recipe's model is completed from the checkpoint; models.transformer_config checks again
     if m.num_moe_experts % ep:
-        raise ValueError(f"model.num_moe_experts ({m.num_moe_experts}) is not divisible by "
+        raise InputError(f"model.num_moe_experts ({m.num_moe_experts}) is not divisible by "
                          f"parallel.expert_model_parallel_size ({ep})")
     if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
-        raise ValueError(f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} with a "
+        raise InputError(f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} with a "
                          "mixture-of-experts model needs parallel.sequence_parallel=true (megatron's rule)")
     width = m.moe_ffn_hidden_size or m.ffn_hidden_size
     if width % etp:
-        raise ValueError(f"the experts' width ({width}, model.moe_ffn_hidden_size) is not divisible by "
+        raise InputError(f"the experts' width ({width}, model.moe_ffn_hidden_size) is not divisible by "
                          f"parallel.expert_tensor_parallel_size ({etp})")
 
 
@@ -110,10 +111,10 @@ def check_context_parallel(c: Config) -> None:
     """Context parallelism cuts packed rows, whose sequences are padded to its chunks."""
     cp = c.parallel.context_parallel_size
     if cp > 1 and not c.data.packing:
-        raise ValueError(f"parallel.context_parallel_size={cp} cuts packed rows only: set data.packing=true "
+        raise InputError(f"parallel.context_parallel_size={cp} cuts packed rows only: set data.packing=true "
                          "(padded rows are not cut)")
     if cp > 1 and c.data.pack_multiple % c.parallel.sequence_multiple:
-        raise ValueError(f"data.pack_multiple ({c.data.pack_multiple}) must be a multiple of "
+        raise InputError(f"data.pack_multiple ({c.data.pack_multiple}) must be a multiple of "
                          f"{c.parallel.sequence_multiple} with context parallelism (2 x "
                          "parallel.context_parallel_size chunks per sequence, times TP with sequence parallelism)")
 
@@ -124,7 +125,7 @@ def check_recompute(c: Config) -> None:
         pp = c.parallel.pipeline_model_parallel_size
         per_stage = c.model.num_layers // pp
         if c.model.recompute_num_layers > per_stage:
-            raise ValueError(f"model.recompute_num_layers ({c.model.recompute_num_layers}) exceeds the layers "
+            raise InputError(f"model.recompute_num_layers ({c.model.recompute_num_layers}) exceeds the layers "
                              f"of one pipeline stage ({per_stage}: model.num_layers {c.model.num_layers} / "
                              f"parallel.pipeline_model_parallel_size {pp})")
 
@@ -137,7 +138,7 @@ def check_lengths(c: Config) -> None:
         ValueError: the sequences are longer than the model's positions.
     """
     if c.data.max_length > c.model.max_position_embeddings:
-        raise ValueError(
+        raise InputError(
             f"data.max_length ({c.data.max_length}) exceeds "
             f"model.max_position_embeddings ({c.model.max_position_embeddings})"
         )
@@ -153,14 +154,14 @@ def check_batch(c: Config, world_size: int) -> int:
     dp = c.parallel.data_parallel_size(world_size)
     step = c.train.micro_batch_size * dp
     if c.train.global_batch_size % step:
-        raise ValueError(
+        raise InputError(
             f"train.global_batch_size ({c.train.global_batch_size}) is not divisible by "
             f"train.micro_batch_size ({c.train.micro_batch_size}) x data-parallel size ({dp})"
         )
     pp = c.parallel.pipeline_model_parallel_size
     microbatches = c.train.global_batch_size // step
     if c.parallel.virtual_pipeline_model_parallel_size is not None and microbatches % pp:
-        raise ValueError(f"the interleaved pipeline (parallel.virtual_pipeline_model_parallel_size) runs a "
+        raise InputError(f"the interleaved pipeline (parallel.virtual_pipeline_model_parallel_size) runs a "
                          f"multiple of parallel.pipeline_model_parallel_size ({pp}) microbatches per step, and "
                          f"train.global_batch_size {c.train.global_batch_size} / (micro_batch_size "
                          f"{c.train.micro_batch_size} x data-parallel size {dp}) is {microbatches}")

@@ -23,6 +23,7 @@ import yaml
 
 from megatron_rpo.config.sections import MODEL_TRAINING_CHOICES, Config, ModelConfig
 from megatron_rpo.publish import write_text
+from megatron_rpo.errors import InputError
 
 __all__ = ["load_config", "config_from_dict", "config_to_dict", "explicit_keys", "model_conflicts", "dump_config"]
 
@@ -32,28 +33,28 @@ _SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 def config_from_dict(raw: dict, source: str = "config") -> Config:
     """Build a :class:`Config` from ``{section: {key: value}}``; ``source`` names it in errors."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        raise InputError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     sections = {}
     for name, values in raw.items():
         if name not in _SECTIONS:
-            raise ValueError(f"{source}: unknown section {name!r}; expected one of {sorted(_SECTIONS)}")
+            raise InputError(f"{source}: unknown section {name!r}; expected one of {sorted(_SECTIONS)}")
         if values is None:
             values = {}
         if not isinstance(values, dict):
-            raise ValueError(f"{source}: section {name!r} must be a mapping, got {values!r}")
+            raise InputError(f"{source}: section {name!r} must be a mapping, got {values!r}")
         cls = _SECTIONS[name]
         known = {f.name for f in dataclasses.fields(cls)}
         for key in values:
             if key not in known:
-                raise ValueError(f"{source}: unknown key {name}.{key}; {name} has {sorted(known)}")
+                raise InputError(f"{source}: unknown key {name}.{key}; {name} has {sorted(known)}")
         try:
             sections[name] = cls(**values)
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise InputError(f"{source}: {e}") from None
     try:
         return Config(**sections)
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise InputError(f"{source}: {e}") from None
 
 
 def config_to_dict(config: Config) -> dict:
@@ -66,13 +67,13 @@ def _read_yaml(path: str) -> dict:
         with open(path) as f:
             raw = yaml.safe_load(f)
     except OSError as e:
-        raise ValueError(f"cannot read config {path}: {e.strerror}") from e
+        raise InputError(f"cannot read config {path}: {e.strerror}") from e
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML: {e}") from e
+        raise InputError(f"{path}: invalid YAML: {e}") from e
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        raise InputError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return raw
 
 
@@ -90,15 +91,15 @@ def _apply_override(raw: dict, override: str) -> None:
     key, sep, text = override.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
-        raise ValueError(f"override {override!r} must look like section.key=value (e.g. loss.beta=0.2)")
+        raise InputError(f"override {override!r} must look like section.key=value (e.g. loss.beta=0.2)")
     section, name = parts
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as e:
-        raise ValueError(f"override {override!r}: cannot parse value {text!r}: {e}") from e
+        raise InputError(f"override {override!r}: cannot parse value {text!r}: {e}") from e
     section_values = raw.setdefault(section, {})
     if not isinstance(section_values, dict):
-        raise ValueError(f"override {override!r}: section {section!r} is not a mapping")
+        raise InputError(f"override {override!r}: section {section!r} is not a mapping")
     section_values[name] = value
 
 
@@ -121,11 +122,11 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         parent = raw.pop("defaults", None)
         if parent is not None:
             if not isinstance(parent, str):
-                raise ValueError(f"{path}: defaults must be one file name, got {parent!r}")
+                raise InputError(f"{path}: defaults must be one file name, got {parent!r}")
             parent_path = os.path.join(os.path.dirname(os.path.abspath(path)), parent)
             base = _read_yaml(parent_path)
             if "defaults" in base:
-                raise ValueError(
+                raise InputError(
                     f"{path}: its defaults file {parent_path} has defaults of its own; "
                     "only one level of defaults is allowed"
                 )

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 from megatron_rpo.config import checks
 from megatron_rpo.config.losses import LOSSES
+from megatron_rpo.errors import InputError
 
 __all__ = ["ModelConfig", "ParallelConfig", "LossConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "Config",
            "RECOMPUTE_MODULES", "RECOMPUTE_KEYS", "MEMORY_KEYS", "MODEL_TRAINING_CHOICES"]
@@ -39,16 +40,16 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
                 return _check_type(where, value, option)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {options}")
+        raise InputError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {options}")
     if origin is Literal:
         choices = typing.get_args(annotation)
         if value not in choices:
-            raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}")
+            raise InputError(f"{where} must be one of {list(choices)}, got {value!r}")
         return value
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {value!r} ({type(value).__name__})")
+            raise InputError(f"{where} must be a list, got {value!r} ({type(value).__name__})")
         return [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is float:
         if isinstance(value, str):
@@ -58,15 +59,15 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
+            raise InputError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where} must be an integer, got {value!r} ({type(value).__name__})")
+            raise InputError(f"{where} must be an integer, got {value!r} ({type(value).__name__})")
         return value
     if annotation in (bool, str):
         if not isinstance(value, annotation):
-            raise ValueError(f"{where} must be a {annotation.__name__}, got {value!r} ({type(value).__name__})")
+            raise InputError(f"{where} must be a {annotation.__name__}, got {value!r} ({type(value).__name__})")
         return value
     raise TypeError(f"{where}: unsupported annotation {annotation!r}")  # a bug in this module
 
@@ -91,7 +92,7 @@ class _Section:
             value = getattr(self, name)
             if value is not None and (value < 0 if allow_zero else value <= 0):
                 bound = ">= 0" if allow_zero else "> 0"
-                raise ValueError(f"{self._section}.{name} must be {bound}, got {value}")
+                raise InputError(f"{self._section}.{name} must be {bound}, got {value}")
 
 
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe")
@@ -200,34 +201,34 @@ class ModelConfig(_Section):
         self._positive("moe_aux_loss_coeff", allow_zero=True)
         if self.num_moe_experts is not None:
             if self.moe_router_topk > self.num_moe_experts:
-                raise ValueError(f"model.moe_router_topk ({self.moe_router_topk}) exceeds model.num_moe_experts "
+                raise InputError(f"model.moe_router_topk ({self.moe_router_topk}) exceeds model.num_moe_experts "
                                  f"({self.num_moe_experts})")
             if self.moe_router_topk == 1 and not self.moe_router_pre_softmax:
-                raise ValueError("model.moe_router_topk=1 needs model.moe_router_pre_softmax=true (megatron's rule: "
+                raise InputError("model.moe_router_topk=1 needs model.moe_router_pre_softmax=true (megatron's rule: "
                                  "a softmax over the one chosen expert is 1 and has no gradient)")
             pattern = self.moe_layers
             if len(pattern) != self.num_layers:
-                raise ValueError(f"model.moe_layer_freq lists {len(pattern)} layers but model.num_layers is "
+                raise InputError(f"model.moe_layer_freq lists {len(pattern)} layers but model.num_layers is "
                                  f"{self.num_layers}")
             if any(v not in (0, 1) for v in pattern):
-                raise ValueError(f"model.moe_layer_freq must hold 0 (dense) or 1 (experts) per layer, got "
+                raise InputError(f"model.moe_layer_freq must hold 0 (dense) or 1 (experts) per layer, got "
                                  f"{self.moe_layer_freq}")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise InputError(
                 f"model.hidden_size ({self.hidden_size}) is not divisible by "
                 f"model.num_attention_heads ({self.num_attention_heads})"
             )
         if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
+            raise InputError(
                 f"model.num_attention_heads ({self.num_attention_heads}) is not divisible by "
                 f"model.num_query_groups ({self.num_query_groups})"
             )
         self._check_recompute()
         if self.moe_layer_freq != 1 and self.num_moe_experts is None:
-            raise ValueError(f"model.moe_layer_freq={self.moe_layer_freq} needs model.num_moe_experts (a dense "
+            raise InputError(f"model.moe_layer_freq={self.moe_layer_freq} needs model.num_moe_experts (a dense "
                              "model has no expert layers)")
         if isinstance(self.moe_layer_freq, int) and self.moe_layer_freq <= 0:
-            raise ValueError(f"model.moe_layer_freq must be > 0, got {self.moe_layer_freq}")
+            raise InputError(f"model.moe_layer_freq must be > 0, got {self.moe_layer_freq}")
 
     def _check_recompute(self) -> None:
         """megatron's rules for activation recomputation, and settings that would do nothing refused."""
@@ -236,20 +237,20 @@ class ModelConfig(_Section):
         if granularity != "full":
             for key in ("recompute_method", "recompute_num_layers"):
                 if getattr(self, key) is not None:
-                    raise ValueError(f"model.{key}={getattr(self, key)!r} only applies to "
+                    raise InputError(f"model.{key}={getattr(self, key)!r} only applies to "
                                      f"model.recompute_granularity='full', got {granularity!r}")
         elif self.recompute_method is None or self.recompute_num_layers is None:
-            raise ValueError("model.recompute_granularity='full' needs model.recompute_method (uniform or block) "
+            raise InputError("model.recompute_granularity='full' needs model.recompute_method (uniform or block) "
                              "and model.recompute_num_layers")
         if self.recompute_modules is not None:
             if granularity != "selective":
-                raise ValueError(f"model.recompute_modules={self.recompute_modules} only applies to "
+                raise InputError(f"model.recompute_modules={self.recompute_modules} only applies to "
                                  f"model.recompute_granularity='selective', got {granularity!r}")
             unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
             if unknown or not self.recompute_modules:
-                raise ValueError(f"model.recompute_modules: {unknown or '[]'} is not among {list(RECOMPUTE_MODULES)}")
+                raise InputError(f"model.recompute_modules: {unknown or '[]'} is not among {list(RECOMPUTE_MODULES)}")
             if "moe" in self.recompute_modules and self.num_moe_experts is None:
-                raise ValueError("model.recompute_modules 'moe' needs a mixture-of-experts model")
+                raise InputError("model.recompute_modules 'moe' needs a mixture-of-experts model")
 
     def without_recompute(self) -> "ModelConfig":
         """This model with activation recomputation off (what the frozen reference is built with)."""
@@ -315,10 +316,10 @@ class ParallelConfig(_Section):
                        "virtual_pipeline_model_parallel_size")
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None and self.pipeline_model_parallel_size == 1:
-            raise ValueError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
+            raise InputError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
                              "parallel.pipeline_model_parallel_size > 1 (it interleaves pipeline stages)")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ValueError(
+            raise InputError(
                 "parallel.sequence_parallel=True needs parallel.tensor_model_parallel_size > 1, "
                 f"got {self.tensor_model_parallel_size}"
             )
@@ -348,14 +349,14 @@ class ParallelConfig(_Section):
             ValueError: if ``world_size`` is not a multiple of TP x PP x CP.
         """
         if world_size <= 0 or world_size % self.model_parallel_size:
-            raise ValueError(
+            raise InputError(
                 f"world size {world_size} is not divisible by tensor_model_parallel_size "
                 f"({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
                 f"({self.pipeline_model_parallel_size}) x context_parallel_size ({self.context_parallel_size})"
             )
         expert_ranks = self.expert_model_parallel_size * self.expert_tensor_size * self.pipeline_model_parallel_size
         if world_size % expert_ranks:
-            raise ValueError(
+            raise InputError(
                 f"world size {world_size} is not divisible by expert_model_parallel_size "
                 f"({self.expert_model_parallel_size}) x expert_tensor_parallel_size ({self.expert_tensor_size}) x "
                 f"pipeline_model_parallel_size ({self.pipeline_model_parallel_size}): megatron lays the experts "
@@ -416,13 +417,13 @@ class LossConfig(_Section):
     def validate(self) -> None:
         self._positive("beta", "tau", "kto_desirable_weight", "kto_undesirable_weight")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"loss.alpha must be in [0, 1], got {self.alpha}")
+            raise InputError(f"loss.alpha must be in [0, 1], got {self.alpha}")
         if self.diagonal_form == "released" and (self.weighting != "diagonal" or self.row_normalization != "sum"):
-            raise ValueError(f"loss.diagonal_form='released' is a form of the diagonal weighting with rows summing "
+            raise InputError(f"loss.diagonal_form='released' is a form of the diagonal weighting with rows summing "
                              f"to 1, but loss.weighting={self.weighting!r} and "
                              f"loss.row_normalization={self.row_normalization!r}")
         if self.ipo_length_normalized and self.loss_type != "ipo":
-            raise ValueError(f"loss.ipo_length_normalized=True only changes loss.loss_type='ipo', "
+            raise InputError(f"loss.ipo_length_normalized=True only changes loss.loss_type='ipo', "
                              f"got {self.loss_type!r}")
 
     @property
@@ -481,7 +482,7 @@ class DataConfig(_Section):
     def validate(self) -> None:
         self._positive("max_prompt_length", "max_length", "pack_multiple")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            raise ValueError(
+            raise InputError(
                 f"data.max_prompt_length ({self.max_prompt_length}) must be less than "
                 f"data.max_length ({self.max_length}) to leave room for the response"
             )
@@ -522,10 +523,10 @@ class OptimizerConfig(_Section):
         self._positive("lr")
         self._positive("min_lr", "lr_warmup_iters", "weight_decay", "clip_grad", allow_zero=True)
         if self.min_lr > self.lr:
-            raise ValueError(f"optimizer.min_lr ({self.min_lr}) exceeds optimizer.lr ({self.lr})")
+            raise InputError(f"optimizer.min_lr ({self.min_lr}) exceeds optimizer.lr ({self.lr})")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+                raise InputError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass
@@ -592,7 +593,7 @@ class TrainConfig(_Section):
         self._positive("micro_batch_size", "global_batch_size", "log_interval", "exit_interval", "eval_interval",
                        "eval_iters", "save_interval", "keep_last", "peak_tflops")
         if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
+            raise InputError(
                 f"train.global_batch_size ({self.global_batch_size}) is not divisible by "
                 f"train.micro_batch_size ({self.micro_batch_size})"
             )

@@ -20,6 +20,7 @@ import shutil
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from megatron_rpo.errors import InputError
 
 
 __all__ = ["HFWeights", "ConvertedCheckpoint", "MARKER", "copy_tokenizer", "TOKENIZER_FILES"]
@@ -43,18 +44,18 @@ class HFWeights:
             self.files = {name: single for name in _read_safetensors(single, lambda f: list(f.keys()))}
         else:
             found = sorted(os.listdir(hf_dir))
-            raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json (found {found}); "
+            raise InputError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json (found {found}); "
                              "only safetensors checkpoints are read")
         for path in set(self.files.values()):
             if not os.path.exists(path):
-                raise ValueError(f"{hf_dir}: the index names {os.path.basename(path)}, which is missing")
+                raise InputError(f"{hf_dir}: the index names {os.path.basename(path)}, which is missing")
 
     def names(self) -> set[str]:
         return set(self.files)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
-            raise ValueError(f"tensor {name!r} is missing from the checkpoint")
+            raise InputError(f"tensor {name!r} is missing from the checkpoint")
         return _read_safetensors(self.files[name], lambda f: f.get_tensor(name), name,
                                  "download or copy the file again")
 
@@ -66,7 +67,7 @@ def _read_safetensors(path: str, read, name: str | None = None, fix: str = "conv
             return read(f)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
         what = f"tensor {name!r}" if name else "its tensor names"
-        raise ValueError(f"{path}: cannot read {what} ({type(e).__name__}: {e}); the file is truncated or "
+        raise InputError(f"{path}: cannot read {what} ({type(e).__name__}: {e}); the file is truncated or "
                          f"corrupt, {fix}") from e
 
 
@@ -79,9 +80,9 @@ class ConvertedCheckpoint:
             with open(marker) as f:
                 self.meta = json.load(f)
         except FileNotFoundError:
-            raise ValueError(f"{path} is not a converted checkpoint (no {MARKER})") from None
+            raise InputError(f"{path} is not a converted checkpoint (no {MARKER})") from None
         if self.meta.get("kind") != "converted":
-            raise ValueError(f"{marker}: expected kind 'converted', got {self.meta.get('kind')!r}")
+            raise InputError(f"{marker}: expected kind 'converted', got {self.meta.get('kind')!r}")
         self.path = path
         self.index: dict[str, str] = self.meta["index"]
 
@@ -93,7 +94,7 @@ class ConvertedCheckpoint:
 
     def _file(self, name: str) -> str:
         if name not in self.index:
-            raise ValueError(f"{self.path}: no tensor {name!r} in the checkpoint")
+            raise InputError(f"{self.path}: no tensor {name!r} in the checkpoint")
         return os.path.join(self.path, self.index[name])
 
     def _read(self, name: str, read):

@@ -13,6 +13,7 @@ import json
 import os
 
 from megatron_rpo.config import ModelConfig
+from megatron_rpo.errors import InputError
 
 __all__ = ["ARCHITECTURES", "read_hf_config", "model_config_from_hf", "hf_config_from_model"]
 
@@ -33,9 +34,9 @@ def read_hf_config(hf_dir: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"{hf_dir} is not a Hugging Face model directory: no config.json") from None
+        raise InputError(f"{hf_dir} is not a Hugging Face model directory: no config.json") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
+        raise InputError(f"{path}: invalid JSON ({e})") from e
 
 
 # megatron-core's Llama-3.1 RoPE scaling has these fixed; only the factor is a parameter.
@@ -51,10 +52,10 @@ def _rope(cfg: dict, source: str) -> tuple[float, float | None]:
     if kind == "default":
         return float(theta), None
     if kind != "llama3":
-        raise ValueError(f"{source}: RoPE scaling {kind!r} is not supported (plain RoPE and llama3 are)")
+        raise InputError(f"{source}: RoPE scaling {kind!r} is not supported (plain RoPE and llama3 are)")
     odd = {k: scaling.get(k) for k, v in LLAMA3_ROPE.items() if float(scaling.get(k, v)) != v}
     if odd:
-        raise ValueError(f"{source}: llama3 RoPE scaling with {odd} is not supported: megatron-core's uses "
+        raise InputError(f"{source}: llama3 RoPE scaling with {odd} is not supported: megatron-core's uses "
                          f"{LLAMA3_ROPE}")
     return float(theta), float(scaling["factor"])
 
@@ -63,13 +64,13 @@ def _moe_fields(cfg: dict, arch: str, source: str) -> dict:
     """The ModelConfig fields of a mixture-of-experts config.json (Qwen3-MoE, Mixtral)."""
     if arch == "MixtralForCausalLM":
         if float(cfg.get("router_jitter_noise") or 0.0):
-            raise ValueError(f"{source}: router_jitter_noise={cfg['router_jitter_noise']} is not supported (0 only)")
+            raise InputError(f"{source}: router_jitter_noise={cfg['router_jitter_noise']} is not supported (0 only)")
         experts, width = cfg["num_local_experts"], cfg["intermediate_size"]
         pattern, renormalise = 1, True
     else:
         for key in ("shared_expert_intermediate_size", "num_shared_experts", "n_shared_experts"):
             if cfg.get(key):
-                raise ValueError(f"{source}: shared experts ({key}={cfg[key]}) are not supported")
+                raise InputError(f"{source}: shared experts ({key}={cfg[key]}) are not supported")
         experts = cfg.get("num_experts", cfg.get("num_local_experts"))
         if experts is None:
             raise KeyError("num_experts")
@@ -81,7 +82,7 @@ def _moe_fields(cfg: dict, arch: str, source: str) -> dict:
         renormalise = bool(cfg.get("norm_topk_prob", False))
     for key in ("router_bias", "moe_router_bias", "router_bias_update_rate"):
         if cfg.get(key):
-            raise ValueError(f"{source}: a router bias ({key}) is not supported")
+            raise InputError(f"{source}: a router bias ({key}) is not supported")
     return dict(
         num_moe_experts=experts,
         moe_router_topk=cfg["num_experts_per_tok"],
@@ -103,21 +104,21 @@ def model_config_from_hf(cfg: dict, source: str = "config.json") -> tuple[ModelC
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
-        raise ValueError(f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+        raise InputError(f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
                          f"supported: {sorted(ARCHITECTURES)}")
     _, bias, qk_norm, experts = ARCHITECTURES[arch]
     theta, rope_factor = _rope(cfg, source)
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
+        raise InputError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
     if cfg.get("mlp_bias"):
-        raise ValueError(f"{source}: mlp_bias=true is not supported")
+        raise InputError(f"{source}: mlp_bias=true is not supported")
     if cfg.get("use_sliding_window"):
-        raise ValueError(f"{source}: use_sliding_window=true is not supported (full causal attention only)")
+        raise InputError(f"{source}: use_sliding_window=true is not supported (full causal attention only)")
     if any(t != "full_attention" for t in cfg.get("layer_types") or []):
-        raise ValueError(f"{source}: layer_types {sorted(set(cfg['layer_types']))} is not supported (full causal "
+        raise InputError(f"{source}: layer_types {sorted(set(cfg['layer_types']))} is not supported (full causal "
                          "attention in every layer only)")
     if experts and cfg.get("sliding_window"):
-        raise ValueError(f"{source}: sliding_window={cfg['sliding_window']} is not supported (full causal "
+        raise InputError(f"{source}: sliding_window={cfg['sliding_window']} is not supported (full causal "
                          "attention only)")
     try:
         heads = cfg["num_attention_heads"]
@@ -140,14 +141,14 @@ def model_config_from_hf(cfg: dict, source: str = "config.json") -> tuple[ModelC
             **(_moe_fields(cfg, arch, source) if experts else {}),
         )
     except KeyError as e:
-        raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+        raise InputError(f"{source}: missing field {e.args[0]!r}") from None
     return model, arch
 
 
 def hf_config_from_model(model: ModelConfig, architecture: str = "LlamaForCausalLM") -> dict:
     """A config.json dict for ``model`` (the inverse of :func:`model_config_from_hf`)."""
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {architecture!r}; supported: {sorted(ARCHITECTURES)}")
+        raise InputError(f"unsupported architecture {architecture!r}; supported: {sorted(ARCHITECTURES)}")
     model_type, _, _, experts = ARCHITECTURES[architecture]
     cfg = {
         "architectures": [architecture],

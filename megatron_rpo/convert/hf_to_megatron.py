@@ -18,6 +18,7 @@ from megatron_rpo.convert.files import MARKER, HFWeights, copy_tokenizer, save_t
 from megatron_rpo.convert.hf_config import model_config_from_hf, read_hf_config
 from megatron_rpo.convert.layout import FUSE, IGNORED_SUFFIXES, expected_shapes, file_groups, weights_file
 from megatron_rpo.publish import StagedDirectory
+from megatron_rpo.errors import InputError
 
 __all__ = ["convert_hf_to_megatron"]
 
@@ -33,11 +34,11 @@ def _check_tokenizer(hf_dir: str, model: ModelConfig) -> None:
     path = sp if os.path.isfile(sp) and not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else hf_dir
     size = load_tokenizer(path).vocab_size
     if size > model.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {size} tokens, more than the model's vocabulary "
+        raise InputError(f"{path}: the tokenizer has {size} tokens, more than the model's vocabulary "
                          f"({model.vocab_size}, config.json vocab_size): ids from {model.vocab_size} on have no "
                          "embedding. Is it this model's tokenizer?")
     if size < model.vocab_size // 2:
-        raise ValueError(f"{path}: the tokenizer has {size} tokens for a model vocabulary of {model.vocab_size} "
+        raise InputError(f"{path}: the tokenizer has {size} tokens for a model vocabulary of {model.vocab_size} "
                          "(config.json vocab_size): it is not this model's tokenizer. Put the model's own "
                          "tokenizer files in the folder, or remove them and preprocess with the right one")
 
@@ -48,7 +49,7 @@ def _convert(weights: HFWeights, model: ModelConfig, hf_names: list[str], transf
     consumed.update(hf_names)
     out = FUSE[transform](*tensors, model) if transform else tensors[0]
     if tuple(out.shape) != tuple(expected):
-        raise ValueError(f"{target} (from {', '.join(hf_names)}): shape {tuple(out.shape)}, "
+        raise InputError(f"{target} (from {', '.join(hf_names)}): shape {tuple(out.shape)}, "
                          f"expected {tuple(expected)} for this config")
     return out
 
@@ -75,7 +76,7 @@ def convert_hf_to_megatron(
     hf_config = read_hf_config(hf_dir)
     model, arch = model_config_from_hf(hf_config, os.path.join(hf_dir, "config.json"))
     if model.num_moe_experts is None and expert_model_parallel_size != 1:
-        raise ValueError(f"--expert-model-parallel-size {expert_model_parallel_size} splits experts, and {hf_dir} "
+        raise InputError(f"--expert-model-parallel-size {expert_model_parallel_size} splits experts, and {hf_dir} "
                          f"({arch}) is a dense model: leave it out")
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_model_parallel_size,
                               pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -105,7 +106,7 @@ def convert_hf_to_megatron(
         unused = sorted(n for n in weights.names() - consumed if not n.endswith(IGNORED_SUFFIXES)
                         and not (n == "lm_head.weight" and not model.untie_embeddings_and_output_weights))
         if unused:
-            raise ValueError(f"{hf_dir}: tensors not consumed by the conversion: {unused[:10]}"
+            raise InputError(f"{hf_dir}: tensors not consumed by the conversion: {unused[:10]}"
                              f"{' ...' if len(unused) > 10 else ''}")
         with open(os.path.join(tmp, "hf_config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)

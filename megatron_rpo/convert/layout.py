@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from megatron_rpo.config import ModelConfig
+from megatron_rpo.errors import InputError
 
 __all__ = ["GLOBAL_MAP", "layer_map", "is_expert", "global_expert_name", "file_groups", "group_of", "weights_file",
            "fuse_qkv", "split_qkv", "fuse_gate_up", "split_gate_up", "expected_shapes"]
@@ -66,7 +67,7 @@ def layer_map(m: ModelConfig, architecture: str, layer: int) -> dict[str, tuple[
     if not m.moe_layers[layer]:
         return {**names, **DENSE_MLP_MAP}
     if architecture not in MOE_MAPS:
-        raise ValueError(f"{architecture} has no mixture-of-experts layers; the checkpoint's model says "
+        raise InputError(f"{architecture} has no mixture-of-experts layers; the checkpoint's model says "
                          f"num_moe_experts={m.num_moe_experts}")
     router, expert, (gate, up, down) = MOE_MAPS[architecture]
     names["mlp.router.weight"] = ([router], None)

@@ -14,6 +14,7 @@ from megatron.core import parallel_state
 
 from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint
 from megatron_rpo.convert.layout import global_expert_name, is_expert
+from megatron_rpo.errors import InputError
 
 __all__ = ["load_converted", "canonical_name", "tensor_split", "VOCAB_TENSORS"]
 
@@ -70,7 +71,7 @@ def _check_whole_shape(ckpt, name: str, shape: tuple, param, split: bool, dim: i
     else:
         ok = tuple(shape) == tuple(want)
     if not ok:
-        raise ValueError(f"{ckpt.path}/{ckpt.index[name]}: tensor {name!r} has shape {tuple(shape)} but the model "
+        raise InputError(f"{ckpt.path}/{ckpt.index[name]}: tensor {name!r} has shape {tuple(shape)} but the model "
                          f"expects {tuple(want)} (the whole tensor): the checkpoint does not match its "
                          f"{MARKER} or the model config")
 
@@ -105,6 +106,6 @@ def load_converted(model, path: str) -> None:
         else:
             value = ckpt.get(name)
         if tuple(value.shape) != tuple(param.shape):
-            raise ValueError(f"{path}: {name} gives shape {tuple(value.shape)} on this rank, the model's "
+            raise InputError(f"{path}: {name} gives shape {tuple(value.shape)} on this rank, the model's "
                              f"{local} is {tuple(param.shape)}: does the checkpoint match the model config?")
         param.copy_(value.to(param.dtype))

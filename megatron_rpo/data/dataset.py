@@ -17,6 +17,7 @@ from megatron_rpo.data.files import read_manifest
 from megatron_rpo.data import packing as layout
 from megatron_rpo.data.preprocess import MANIFEST_KIND
 from megatron_rpo.data.reference_logps import load_reference_logps
+from megatron_rpo.errors import InputError
 
 __all__ = ["PreferenceDataset", "PairedSampler", "UnpairedSampler", "collate", "collate_step"]
 
@@ -38,7 +39,7 @@ class PreferenceDataset:
         self.tokens = IndexedDataset(data_prefix)
         self.meta = np.load(f"{data_prefix}.meta.npy")
         if not len(self.tokens) == len(self.meta) == self.manifest["num_sequences"]:
-            raise ValueError(f"{data_prefix}: token, metadata and manifest counts disagree")
+            raise InputError(f"{data_prefix}: token, metadata and manifest counts disagree")
         self.embeddings = self.embedding_manifest = None
         if embeddings:
             self.embeddings, self.embedding_manifest = load_prompt_embeddings(data_prefix)
@@ -84,7 +85,7 @@ class _Sampler:
         """This rank's microbatches (lists of sequence indices), from ``consumed_samples`` on, forever."""
         per_epoch = self.samples_per_epoch()
         if per_epoch == 0:
-            raise ValueError("the dataset is smaller than one global microbatch")
+            raise InputError("the dataset is smaller than one global microbatch")
         consumed = self.consumed_samples
         while True:
             epoch, offset = divmod(consumed, per_epoch)
@@ -127,11 +128,11 @@ class UnpairedSampler(_Sampler):
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 2:
-            raise ValueError(f"unpaired microbatches need room for a chosen and a rejected item: "
+            raise InputError(f"unpaired microbatches need room for a chosen and a rejected item: "
                              f"micro_batch_size must be >= 2, got {self.micro_batch_size}")
         nc, nr = len(self.chosen), len(self.rejected)
         if nc == 0 or nr == 0:
-            raise ValueError(f"unpaired training needs chosen and rejected items, got {nc} chosen and {nr} rejected")
+            raise InputError(f"unpaired training needs chosen and rejected items, got {nc} chosen and {nr} rejected")
         self.per_chosen = min(self.micro_batch_size - 1, max(1, round(self.micro_batch_size * nc / (nc + nr))))
         self.per_rejected = self.micro_batch_size - self.per_chosen
 
@@ -205,7 +206,7 @@ def collate(dataset: PreferenceDataset, indices: list[int], seq_length: int, pad
         batch["prompt_embedding"] = torch.from_numpy(dataset.embeddings[prompt_ids])
     if dataset.ref_logps is not None:
         if mismatched:
-            raise ValueError(f"{dataset.prefix}: precomputed reference log-probs do not cover mismatched pairs")
+            raise InputError(f"{dataset.prefix}: precomputed reference log-probs do not cover mismatched pairs")
         batch["ref_logps"] = torch.from_numpy(dataset.ref_logps[indices].copy())
     return batch
 

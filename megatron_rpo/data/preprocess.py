@@ -30,6 +30,7 @@ from megatron_rpo.data.files import StagedOutputs
 from megatron_rpo.data.formats import BadRow, Example, detect_format, read_examples
 from megatron_rpo.data.sources import open_source
 from megatron_rpo.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_rpo.errors import InputError
 
 __all__ = ["META_DTYPE", "PreprocessResult", "preprocess", "MANIFEST_KIND"]
 
@@ -75,7 +76,7 @@ class _Encoder:
         head = self.tok.render(prompt_messages, add_generation_prompt=True)
         full = self.tok.render(prompt_messages + response, add_generation_prompt=False)
         if not full.startswith(head):
-            raise ValueError("the chat template renders the prompt differently inside the conversation")
+            raise InputError("the chat template renders the prompt differently inside the conversation")
         return full[len(head):]
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -102,7 +103,7 @@ class _Encoder:
 
 def _check_prefix(prefix: str) -> None:
     if not os.path.basename(prefix) or prefix.endswith(("/", os.sep)):
-        raise ValueError(f"the output prefix {prefix!r} ends in a path separator; it names files, "
+        raise InputError(f"the output prefix {prefix!r} ends in a path separator; it names files, "
                          f"e.g. {os.path.join(prefix, 'train')!r} writes train.bin, train.idx, ... there")
 
 
@@ -145,7 +146,7 @@ def preprocess(
             ``output_prefix`` then.
     """
     if not 0 < max_prompt_length < max_length:
-        raise ValueError(
+        raise InputError(
             f"need 0 < max_prompt_length < max_length to leave room for a response, "
             f"got max_prompt_length={max_prompt_length}, max_length={max_length}"
         )
@@ -162,7 +163,7 @@ def preprocess(
             with open(chat_template) as f:
                 tok.chat_template = f.read()
         except OSError as e:
-            raise ValueError(f"cannot read the chat template {chat_template}: {e.strerror}") from None
+            raise InputError(f"cannot read the chat template {chat_template}: {e.strerror}") from None
     encoder = _Encoder(tok, max_prompt_length, max_length)
     paired = fmt != "unpaired"
     token_dtype = DType.optimal_dtype(tok.vocab_size)
@@ -184,7 +185,7 @@ def preprocess(
                     sequences = _encode_example(item, encoder, keep_identical_pairs)
                 except BadRow as bad:
                     if strict:
-                        raise ValueError(f"bad row (--strict): {bad}") from None
+                        raise InputError(f"bad row (--strict): {bad}") from None
                     skipped.append(bad.as_dict())
                     continue
                 prompt_text = sequences[0][0]
@@ -198,11 +199,11 @@ def preprocess(
                     meta.append((prompt_length, is_chosen, pair_id, prompt_ids[prompt_text]))
             bar.close()
         if not meta:
-            raise ValueError(f"no usable row in {inputs} ({len(skipped)} skipped; first: {skipped[:1]})")
+            raise InputError(f"no usable row in {inputs} ({len(skipped)} skipped; first: {skipped[:1]})")
         if not paired:
             chosen = sum(1 for m in meta if m[1])
             if chosen == 0 or chosen == len(meta):
-                raise ValueError(f"{inputs}: unpaired data needs both chosen (label true) and rejected (label false) "
+                raise InputError(f"{inputs}: unpaired data needs both chosen (label true) and rejected (label false) "
                                  f"items to contrast; found {chosen} chosen and {len(meta) - chosen} rejected")
         builder.finalize(staged.path(idx_path))
         meta_path = f"{output_prefix}.meta.npy"

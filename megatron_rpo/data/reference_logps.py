@@ -14,6 +14,7 @@ import numpy as np
 
 from megatron_rpo.data.files import StagedOutputs, manifest_path, read_manifest
 from megatron_rpo.data.tokenizer import file_sha256
+from megatron_rpo.errors import InputError
 
 __all__ = ["REFERENCE_KIND", "reference_prefix", "write_reference_logps", "load_reference_logps"]
 
@@ -53,16 +54,16 @@ def load_reference_logps(data_prefix: str, num_sequences: int) -> np.ndarray:
     """
     prefix = reference_prefix(data_prefix)
     if not os.path.exists(manifest_path(prefix)):
-        raise ValueError(f"{data_prefix} has no precomputed reference log-probs ({manifest_path(prefix)} not found): "
+        raise InputError(f"{data_prefix} has no precomputed reference log-probs ({manifest_path(prefix)} not found): "
                          f"run tools/precompute_reference_logps.py --load CHECKPOINT --data-prefix {data_prefix}, "
                          "or train with loss.reference=online")
     manifest = read_manifest(prefix, REFERENCE_KIND)
     if manifest["dataset_manifest_sha256"] != file_sha256(manifest_path(data_prefix)):
-        raise ValueError(
+        raise InputError(
             f"{manifest_path(prefix)} was computed for another version of {data_prefix!r}; "
             "rerun tools/precompute_reference_logps.py"
         )
     logps = np.load(f"{prefix}.npy")
     if logps.shape != (num_sequences,):
-        raise ValueError(f"{prefix}.npy holds {logps.shape} values, the dataset has {num_sequences} sequences")
+        raise InputError(f"{prefix}.npy holds {logps.shape} values, the dataset has {num_sequences} sequences")
     return logps

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from megatron_rpo.data.tokenizer import file_sha256
+from megatron_rpo.errors import InputError
 
 __all__ = ["Source", "open_source", "check_text_file", "RowError"]
 
@@ -64,18 +65,18 @@ class Source:
 def check_text_file(path: str) -> None:
     """Raise ValueError naming ``path`` unless it can be read as (gzipped, for .gz) UTF-8 text lines."""
     if not os.path.isfile(path):
-        raise ValueError(f"input file {path} does not exist")
+        raise InputError(f"input file {path} does not exist")
     with open(path, "rb") as f:
         head = f.read(4096)
     if path.endswith(".gz"):
         if not head.startswith(b"\x1f\x8b"):
-            raise ValueError(f"{path}: the name ends in .gz but the file is not gzip-compressed")
+            raise InputError(f"{path}: the name ends in .gz but the file is not gzip-compressed")
         return
     for magic, what in _SIGNATURES:
         if head.startswith(magic):
-            raise ValueError(f"{path}: this looks like {what}, not UTF-8 JSON lines")
+            raise InputError(f"{path}: this looks like {what}, not UTF-8 JSON lines")
     if b"\x00" in head:
-        raise ValueError(f"{path}: this looks like a binary file (it holds NUL bytes), not UTF-8 JSON lines")
+        raise InputError(f"{path}: this looks like a binary file (it holds NUL bytes), not UTF-8 JSON lines")
 
 
 def _json_lines(path: str) -> Iterator[tuple[int, dict | RowError]]:
@@ -104,7 +105,7 @@ def _json_lines(path: str) -> Iterator[tuple[int, dict | RowError]]:
                     continue
                 yield number, row
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise ValueError(f"{path}: the gzip data is truncated or corrupt after line {number} ({e})") from None
+        raise InputError(f"{path}: the gzip data is truncated or corrupt after line {number} ({e})") from None
 
 
 def _first_json_keys(path: str) -> list[str]:
@@ -118,7 +119,7 @@ def _datasets():
     try:
         import datasets
     except ImportError:
-        raise ValueError("Parquet files, dataset folders and hub datasets are read with the datasets library: "
+        raise InputError("Parquet files, dataset folders and hub datasets are read with the datasets library: "
                          "pip install 'megatron_rpo[hf]'") from None
     datasets.disable_progress_bars()
     return datasets
@@ -131,10 +132,10 @@ def _pick_split(loaded, name: str, split: str | None):
     splits = list(loaded.keys())
     if split is None:
         if len(splits) != 1:
-            raise ValueError(f"{name} has the splits {splits}; choose one with --split")
+            raise InputError(f"{name} has the splits {splits}; choose one with --split")
         split = splits[0]
     if split not in loaded:
-        raise ValueError(f"{name} has no split {split!r}; it has {splits}")
+        raise InputError(f"{name} has no split {split!r}; it has {splits}")
     return loaded[split], split
 
 
@@ -171,7 +172,7 @@ def open_source(spec: str, split: str | None = None) -> Source:
         try:
             loaded = datasets.load_from_disk(path) if saved else datasets.load_dataset(path)
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the user needs the path and the cause
-            raise ValueError(f"input {path} is a folder but not a dataset that datasets can read "
+            raise InputError(f"input {path} is a folder but not a dataset that datasets can read "
                              f"(save_to_disk output or a folder of data files): {e}") from None
         ds, split = _pick_split(loaded, path, split)
         return _dataset_source(path, ds, split, {"path": os.path.abspath(path), "kind": "datasets folder"})
@@ -180,8 +181,8 @@ def open_source(spec: str, split: str | None = None) -> Source:
         try:
             loaded = datasets.load_dataset(path, split=split) if split else datasets.load_dataset(path)
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot load the dataset {path!r}{f' split {split!r}' if split else ''} "
+            raise InputError(f"cannot load the dataset {path!r}{f' split {split!r}' if split else ''} "
                              f"(hub datasets need network access or a cached copy): {e}") from None
         ds, split = _pick_split(loaded, path, split)
         return _dataset_source(path, ds, split, {"dataset": path, "kind": "hub"})
-    raise ValueError(f"input file {path} does not exist")
+    raise InputError(f"input file {path} does not exist")

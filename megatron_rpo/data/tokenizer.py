@@ -12,6 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from megatron_rpo.errors import InputError
 
 __all__ = ["Tokenizer", "load_tokenizer", "train_sentencepiece", "file_sha256", "tokenizer_sha256", "tokenizer_digests",
            "holds_tokenizer"]
@@ -107,7 +108,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         try:
             sp = spm.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path}: not a sentencepiece model file: {e}") from e
+            raise InputError(f"{path}: not a sentencepiece model file: {e}") from e
         bos = sp.bos_id()
         return Tokenizer("sentencepiece", path, sp.get_piece_size(), bos if bos >= 0 else None, sp.eos_id(),
                          file_sha256(path), sp)
@@ -117,11 +118,11 @@ def load_tokenizer(path: str) -> Tokenizer:
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: not a Hugging Face tokenizer directory: {e}") from e
+            raise InputError(f"{path}: not a Hugging Face tokenizer directory: {e}") from e
         if tok.eos_token_id is None:
-            raise ValueError(f"{path}: the tokenizer has no eos token")
+            raise InputError(f"{path}: the tokenizer has no eos token")
         return Tokenizer("huggingface", path, len(tok), tok.bos_token_id, tok.eos_token_id, tokenizer_sha256(path), tok)
-    raise ValueError(f"tokenizer {path!r} does not exist (expected a sentencepiece .model file or a directory)")
+    raise InputError(f"tokenizer {path!r} does not exist (expected a sentencepiece .model file or a directory)")
 
 
 def tokenizer_sha256(path: str) -> str:
@@ -162,7 +163,7 @@ def check_tokenized_for(prefix: str, manifest: dict, checkpoint: str) -> None:
     """
     carried = tokenizer_digests(os.path.join(checkpoint, "tokenizer"))
     if carried and manifest["tokenizer"]["sha256"] not in carried:
-        raise ValueError(f"{prefix} was tokenised with {manifest['tokenizer']['path']}, not with the "
+        raise InputError(f"{prefix} was tokenised with {manifest['tokenizer']['path']}, not with the "
                          f"tokenizer {checkpoint} carries ({os.path.join(checkpoint, 'tokenizer')}): the "
                          "token ids would mean other words to the model; preprocess the data again with "
                          "--tokenizer pointing there")

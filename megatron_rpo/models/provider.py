@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_rpo.config import RECOMPUTE_KEYS, Config, ModelConfig, ParallelConfig
 from megatron_rpo.logprobs import output_logprobs
 from megatron_rpo.models.layers import RMSNorm, SDPAttention
+from megatron_rpo.errors import InputError
 
 __all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "model_provider", "model_chunks",
            "use_transformer_engine", "PreferenceGPTModel"]
@@ -96,18 +97,18 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     """
     if model.num_moe_experts is None and (parallel.expert_model_parallel_size != 1
                                           or parallel.expert_tensor_size != parallel.tensor_model_parallel_size):
-        raise ValueError(f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} / "
+        raise InputError(f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} / "
                          f"expert_tensor_parallel_size={parallel.expert_tensor_parallel_size} need a "
                          "mixture-of-experts model, and this one is dense (model.num_moe_experts is not set)")
     if "layernorm" in (model.recompute_modules or []) and not use_transformer_engine():
         # megatron-core 0.16.1's CheckpointWithoutOutput reads transformer-engine's FP8 state
         # unconditionally (its fp8 flag is `fp8 is not None`), a NameError without it.
-        raise ValueError("model.recompute_modules 'layernorm' needs transformer-engine (megatron-core 0.16.1's "
+        raise InputError("model.recompute_modules 'layernorm' needs transformer-engine (megatron-core 0.16.1's "
                          "norm recompute calls it); leave it out here")
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu if bf16 is None else bf16
     if bf16 and not on_gpu:
-        raise ValueError("bf16=True needs a GPU; CPU runs are fp32")
+        raise InputError("bf16=True needs a GPU; CPU runs are fp32")
     dtype = torch.bfloat16 if bf16 else torch.float32
     interleaved = parallel.virtual_pipeline_model_parallel_size is not None
     return TransformerConfig(

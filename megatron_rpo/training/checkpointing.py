@@ -39,6 +39,7 @@ from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.convert.load import load_converted
 from megatron_rpo.publish import write_text
 from megatron_rpo.training.optimizer import optimizer_parts
+from megatron_rpo.errors import InputError
 
 __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
            "describe_layout", "read_training_state", "mark_done", "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
@@ -76,7 +77,7 @@ def latest_checkpoint(save_dir: str | None) -> str | None:
         name = f.read().strip()
     path = os.path.join(save_dir, name)
     if not os.path.isdir(path):
-        raise ValueError(f"{pointer} names {name}, which does not exist")
+        raise InputError(f"{pointer} names {name}, which does not exist")
     return path
 
 

@@ -15,6 +15,7 @@ import os
 import socket
 
 from megatron_rpo.publish import process_alive
+from megatron_rpo.errors import InputError
 
 __all__ = ["SaveDirLock", "LOCK_FILE"]
 
@@ -71,12 +72,12 @@ class SaveDirLock:
                 advice = ("" if same_host else
                           f"; if that job is gone (it runs on another host, which cannot be checked from here), "
                           f"remove {self.path}")
-                raise ValueError(f"{os.path.dirname(self.path)} is in use by another training job ({who}){advice}")
+                raise InputError(f"{os.path.dirname(self.path)} is in use by another training job ({who}){advice}")
             with os.fdopen(fd, "w") as f:
                 json.dump(self.me, f)
             self.held = True
             return note
-        raise ValueError(f"could not take {self.path}: other jobs keep creating it")
+        raise InputError(f"could not take {self.path}: other jobs keep creating it")
 
     def release(self) -> None:
         if not self.held:

@@ -53,6 +53,7 @@ from megatron_rpo.training.lock import SaveDirLock
 from megatron_rpo.training.metrics_log import Scalars, accuracy_text, format_line, reduce_reports, require_wandb
 from megatron_rpo.training.optimizer import build_optimizer, build_scheduler
 from megatron_rpo.training.step import forward_backward
+from megatron_rpo.errors import InputError
 
 __all__ = ["Trainer"]
 
@@ -71,9 +72,9 @@ class Trainer:
         parallel.initialize(c.parallel, seed=c.train.seed)
         self.dp = c.data_parallel_size(dist.get_world_size())
         if not c.train.load:
-            raise ValueError("train.load must name the converted checkpoint to start from")
+            raise InputError("train.load must name the converted checkpoint to start from")
         if not c.data.train_data_prefix:
-            raise ValueError("data.train_data_prefix must name a preprocessed dataset")
+            raise InputError("data.train_data_prefix must name a preprocessed dataset")
         needs_emb = c.loss.uses_matrix and c.loss.weighting == "embedding"
         needs_ref = c.loss.uses_reference and c.loss.reference == "precomputed"
         self.train_data = PreferenceDataset(c.data.train_data_prefix, embeddings=needs_emb, reference_logps=needs_ref)
@@ -110,7 +111,7 @@ class Trainer:
         self.sampler = self._sampler(self.train_data, shuffle_seed=c.data.seed)
         epoch_steps = self.sampler.samples_per_epoch() // self.samples_per_step
         if epoch_steps == 0 and c.train.train_iters is None:
-            raise ValueError(f"{c.data.train_data_prefix} holds fewer samples than one global batch "
+            raise InputError(f"{c.data.train_data_prefix} holds fewer samples than one global batch "
                              f"({self.samples_per_step})")
         self.total_steps = epoch_steps if c.train.train_iters is None else c.train.train_iters
         if self.valid_data is not None:
@@ -190,7 +191,7 @@ class Trainer:
         dist.broadcast_object_list(outcome, src=0)
         note, error = outcome
         if error:
-            raise ValueError(error)
+            raise InputError(error)
         if note:
             _log(note)
         return lock
@@ -210,7 +211,7 @@ class Trainer:
             return False
         listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
         if not self.config.train.allow_config_change:
-            raise ValueError(f"the config differs from the one {checkpoint} was trained with ({listing}); resume with "
+            raise InputError(f"the config differs from the one {checkpoint} was trained with ({listing}); resume with "
                              "the same settings, or pass train.allow_config_change=true to apply the changes")
         for key, old, new in changes:
             _log(f"config change on resume: {key} {old!r} -> {new!r}")
@@ -256,23 +257,23 @@ class Trainer:
         diff = model_conflicts(c, ckpt_model)
         if diff:
             detail = ", ".join(f"model.{k}={a!r} but the checkpoint has {b!r}" for k, a, b in diff)
-            raise ValueError(f"{c.train.load} does not fit the config: {detail}")
+            raise InputError(f"{c.train.load} does not fit the config: {detail}")
         theirs = dataclasses.asdict(ckpt_model)
         # The checkpoint's value of a training choice is the default; a value that was set wins.
         model = dataclasses.replace(c.model, **{k: v for k, v in theirs.items()
                                                 if k != "make_vocab_size_divisible_by" and not given(f"model.{k}")})
         prompt = self.train_data.manifest["max_prompt_length"]
         if c.data.max_prompt_length is not None and c.data.max_prompt_length != prompt:
-            raise ValueError(f"data.max_prompt_length={c.data.max_prompt_length} but {self.train_data.prefix} was "
+            raise InputError(f"data.max_prompt_length={c.data.max_prompt_length} but {self.train_data.prefix} was "
                              f"preprocessed with {prompt}: prompts are cut when preprocessing, so preprocess again "
                              "with --max-prompt-length or leave the setting out")
         o = c.optimizer
         if o.optimizer == "rmsprop" and "optimizer.adam_beta1" in said and o.adam_beta1 != 0:
-            raise ValueError(f"optimizer.adam_beta1={o.adam_beta1} has no effect with optimizer=rmsprop "
+            raise InputError(f"optimizer.adam_beta1={o.adam_beta1} has no effect with optimizer=rmsprop "
                              "(RMSprop is Adam with beta1 = 0); leave it out or use optimizer=adam")
         gpu = torch.cuda.is_available()
         if o.bf16 and not gpu and "optimizer.bf16" in said:
-            raise ValueError("optimizer.bf16=true needs a GPU; CPU runs are fp32 (leave it out there)")
+            raise InputError("optimizer.bf16=true needs a GPU; CPU runs are fp32 (leave it out there)")
         optimizer = dataclasses.replace(o, adam_beta1=0.0 if o.optimizer == "rmsprop" else o.adam_beta1,
                                         bf16=o.bf16 and gpu)
         data = dataclasses.replace(c.data, max_prompt_length=min(prompt, c.data.max_length - 1))
@@ -287,24 +288,24 @@ class Trainer:
         for d in datasets:
             m = d.manifest
             if m["tokenizer"]["vocab_size"] > c.model.vocab_size:
-                raise ValueError(f"{d.prefix}: tokenizer vocabulary {m['tokenizer']['vocab_size']} exceeds "
+                raise InputError(f"{d.prefix}: tokenizer vocabulary {m['tokenizer']['vocab_size']} exceeds "
                                  f"model.vocab_size {c.model.vocab_size}")
             if m["max_length"] > c.data.max_length:
-                raise ValueError(f"{d.prefix} was preprocessed with max_length {m['max_length']}, "
+                raise InputError(f"{d.prefix} was preprocessed with max_length {m['max_length']}, "
                                  f"more than data.max_length {c.data.max_length}")
             if c.data.paired and not d.paired:
-                raise ValueError(f"{d.prefix} is unpaired data but data.paired=True")
+                raise InputError(f"{d.prefix} is unpaired data but data.paired=True")
         self._check_reference_checkpoint()
         for d in datasets:
             check_tokenized_for(d.prefix, d.manifest, c.train.load)
         if self.valid_data is not None:
             a, b = self.train_data.manifest, self.valid_data.manifest
             if a["tokenizer"]["sha256"] != b["tokenizer"]["sha256"]:
-                raise ValueError(f"{self.train_data.prefix} and {self.valid_data.prefix} were tokenised with "
+                raise InputError(f"{self.train_data.prefix} and {self.valid_data.prefix} were tokenised with "
                                  f"different tokenizers ({a['tokenizer']['path']} vs {b['tokenizer']['path']})")
             ea, eb = self.train_data.embedding_manifest, self.valid_data.embedding_manifest
             if ea and eb and (ea["model"], ea["dim"]) != (eb["model"], eb["dim"]):
-                raise ValueError(f"prompt embeddings differ: {ea['model']} ({ea['dim']}) for training, "
+                raise InputError(f"prompt embeddings differ: {ea['model']} ({ea['dim']}) for training, "
                                  f"{eb['model']} ({eb['dim']}) for validation")
 
     def _check_reference_checkpoint(self) -> None:
@@ -326,7 +327,7 @@ class Trainer:
                 same = recorded is None or os.path.realpath(recorded) == os.path.realpath(expected)
             if not same:
                 setting = "loss.reference_checkpoint" if c.loss.reference_checkpoint else "train.load"
-                raise ValueError(f"{manifest_path(reference_prefix(d.prefix))}: the reference log-probs were computed "
+                raise InputError(f"{manifest_path(reference_prefix(d.prefix))}: the reference log-probs were computed "
                                  f"with {recorded}, but {setting} is {expected}: rerun tools/precompute_reference_logps"
                                  f".py --load {expected} --data-prefix {d.prefix}, or, when the reference is meant to "
                                  f"be that other model, set loss.reference_checkpoint={recorded}")
@@ -493,7 +494,7 @@ class Trainer:
             kind = "pairs" if self.valid_data.paired else "chosen and rejected items"
             size = (self.valid_data.manifest["num_pairs"] if self.valid_data.paired else
                     f"{len(self.valid_data.chosen_indices)} + {len(self.valid_data.rejected_indices)}")
-            raise ValueError(f"{self.valid_data.prefix} holds {size} {kind}, fewer than one microbatch on every "
+            raise InputError(f"{self.valid_data.prefix} holds {size} {kind}, fewer than one microbatch on every "
                              f"data-parallel rank (train.micro_batch_size {c.train.micro_batch_size} x DP {self.dp} "
                              f"= {chunk}), the least an evaluation needs: use a larger held-out set, a smaller "
                              "train.micro_batch_size, or leave data.valid_data_prefix out")
