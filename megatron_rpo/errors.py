@@ -8,7 +8,11 @@ import os
 import sys
 import time
 
-__all__ = ["InputError", "report"]
+__all__ = ["InputError", "INPUT_ERROR_EXIT_CODE", "report"]
+
+INPUT_ERROR_EXIT_CODE = 2
+"""What train, plan and the tools exit with after reporting an :class:`InputError` (argparse's code
+for a bad command line)."""
 
 
 class InputError(ValueError):

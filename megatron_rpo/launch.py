@@ -29,14 +29,13 @@ import sys
 __all__ = ["main"]
 
 FORWARDED = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
-INPUT_ERROR_EXIT_CODE = 2
-"""What ``megatron_rpo.train`` exits with after reporting a bad input (:mod:`megatron_rpo.errors`)."""
 
 
 class _QuietCleanExits(logging.Filter):
     """Drop torchrun's "failed (exitcode: N) local_rank: ..." line for a stop or a reported bad input."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from megatron_rpo.errors import INPUT_ERROR_EXIT_CODE
         from megatron_rpo.training.interrupts import PREEMPTED_EXIT_CODE
 
         return not (record.msg.startswith("failed (exitcode:") and record.args
@@ -74,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from megatron_rpo.errors import INPUT_ERROR_EXIT_CODE
     from megatron_rpo.training.interrupts import PREEMPTED_EXIT_CODE
 
     args = torchrun.parse_args(argv)

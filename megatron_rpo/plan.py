@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass, field
 
 from megatron_rpo.config import Config, ModelConfig, explicit_keys, load_config, model_conflicts
-from megatron_rpo.errors import InputError, report
+from megatron_rpo.errors import INPUT_ERROR_EXIT_CODE, InputError, report
 
 __all__ = ["StagePlan", "Plan", "stage_parameters", "layer_activation_bytes", "plan", "main"]
 
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         result = plan(config, a.gpus, a.gpu_memory_gib)
     except InputError as e:
         report(e)
-        return 2
+        return INPUT_ERROR_EXIT_CODE
     print(f"memory plan for {a.config}, {source}")
     print(describe(result))
     return 0

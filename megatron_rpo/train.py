@@ -8,7 +8,7 @@ import os
 import sys
 
 from megatron_rpo.config import load_config
-from megatron_rpo.errors import InputError, report
+from megatron_rpo.errors import INPUT_ERROR_EXIT_CODE, InputError, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
     except InputError as e:
         report(e)
-        return 2
+        return INPUT_ERROR_EXIT_CODE
     if "RANK" not in os.environ:
         print("no launcher environment (RANK is unset): training in this one process; for several, launch with "
               "torchrun --nproc-per-node N -m megatron_rpo.train ...", file=sys.stderr, flush=True)
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
     except InputError as e:  # a bad input our checks found: say what, no traceback
         report(e)
-        return 2
+        return INPUT_ERROR_EXIT_CODE
     except Preempted as e:  # stopped on a signal after saving (the trainer said so)
         return e.exit_code
     finally:

@@ -117,9 +117,10 @@ def overrides(ws: dict, save, *extra: str) -> list[str]:
             f"train.save={save}", "train.train_iters=6", "train.eval_iters=2", "train.keep_last=5", *extra]
 
 
-def reference_tool(ckpt: str, prefix: str, *flags: str):
+def reference_tool(ckpt: str | None, prefix: str, *flags: str):
     """Run tools/precompute_reference_logps.py in these processes (its parallel state torn down
-    after, the process group kept for the next case); returns the ``PREFIX.ref`` it wrote."""
+    after, the process group kept for the next case); returns the ``PREFIX.ref`` it wrote.
+    ``ckpt`` None: the flags name it (``--config RECIPE``)."""
     from megatron.core import parallel_state as ps
 
     import megatron_rpo.parallel as parallel
@@ -128,7 +129,7 @@ def reference_tool(ckpt: str, prefix: str, *flags: str):
     tool = load_script("tools/precompute_reference_logps.py", "reference_tool")
     destroy, parallel.destroy = parallel.destroy, ps.destroy_model_parallel
     try:
-        assert tool.main(["--load", ckpt, "--data-prefix", prefix, "--no-progress", *flags]) == 0
+        assert tool.main([*(["--load", ckpt] if ckpt else []), "--data-prefix", prefix, "--no-progress", *flags]) == 0
     finally:
         parallel.destroy = destroy
     return PreferenceDataset(prefix, reference_logps=True).ref_logps.copy()

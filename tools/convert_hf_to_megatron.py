@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from megatron_rpo.convert import convert_hf_to_megatron
-from megatron_rpo.errors import InputError, report
+from megatron_rpo.errors import INPUT_ERROR_EXIT_CODE, InputError, report
 
 
 def main(argv=None) -> int:
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                                       progress=not a.no_progress)
     except InputError as e:
         report(e)
-        return 1
+        return INPUT_ERROR_EXIT_CODE
     m = meta["model"]
     experts = f", {m['num_moe_experts']} experts (top {m['moe_router_topk']})" if m.get("num_moe_experts") else ""
     print(f"{meta['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}, "

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from megatron_rpo.convert import convert_megatron_to_hf
-from megatron_rpo.errors import InputError, report
+from megatron_rpo.errors import INPUT_ERROR_EXIT_CODE, InputError, report
 
 
 def main(argv=None) -> int:
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
         config = convert_megatron_to_hf(a.megatron_dir, a.output_dir, progress=not a.no_progress)
     except InputError as e:
         report(e)
-        return 1
+        return INPUT_ERROR_EXIT_CODE
     print(f"{config['architectures'][0]} -> {a.output_dir}")
     return 0
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 from megatron_rpo.data.embeddings import DEFAULT_MODEL, embeddings_prefix, precompute_prompt_embeddings
-from megatron_rpo.errors import InputError, report
+from megatron_rpo.errors import INPUT_ERROR_EXIT_CODE, InputError, report
 
 
 def main(argv=None) -> int:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                                          progress=not a.no_progress)
     except InputError as e:
         report(e)
-        return 1
+        return INPUT_ERROR_EXIT_CODE
     if m:
         print(f"{m['num_prompts']} prompts x {m['dim']} ({m['model']}) -> {embeddings_prefix(a.data_prefix)}"
               ".{bin,idx,manifest.json}")

@@ -19,7 +19,7 @@ import sys
 
 from megatron_rpo.data.formats import FORMATS
 from megatron_rpo.data.preprocess import preprocess
-from megatron_rpo.errors import InputError, report
+from megatron_rpo.errors import INPUT_ERROR_EXIT_CODE, InputError, report
 
 
 def main(argv=None) -> int:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
                        progress=not a.no_progress, split=a.split, chat_template=a.chat_template).manifest
     except InputError as e:
         report(e)
-        return 1
+        return INPUT_ERROR_EXIT_CODE
     if m["format_detected"]:
         print(f"format: {m['format']} (detected from the columns; --format to choose)")
     print(f"{m['num_sequences']} sequences ({m['num_pairs']} pairs, {m['num_prompts']} prompts) from {m['num_rows']} "

@@ -56,7 +56,7 @@ def test_asking_for_cuda_without_a_gpu_is_one_line_naming_the_cpu(dataset, capsy
     from tests.workspace import load_script
 
     tool = load_script("tools/precompute_prompt_embeddings.py", "precompute_prompt_embeddings_tool")
-    assert tool.main(["--data-prefix", dataset, "--device", "cuda", "--no-progress"]) == 1
+    assert tool.main(["--data-prefix", dataset, "--device", "cuda", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: device 'cuda': torch sees no CUDA GPU") and "--device cpu" in err
     assert len(err.splitlines()) == 1
@@ -89,6 +89,6 @@ def test_a_device_torch_does_not_know_is_one_line(dataset, capsys):
     from tests.workspace import load_script
 
     tool = load_script("tools/precompute_prompt_embeddings.py", "precompute_prompt_embeddings_tool")
-    assert tool.main(["--data-prefix", dataset, "--device", "tpu", "--no-progress"]) == 1
+    assert tool.main(["--data-prefix", dataset, "--device", "tpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: device 'tpu' is not a torch device: use cpu, cuda or cuda:N"

@@ -90,7 +90,48 @@ def test_the_reference_tool_refuses_data_tokenised_for_another_checkpoint(worksp
     preprocess([str(root / "valid.jsonl")], "hh", other, str(tmp_path / "other_valid"), max_prompt_length=96,
                max_length=160, progress=False)
     tool = load_script("tools/precompute_reference_logps.py", "reference_tool_refusal")
-    assert tool.main(["--load", str(ckpt), "--data-prefix", str(tmp_path / "other_valid"), "--no-progress"]) == 1
+    assert tool.main(["--load", str(ckpt), "--data-prefix", str(tmp_path / "other_valid"), "--no-progress"]) == 2
     assert f"{tmp_path / 'other_valid'} was tokenised with {other}, not with the tokenizer {ckpt} carries" in \
         capsys.readouterr().err
     assert not list(tmp_path.glob("other_valid.ref*"))
+
+
+def _by_recipe_and_by_flags(ckpt: str, by_recipe: str, by_flags: str, recipe: str):
+    from tests.workspace import reference_tool
+
+    return (reference_tool(None, by_recipe, "--config", recipe, f"train.load={ckpt}"),
+            reference_tool(ckpt, by_flags, "--tensor-model-parallel-size", "2", "--logprob-chunk-tokens", "40"))
+
+
+def test_the_reference_tool_takes_the_recipe_s_layout(workspace, tmp_path):
+    # Issue 32 item 3: one config surface; the tool's parallel flags are shorthands for the recipe's settings.
+    import glob
+    import shutil
+
+    for name in ("recipe", "flags"):
+        (tmp_path / name).mkdir()
+        for f in glob.glob(str(workspace["root"] / "valid.*")):
+            if ".ref." not in f and not f.endswith("valid.jsonl"):
+                shutil.copy(f, tmp_path / name)
+    recipe = tmp_path / "run.yaml"  # a run at TP 2 + SP, chunked log-probs, interleaved over PP 1 (forward: none)
+    recipe.write_text("parallel:\n  tensor_model_parallel_size: 2\n  sequence_parallel: true\n"
+                      "model:\n  logprob_chunk_tokens: 40\ndata:\n  packing: true\n")
+    by_recipe, by_flags = run_ranks(_by_recipe_and_by_flags, 2, str(workspace["root"] / "ckpt"),
+                                    str(tmp_path / "recipe" / "valid"), str(tmp_path / "flags" / "valid"),
+                                    str(recipe), timeout=300)[0]
+    assert by_recipe.shape == (64,) and np.isfinite(by_recipe).all()
+    np.testing.assert_allclose(by_recipe, by_flags, rtol=1e-6, atol=1e-4)
+
+
+def test_the_reference_tool_needs_a_checkpoint_named_and_checks_the_recipe_s_layout(workspace, tmp_path, capsys):
+    from tests.workspace import load_script
+
+    tool = load_script("tools/precompute_reference_logps.py", "reference_tool_unnamed")
+    assert tool.main(["--data-prefix", str(tmp_path / "d"), "--no-progress"]) == 2
+    assert "name the reference model: --load CHECKPOINT, or --config RECIPE" in capsys.readouterr().err
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("parallel:\n  tensor_model_parallel_size: 3\n")
+    argv = ["--config", str(recipe), f"train.load={workspace['root'] / 'ckpt'}", "--data-prefix",
+            str(workspace["root"] / "valid"), "--no-progress"]
+    assert tool.main(argv) == 2  # the recipe's TP 3 does not divide the tiny model's 4 heads
+    assert "is not divisible by parallel.tensor_model_parallel_size (3)" in capsys.readouterr().err
