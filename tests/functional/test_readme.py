@@ -1,5 +1,7 @@
-"""The README's blocks as written: the config example runs, and every tool option it shows exists."""
+"""The README's blocks as written, and those of docs/ and bench/README.md: the config example runs,
+the real-model steps run, the split command splits, and every tool option they show exists."""
 
+import glob
 import os
 import re
 import shutil
@@ -8,7 +10,9 @@ import sys
 
 from tests.conftest import REPO
 
-README = open(os.path.join(REPO, "README.md")).read()
+GUIDES = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md"))),
+          os.path.join(REPO, "bench", "README.md")]
+README = "\n".join(open(path).read() for path in GUIDES)
 
 
 def _blocks(language):
