@@ -217,7 +217,7 @@ def test_errors_name_shapes_and_values():
         simpo_loss(c, c, torch.tensor([1, 0, 2]), torch.ones(3))
 
 
-# -- the paper's released code and TRL, where they differ from the equations (documented in the README) --
+# -- the paper's released code and TRL, where they differ from the equations (documented in docs/loss.md) --
 @pytest.mark.parametrize("M", [1, 2, 5])
 def test_released_diagonal_form_matches_its_float64_transcription(M):
     g = torch.Generator().manual_seed(M)
