@@ -11,7 +11,8 @@ if not torch.cuda.is_available():
     warnings.filterwarnings("ignore", message=r"full scope is deprecated")
     # No CUDA connections to limit on CPU (megatron's tensor-parallel layers ask for it on every build).
     warnings.filterwarnings("ignore", message=r"When using (sequence parallelism|async grad allreduce) it is "
-                                              r"recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS")
+                                              r"recommended to set the environment variable "
+                                              r"CUDA_DEVICE_MAX_CONNECTIONS")
 # Warnings from inside torch and megatron that a user cannot act on. They carry no module of
 # theirs (they surface through megatron_rpo/cpu.py's device mode on CPU), so by message:
 # megatron's dist_checkpointing loads through torch's ShardedTensor, which torch deprecates, and

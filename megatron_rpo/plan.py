@@ -32,7 +32,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from megatron_rpo.config import Config, ModelConfig, explicit_keys, load_config, model_conflicts
+from megatron_rpo.config import Config, ModelConfig, complete_model, explicit_keys, load_config
 from megatron_rpo.errors import INPUT_ERROR_EXIT_CODE, InputError, report
 
 __all__ = ["StagePlan", "Plan", "stage_parameters", "layer_activation_bytes", "plan", "main"]
@@ -368,14 +368,7 @@ def resolve_model(c: Config, hf_dir: str | None = None) -> tuple[Config, str]:
                              "checkpoint here: convert it first, or pass --hf-config HF_DIR (its config.json)")
         return c, (f"the config's model (no checkpoint at {c.train.load})" + (
             f"; it leaves out {', '.join('model.' + k for k in missing)}: Llama-2-7B's values" if missing else ""))
-    diff = model_conflicts(c, theirs)
-    if diff:  # training would refuse it too
-        detail = ", ".join(f"model.{k}={a!r} but it has {b!r}" for k, a, b in diff)
-        raise InputError(f"{source} does not fit the config: {detail}; leave those keys out of the recipe (or "
-                         "override them) to plan this model")
-    explicit = explicit_keys(c) or frozenset()
-    model = dataclasses.replace(c.model, **{k: v for k, v in dataclasses.asdict(theirs).items()
-                                            if k != "make_vocab_size_divisible_by" and f"model.{k}" not in explicit})
+    model = complete_model(c, theirs, source, has="it has")  # as training completes it
     return dataclasses.replace(c, model=model), source
 
 

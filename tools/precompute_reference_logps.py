@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     finally:
         parallel.destroy()
     if logps is not None:
-        print(f"{len(logps)} reference log-probs (mean {logps.mean():.2f}) -> {a.data_prefix}.ref.{{npy,manifest.json}}")
+        print(f"{len(logps)} reference log-probs (mean {logps.mean():.2f}) -> "
+              f"{a.data_prefix}.ref.{{npy,manifest.json}}")
     return 0
 
 

@@ -4,6 +4,7 @@ type needs (:mod:`.losses`), the YAML loader with ``defaults:`` and dotted overr
 (:mod:`.loader`) and what may change on resume (:mod:`.resume`). Torch-free."""
 
 from megatron_rpo.config.loader import (
+    complete_model,
     config_from_dict,
     config_to_dict,
     dump_config,
@@ -48,5 +49,6 @@ __all__ = [
     "RECOMPUTE_KEYS",
     "RECOMPUTE_MODULES",
     "model_conflicts",
+    "complete_model",
     "dump_config",
 ]

@@ -22,10 +22,11 @@ from typing import Any
 import yaml
 
 from megatron_rpo.config.sections import MODEL_TRAINING_CHOICES, Config, ModelConfig
-from megatron_rpo.publish import write_text
 from megatron_rpo.errors import InputError
+from megatron_rpo.publish import write_text
 
-__all__ = ["load_config", "config_from_dict", "config_to_dict", "explicit_keys", "model_conflicts", "dump_config"]
+__all__ = ["load_config", "config_from_dict", "config_to_dict", "explicit_keys", "model_conflicts", "complete_model",
+           "dump_config"]
 
 _SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
@@ -158,6 +159,24 @@ def model_conflicts(config: Config, theirs: ModelConfig) -> list[tuple[str, Any,
     return [(k, mine[k], other[k]) for k in mine
             if k not in MODEL_TRAINING_CHOICES and (explicit is None or f"model.{k}" in explicit)
             and mine[k] != other[k]]
+
+
+def complete_model(c: Config, theirs: ModelConfig, source: str, has: str = "the checkpoint has") -> ModelConfig:
+    """``model`` completed from ``theirs`` (a checkpoint's or a config.json's): the keys the recipe
+    or the command line set (every key of a Config built in code) stay, and must agree with it
+    where they are the architecture; a training choice that was set wins over theirs.
+
+    Raises:
+        InputError: ``source does not fit the config: model.k=... but <has> ...``.
+    """
+    diff = model_conflicts(c, theirs)
+    if diff:
+        detail = ", ".join(f"model.{k}={a!r} but {has} {b!r}" for k, a, b in diff)
+        raise InputError(f"{source} does not fit the config: {detail}")
+    explicit = explicit_keys(c)
+    return dataclasses.replace(c.model, **{k: v for k, v in dataclasses.asdict(theirs).items()
+                                           if k != "make_vocab_size_divisible_by"
+                                           and explicit is not None and f"model.{k}" not in explicit})
 
 
 def dump_config(config: Config, path: str) -> None:

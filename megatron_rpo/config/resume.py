@@ -4,9 +4,9 @@ computes."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+from megatron_rpo.config.loader import config_to_dict
 from megatron_rpo.config.sections import MEMORY_KEYS, Config
 
 __all__ = ["RESUMABLE_CHANGES", "config_changes"]

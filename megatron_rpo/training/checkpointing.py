@@ -9,10 +9,10 @@ position and per-rank RNG state), so they reshard across parallel layouts::
 
 A crash during a save leaves a ``.tmp`` directory (every rank writes into it, so its name is the
 step's, not :mod:`megatron_rpo.publish`'s per-process one; the next save of that step clears it)
-and ``latest`` still naming the previous checkpoint. The files are megatron's ``torch_dist`` format, written synchronously by
-torch.distributed.checkpoint's own writer (:class:`SyncTorchDistSaveStrategy`): megatron's
-writer starts a manager process and forks workers, which hangs on CPU and is not allowed in
-daemonic processes.
+and ``latest`` still naming the previous checkpoint. The files are megatron's ``torch_dist``
+format, written synchronously by torch.distributed.checkpoint's own writer
+(:class:`SyncTorchDistSaveStrategy`): megatron's writer starts a manager process and forks
+workers, which hangs on CPU and is not allowed in daemonic processes.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from megatron_rpo.training.optimizer import optimizer_parts
 from megatron_rpo.errors import InputError
 
 __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
-           "describe_layout", "read_training_state", "mark_done", "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
+           "describe_layout", "read_training_state", "mark_done", "load_training_checkpoint",
+           "SyncTorchDistSaveStrategy"]
 
 LATEST = "latest"
 # How the distributed optimizer's state is laid out in a checkpoint. megatron's "dp_reshardable"

@@ -1,8 +1,9 @@
 """The training loop: build everything from a Config, train, evaluate, checkpoint, export.
 
 Everything that can be wrong with the inputs is checked in :meth:`Trainer.__init__`, before the
-first step: the world size against TP x PP, the datasets' manifests against each other and the
-checkpoint, the checkpoint's architecture against ``model``.
+first step: the world size against TP x PP, and :mod:`megatron_rpo.training.inputs` (the
+datasets' manifests against each other and the checkpoint, the checkpoint's architecture against
+``model``).
 """
 
 from __future__ import annotations
@@ -19,20 +20,9 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from megatron_rpo import parallel
-from megatron_rpo.config import (
-    Config,
-    config_changes,
-    config_to_dict,
-    dump_config,
-    explicit_keys,
-    model_conflicts,
-)
-from megatron_rpo.convert.files import ConvertedCheckpoint
+from megatron_rpo.config import Config, config_changes, config_to_dict, dump_config
 from megatron_rpo.convert.save import save_converted
 from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate_step
-from megatron_rpo.data.files import manifest_path, read_manifest
-from megatron_rpo.data.reference_logps import REFERENCE_KIND, reference_prefix
-from megatron_rpo.data.tokenizer import check_tokenized_for
 from megatron_rpo.device import current_device
 from megatron_rpo.models import model_chunks, use_transformer_engine
 from megatron_rpo.models.flops import peak_tflops, step_flops
@@ -48,6 +38,7 @@ from megatron_rpo.training.checkpointing import (
     save_training_checkpoint,
 )
 from megatron_rpo.training.experts import ExpertMetrics
+from megatron_rpo.training.inputs import check_inputs, resolve
 from megatron_rpo.training.interrupts import Preempted, StopRequests
 from megatron_rpo.training.lock import SaveDirLock
 from megatron_rpo.training.metrics_log import Scalars, accuracy_text, format_line, reduce_reports, require_wandb
@@ -80,8 +71,8 @@ class Trainer:
         self.train_data = PreferenceDataset(c.data.train_data_prefix, embeddings=needs_emb, reference_logps=needs_ref)
         self.valid_data = (PreferenceDataset(c.data.valid_data_prefix, embeddings=needs_emb, reference_logps=needs_ref)
                            if c.data.valid_data_prefix else None)
-        self.config = c = self._resolve(c, checkpoint_model_config(c.train.load))
-        self._check_data()
+        self.config = c = resolve(c, checkpoint_model_config(c.train.load), self.train_data)
+        check_inputs(c, self.train_data, self.valid_data)
         if c.train.wandb_project:
             require_wandb()  # on every rank, so that all of them stop here with the same message
 
@@ -236,101 +227,6 @@ class Trainer:
             name, n = f"step_{self.step:07d}-{n}", n + 1
         dump_config(self.config, os.path.join(history, f"{name}.yaml"))
         dump_config(self.config, os.path.join(save, "config.yaml"))
-
-    # -- checks -------------------------------------------------------------------------------
-    def _resolve(self, c: Config, ckpt_model) -> Config:
-        """The config that runs, every value as it takes effect (it is what ``config.yaml`` records).
-
-        * ``model`` comes from the checkpoint, except keys the recipe or command line set, which
-          must agree with it;
-        * ``data.max_prompt_length`` is the training set's (prompts are cut at preprocessing); a
-          value that was set must agree;
-        * ``optimizer.adam_beta1`` is 0 under ``rmsprop``, ``optimizer.bf16`` false without a GPU;
-          a contradicting value that was set is refused.
-        """
-        explicit = explicit_keys(c)
-        said = explicit or frozenset()  # refusals need a key the user actually wrote
-
-        def given(key: str) -> bool:  # a Config built in code counts every value as set
-            return explicit is None or key in explicit
-
-        diff = model_conflicts(c, ckpt_model)
-        if diff:
-            detail = ", ".join(f"model.{k}={a!r} but the checkpoint has {b!r}" for k, a, b in diff)
-            raise InputError(f"{c.train.load} does not fit the config: {detail}")
-        theirs = dataclasses.asdict(ckpt_model)
-        # The checkpoint's value of a training choice is the default; a value that was set wins.
-        model = dataclasses.replace(c.model, **{k: v for k, v in theirs.items()
-                                                if k != "make_vocab_size_divisible_by" and not given(f"model.{k}")})
-        prompt = self.train_data.manifest["max_prompt_length"]
-        if c.data.max_prompt_length is not None and c.data.max_prompt_length != prompt:
-            raise InputError(f"data.max_prompt_length={c.data.max_prompt_length} but {self.train_data.prefix} was "
-                             f"preprocessed with {prompt}: prompts are cut when preprocessing, so preprocess again "
-                             "with --max-prompt-length or leave the setting out")
-        o = c.optimizer
-        if o.optimizer == "rmsprop" and "optimizer.adam_beta1" in said and o.adam_beta1 != 0:
-            raise InputError(f"optimizer.adam_beta1={o.adam_beta1} has no effect with optimizer=rmsprop "
-                             "(RMSprop is Adam with beta1 = 0); leave it out or use optimizer=adam")
-        gpu = torch.cuda.is_available()
-        if o.bf16 and not gpu and "optimizer.bf16" in said:
-            raise InputError("optimizer.bf16=true needs a GPU; CPU runs are fp32 (leave it out there)")
-        optimizer = dataclasses.replace(o, adam_beta1=0.0 if o.optimizer == "rmsprop" else o.adam_beta1,
-                                        bf16=o.bf16 and gpu)
-        data = dataclasses.replace(c.data, max_prompt_length=min(prompt, c.data.max_length - 1))
-        resolved = dataclasses.replace(c, model=model, data=data, optimizer=optimizer)
-        resolved.check_lengths()
-        resolved.explicit_keys = explicit
-        return resolved
-
-    def _check_data(self) -> None:
-        c = self.config
-        datasets = [d for d in (self.train_data, self.valid_data) if d is not None]
-        for d in datasets:
-            m = d.manifest
-            if m["tokenizer"]["vocab_size"] > c.model.vocab_size:
-                raise InputError(f"{d.prefix}: tokenizer vocabulary {m['tokenizer']['vocab_size']} exceeds "
-                                 f"model.vocab_size {c.model.vocab_size}")
-            if m["max_length"] > c.data.max_length:
-                raise InputError(f"{d.prefix} was preprocessed with max_length {m['max_length']}, "
-                                 f"more than data.max_length {c.data.max_length}")
-            if c.data.paired and not d.paired:
-                raise InputError(f"{d.prefix} is unpaired data but data.paired=True")
-        self._check_reference_checkpoint()
-        for d in datasets:
-            check_tokenized_for(d.prefix, d.manifest, c.train.load)
-        if self.valid_data is not None:
-            a, b = self.train_data.manifest, self.valid_data.manifest
-            if a["tokenizer"]["sha256"] != b["tokenizer"]["sha256"]:
-                raise InputError(f"{self.train_data.prefix} and {self.valid_data.prefix} were tokenised with "
-                                 f"different tokenizers ({a['tokenizer']['path']} vs {b['tokenizer']['path']})")
-            ea, eb = self.train_data.embedding_manifest, self.valid_data.embedding_manifest
-            if ea and eb and (ea["model"], ea["dim"]) != (eb["model"], eb["dim"]):
-                raise InputError(f"prompt embeddings differ: {ea['model']} ({ea['dim']}) for training, "
-                                 f"{eb['model']} ({eb['dim']}) for validation")
-
-    def _check_reference_checkpoint(self) -> None:
-        """Precomputed reference log-probs must come from ``loss.reference_checkpoint`` (default
-        ``train.load``): by the checkpoint id both record, else by path."""
-        c = self.config
-        if not (c.loss.uses_reference and c.loss.reference == "precomputed"):
-            return
-        expected = c.loss.reference_checkpoint or c.train.load
-        expected_id = ConvertedCheckpoint(expected).meta.get("checkpoint_id")
-        for d in (self.train_data, self.valid_data):
-            if d is None:
-                continue
-            m = read_manifest(reference_prefix(d.prefix), REFERENCE_KIND)
-            recorded = m.get("checkpoint")
-            if m.get("checkpoint_id") and expected_id:
-                same = m["checkpoint_id"] == expected_id
-            else:  # written before checkpoints had ids
-                same = recorded is None or os.path.realpath(recorded) == os.path.realpath(expected)
-            if not same:
-                setting = "loss.reference_checkpoint" if c.loss.reference_checkpoint else "train.load"
-                raise InputError(f"{manifest_path(reference_prefix(d.prefix))}: the reference log-probs were computed "
-                                 f"with {recorded}, but {setting} is {expected}: rerun tools/precompute_reference_logps"
-                                 f".py --load {expected} --data-prefix {d.prefix}, or, when the reference is meant to "
-                                 f"be that other model, set loss.reference_checkpoint={recorded}")
 
     # -- data -----------------------------------------------------------------------------------
     def _sampler(self, data: PreferenceDataset, shuffle_seed: int, paired: bool | None = None):
