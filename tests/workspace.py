@@ -141,22 +141,16 @@ def step_gradients(argv: list[str]) -> dict:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
 
     from megatron_rpo.config import load_config
     from megatron_rpo.convert.layout import is_expert
     from megatron_rpo.convert.load import canonical_name
-    from megatron_rpo.training.step import forward_backward
     from megatron_rpo.training.trainer import Trainer
 
     trainer = Trainer(load_config(RECIPE, argv))
     try:
-        c = trainer.config
         batches, _ = trainer._microbatches(trainer.train_data, iter(trainer.sampler), trainer.num_microbatches)
-        for chunk in trainer.model:
-            chunk.zero_grad_buffer()
-        reports = forward_backward(trainer.model, batches, c.loss, reference=trainer.reference, paired=c.data.paired)
-        finalize_model_grads(trainer.model)
+        reports = trainer.forward_backward_step(batches)
         grads = {}
         for module in trainer.module:
             for local, param in module.named_parameters():

@@ -262,6 +262,29 @@ class Trainer:
             out["mfu"] = out["tflops"] / self.peak_tflops
         return out
 
+    # -- one step -------------------------------------------------------------------------------
+    def forward_backward_step(self, batches: list[dict]) -> list[dict]:
+        """This rank's gradients for one step over ``batches`` (its microbatches, on the host), reduced
+        over the data-parallel ranks (every contrast scope and reference); returns the reports."""
+        c = self.config
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        if self.experts is not None:
+            self.experts.reset()
+        reports = forward_backward(self.model, batches, c.loss, reference=self.reference, paired=c.data.paired)
+        finalize_model_grads(self.model)
+        return reports
+
+    def train_step(self, batches: list[dict]) -> tuple[list[dict], float | None]:
+        """:meth:`forward_backward_step`, then the optimizer and the schedule; the reports and the
+        gradient norm."""
+        reports = self.forward_backward_step(batches)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        return reports, grad_norm
+
     # -- loop -----------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         """Run to ``total_steps``; returns the last evaluation's metrics (empty without validation)."""
@@ -283,17 +306,7 @@ class Trainer:
                 torch.cuda.reset_peak_memory_stats()
             lr_used = self.optimizer.param_groups[0]["lr"]
             batches, lengths = self._microbatches(self.train_data, iterator, self.num_microbatches)
-            for chunk in self.model:
-                chunk.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            if self.experts is not None:
-                self.experts.reset()
-            reports = forward_backward(self.model, batches, c.loss,
-                                       reference=self.reference, paired=c.data.paired)
-            finalize_model_grads(self.model)
-            updated, grad_norm, _ = self.optimizer.step()
-            if updated:
-                self.scheduler.step(increment=1)
+            reports, grad_norm = self.train_step(batches)
             self.step += 1
             self.sampler.consumed_samples += self.samples_per_step
             metrics = reduce_reports(reports)
