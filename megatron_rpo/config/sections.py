@@ -350,17 +350,19 @@ class ParallelConfig(_Section):
         """
         if world_size <= 0 or world_size % self.model_parallel_size:
             raise InputError(
-                f"world size {world_size} is not divisible by tensor_model_parallel_size "
-                f"({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
-                f"({self.pipeline_model_parallel_size}) x context_parallel_size ({self.context_parallel_size})"
+                f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size "
+                f"({self.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
+                f"({self.pipeline_model_parallel_size}) x parallel.context_parallel_size "
+                f"({self.context_parallel_size})"
             )
         expert_ranks = self.expert_model_parallel_size * self.expert_tensor_size * self.pipeline_model_parallel_size
         if world_size % expert_ranks:
             raise InputError(
-                f"world size {world_size} is not divisible by expert_model_parallel_size "
-                f"({self.expert_model_parallel_size}) x expert_tensor_parallel_size ({self.expert_tensor_size}) x "
-                f"pipeline_model_parallel_size ({self.pipeline_model_parallel_size}): megatron lays the experts "
-                "out over the same ranks as the dense layers"
+                f"world size {world_size} is not divisible by parallel.expert_model_parallel_size "
+                f"({self.expert_model_parallel_size}) x parallel.expert_tensor_parallel_size "
+                f"({self.expert_tensor_size}) x parallel.pipeline_model_parallel_size "
+                f"({self.pipeline_model_parallel_size}): megatron lays the experts out over the same ranks as the "
+                "dense layers"
             )
         return world_size // self.model_parallel_size
 

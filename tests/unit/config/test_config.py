@@ -133,8 +133,8 @@ def test_world_size_must_factor():
     c = load_config(None, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
                            "train.global_batch_size=8", "train.micro_batch_size=2"])
     assert c.data_parallel_size(8) == 2
-    with pytest.raises(ValueError, match=r"world size 6 is not divisible by tensor_model_parallel_size \(2\) x "
-                                         r"pipeline_model_parallel_size \(2\)"):
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by parallel.tensor_model_parallel_size "
+                                         r"\(2\) x parallel.pipeline_model_parallel_size \(2\)"):
         c.data_parallel_size(6)
     with pytest.raises(ValueError, match=r"global_batch_size \(8\) is not divisible by .*\(2\) x data-parallel "
                                          r"size \(6\)"):
@@ -189,8 +189,10 @@ def test_expert_parallel_world_must_factor():
     c = load_config(None, MOE + ["parallel.expert_model_parallel_size=4", "parallel.pipeline_model_parallel_size=2",
                                  "train.global_batch_size=8", "train.micro_batch_size=1"])
     assert c.data_parallel_size(8) == 4
-    with pytest.raises(ValueError, match=r"world size 12 is not divisible by expert_model_parallel_size \(4\) x "
-                                         r"expert_tensor_parallel_size \(1\) x pipeline_model_parallel_size \(2\)"):
+    with pytest.raises(ValueError, match=r"world size 12 is not divisible by parallel.expert_model_parallel_size \(4\) "
+                                         r"x "
+                                         r"parallel.expert_tensor_parallel_size \(1\) x "
+                                         r"parallel.pipeline_model_parallel_size \(2\)"):
         c.data_parallel_size(12)
     assert c.model.moe_layers == [1, 1, 1, 1]
     assert load_config(None, MOE + ["model.moe_layer_freq=2"]).model.moe_layers == [1, 0, 1, 0]
