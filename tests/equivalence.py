@@ -42,10 +42,10 @@ import traceback
 
 import torch
 
-from tests.workspace import RECIPE, REPO
+from tests.workspace import RECIPE
 
-__all__ = ["RUN_SEED", "SEEDS", "Case", "draw", "family_of", "recipe_case", "write_references", "resumed", "reference_overrides", "evaluates",
-           "run_cases", "compare", "prepare_world"]
+__all__ = ["RUN_SEED", "SEEDS", "Case", "draw", "family_of", "recipe_case", "resumed", "reference_overrides",
+           "evaluates", "prepare_world", "write_references", "run_cases", "compare"]
 
 FAMILIES = ("llama", "qwen3", "qwen3_moe", "mixtral")
 MOE = ("qwen3_moe", "mixtral")
