@@ -65,8 +65,9 @@ def _worker(fn, rank, world_size, store_path, results, env, cwd, output, args, k
     os.chdir(cwd)
     if isinstance(output, tuple):
         for fd, target in zip(output, (1, 2)):
-            os.dup2(fd, target)
-            os.close(fd)
+            if fd != target:  # spawn hands a rank the caller's descriptors as they are
+                os.dup2(fd, target)
+                os.close(fd)
     torch.set_num_threads(1)  # 2-4 ranks share 2 cores
     from megatron_rpo import parallel
 

@@ -190,7 +190,7 @@ def test_tool_reports_and_fails_cleanly(tmp_path, hh_slice, sp_tokenizer, capsys
     out = capsys.readouterr().out
     assert "480 sequences (240 pairs" in out and "3 skipped" in out and ":241: rejected:" in out
     assert tool.main(["--input", hh_slice, "--format", "hh", "--tokenizer", sp_tokenizer, "--output-prefix",
-                      str(tmp_path / "s"), "--strict", "--no-progress"]) == 1
+                      str(tmp_path / "s"), "--strict", "--no-progress"]) == 2
     assert "hh_harmless_slice.jsonl:241: field 'rejected'" in capsys.readouterr().err
 
 
