@@ -39,6 +39,35 @@ def _use_fused_torch_adam(optimizer) -> None:
             inner.defaults.update(fused=True, foreach=False)
 
 
+def _empty_shards_report_a_step(optimizer) -> None:
+    """Let a distributed optimizer part that holds no parameter on this rank report a step count.
+
+    Over torch's Adam (no apex or transformer-engine) megatron-core reads the step count out of the
+    per-parameter states whenever it builds a state dict (to save or to load) and asserts there is
+    exactly one; a part with no parameter here has none. That happens wherever a rank holds no
+    expert (a pipeline stage of dense layers only) or no shard of any parameter. Such a part
+    reports the step of its sibling parts, which is what its parameters elsewhere have.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = optimizer_parts(optimizer)
+    for part in parts:
+        inner = getattr(part, "optimizer", None)
+        if (not isinstance(part, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW)
+                or any(group["params"] for group in inner.param_groups)):
+            continue
+        siblings = [other.optimizer for other in parts if other is not part]
+
+        def state_dict(original=inner.state_dict, siblings=siblings):
+            out = original()
+            if not out["state"]:
+                steps = [float(s["step"]) for o in siblings for s in o.state.values() if "step" in s]
+                out["state"] = {0: {"step": torch.tensor(max(steps, default=0.0))}}
+            return out
+
+        inner.state_dict = state_dict
+
+
 def build_optimizer(config: OptimizerConfig, model_chunks: list, *, bf16: bool):
     """A MegatronOptimizer over DDP-wrapped ``model_chunks``."""
     beta1 = 0.0 if config.optimizer == "rmsprop" else config.adam_beta1
@@ -59,6 +88,7 @@ def build_optimizer(config: OptimizerConfig, model_chunks: list, *, bf16: bool):
         model_chunks,
     )
     _use_fused_torch_adam(optimizer)
+    _empty_shards_report_a_step(optimizer)
     return optimizer
 
 
