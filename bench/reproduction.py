@@ -96,7 +96,7 @@ COMPARISONS = (("rpo_embedding_mean", "rpo_embedding", "the row normalisation"),
                ("kto", "rpo_unpaired", "the loss on unpaired items"))
 COLLAPSED_BELOW = 0.5  # a run whose greedy test replies keep the world's shape less often than this has collapsed
 # The batch-size study's method: rows averaging 1 keep each cell's beta as the matrix grows (with rows
-# summing to 1 a larger matrix also shrinks the effective beta; DESIGN section 2), so only the matrix changes.
+# summing to 1 a larger matrix also shrinks the effective beta; docs/loss.md), so only the matrix changes.
 STUDY_METHOD = "rpo_embedding_mean"
 
 

@@ -25,13 +25,13 @@ peak dense bf16 rate (``--peak-tflops`` to override).
 
 ``--profile`` adds a torch.profiler trace of two packed steps (and two plain ones): the top
 operators by self time on the device and the fraction of the step the device sat idle (host
-gaps). Targets (issue 11): packed / pad_to_max >= 2.5x useful tokens/s; on one H100-class GPU
+gaps). Targets: packed / pad_to_max >= 2.5x useful tokens/s; on one H100-class GPU
 packed >= 2x the plain loop, pad_to_longest >= 1.0x it (equal padded work), and peak memory per
 useful token of packed no worse than pad_to_longest.
 
 ``--context-parallel C`` measures instead the tiny model on one packed microbatch of long
 synthetic sequences (``--long-length``, 2048 tokens) at CP 1 (one process) and CP C (C processes
-sharing the cores): step time, tokens/s and each rank's peak memory growth (issue 22).
+sharing the cores): step time, tokens/s and each rank's peak memory growth.
 
     python bench/throughput.py                      # CPU, tiny model, about 3 minutes on 2 cores
     python bench/throughput.py --gpu [--profile]    # CUDA: the 1.1B Llama shape, bf16
@@ -57,7 +57,7 @@ if not os.path.exists(DEFAULT_INPUT):
     DEFAULT_INPUT = os.path.join(HERE, "..", "data", "hh_harmless_slice.jsonl")
 
 MODES = ("pad_to_max", "pad_to_longest", "packed")
-# Model shapes: a tiny one for CPU, and the 1.1B Llama shape of issue 11 (TinyLlama's) for GPU.
+# Model shapes: a tiny one for CPU, and the 1.1B Llama shape (TinyLlama's) for GPU.
 TINY = dict(num_layers=2, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4, num_query_groups=2,
             vocab_size=30522, max_position_embeddings=512)
 LLAMA_1B = dict(num_layers=22, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=32, num_query_groups=4,

@@ -1,13 +1,9 @@
 import json
-import os
 
 import pytest
 import torch
 
-from tests.workspace import RECIPE, REPO, build
-
-HH_SLICE = os.path.join(REPO, "data", "hh_harmless_slice.jsonl")
-__all__ = ["HH_SLICE", "RECIPE", "REPO"]
+from tests.workspace import HH_SLICE, build
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,6 +20,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "configs", "tiny_cpu.yaml")
+HH_SLICE = os.path.join(REPO, "data", "hh_harmless_slice.jsonl")
+"""The bundled 243-pair HH-RLHF slice (data/README.md)."""
 
 
 def load_script(relative_path: str, name: str):

@@ -369,7 +369,7 @@ class ParallelConfig(_Section):
 
 @dataclass
 class LossConfig(_Section):
-    """The preference objective (DESIGN section 2)."""
+    """The preference objective (the formulas: docs/loss.md)."""
 
     _section = "loss"
 

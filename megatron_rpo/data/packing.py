@@ -1,4 +1,4 @@
-"""The token fields of a microbatch, padded or packed (DESIGN 5, "Packed form").
+"""The token fields of a microbatch, padded or packed.
 
 A microbatch is B sequences (a prompt and one response each). Its token fields come in two forms:
 

@@ -1,6 +1,6 @@
 """Preference losses: pure math on per-sequence log-probs, no torch.distributed.
 
-See DESIGN section 2 for the formulas; :mod:`.contrast` builds the RPO contrast weights,
+The formulas are in docs/loss.md; :mod:`.contrast` builds the RPO contrast weights,
 :mod:`.losses` the losses, :mod:`.metrics` what training reports.
 """
 

@@ -1,6 +1,6 @@
 """Preference losses on per-sequence log-probabilities (pure math, no torch.distributed).
 
-Notation (DESIGN section 2): for sequence k, ``delta_k = policy_logp_k - ref_logp_k`` is its
+Notation (docs/loss.md): for sequence k, ``delta_k = policy_logp_k - ref_logp_k`` is its
 log-ratio; chosen rows i = 1..M, rejected columns j = 1..N; ``w`` are the contrast weights of
 :mod:`megatron_rpo.loss.contrast`.
 

@@ -1,4 +1,4 @@
-"""``forward_step`` and the loss functions for megatron's pipeline schedules (STYLE 5, DESIGN 5).
+"""``forward_step`` and the loss functions for megatron's pipeline schedules.
 
 A microbatch is a dict of tensors (the batch contract)::
 

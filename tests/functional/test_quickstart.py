@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.workspace import REPO
 
 
 def test_quickstart_runs_end_to_end(tmp_path):

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.workspace import REPO
 
 GUIDES = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md"))),
           os.path.join(REPO, "bench", "README.md")]

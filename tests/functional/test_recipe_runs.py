@@ -20,11 +20,10 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
 from tests.equivalence import SIZE_KEYS, family_of, prepare_world, write_references
 from tests.multiprocess import run_ranks
 from tests.workspace import RECIPE as TINY_RECIPE
-from tests.workspace import Job, launch_env, train_each
+from tests.workspace import REPO, Job, launch_env, train_each
 
 RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))
                  if os.path.basename(p) != "tiny_cpu.yaml")

@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.workspace import load_script
+from tests.workspace import REPO, load_script
 
 BENCH = os.path.join(REPO, "bench")
 

@@ -17,9 +17,8 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import RECIPE, REPO
 from tests.multiprocess import RankFailure, run_ranks
-from tests.workspace import Job, launch_env, overrides, train, train_each
+from tests.workspace import RECIPE, REPO, Job, launch_env, overrides, train, train_each
 
 
 def test_resume_refuses_a_changed_config_and_applies_it_only_when_allowed(workspace, tmp_path):

@@ -7,11 +7,10 @@ import re
 import pytest
 import torch
 
-from tests.conftest import RECIPE
 from tests.multiprocess import run_ranks
 from tests.workspace import overrides as _overrides
 from tests.workspace import train as _train
-from tests.workspace import train_each
+from tests.workspace import RECIPE, train_each
 
 
 def test_resumed_run_matches_the_uninterrupted_one_bitwise(workspace, tmp_path):

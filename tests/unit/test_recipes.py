@@ -6,7 +6,7 @@ import os
 import pytest
 
 from megatron_rpo.config import MODEL_TRAINING_CHOICES, config_to_dict, explicit_keys, load_config
-from tests.conftest import REPO
+from tests.workspace import REPO
 
 RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 WORLD = {"tiny_cpu.yaml": 2, "mistral7b_hh_rpo_paired.yaml": 8, "mistral7b_hh_rpo_unpaired.yaml": 8,

@@ -297,7 +297,7 @@ def test_sigterm_and_kill_leave_no_staged_files(tmp_path, sp_tokenizer):
     import sys
     import time
 
-    from tests.conftest import REPO
+    from tests.workspace import REPO
 
     src = tmp_path / "big.jsonl"
     src.write_text(_pairs(30000))

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from megatron_rpo.data.preprocess import preprocess
-from tests.conftest import REPO
+from tests.workspace import REPO
 
 
 def _sha(path):
