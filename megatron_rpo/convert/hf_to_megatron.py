@@ -17,8 +17,8 @@ from megatron_rpo.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_rpo.convert.files import MARKER, HFWeights, copy_tokenizer, save_tensors
 from megatron_rpo.convert.hf_config import model_config_from_hf, read_hf_config
 from megatron_rpo.convert.layout import FUSE, IGNORED_SUFFIXES, expected_shapes, file_groups, weights_file
-from megatron_rpo.publish import StagedDirectory
 from megatron_rpo.errors import InputError
+from megatron_rpo.publish import StagedDirectory
 
 __all__ = ["convert_hf_to_megatron"]
 

@@ -17,8 +17,8 @@ import os
 import signal
 
 from megatron_rpo.data.tokenizer import file_sha256
-from megatron_rpo.publish import remove_stale, staging_tag
 from megatron_rpo.errors import InputError
+from megatron_rpo.publish import remove_stale, staging_tag
 
 __all__ = ["StagedOutputs", "read_manifest", "manifest_path", "verify_files"]
 

@@ -28,9 +28,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_rpo.config import RECOMPUTE_KEYS, Config, ModelConfig, ParallelConfig
+from megatron_rpo.errors import InputError
 from megatron_rpo.logprobs import output_logprobs
 from megatron_rpo.models.layers import RMSNorm, SDPAttention
-from megatron_rpo.errors import InputError
 
 __all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "model_provider", "model_chunks",
            "use_transformer_engine", "PreferenceGPTModel"]

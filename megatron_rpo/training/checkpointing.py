@@ -37,9 +37,9 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron_rpo.config import ModelConfig
 from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.convert.load import load_converted
+from megatron_rpo.errors import InputError
 from megatron_rpo.publish import write_text
 from megatron_rpo.training.optimizer import optimizer_parts
-from megatron_rpo.errors import InputError
 
 __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
            "describe_layout", "read_training_state", "mark_done", "load_training_checkpoint",

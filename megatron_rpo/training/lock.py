@@ -14,8 +14,8 @@ import json
 import os
 import socket
 
-from megatron_rpo.publish import process_alive
 from megatron_rpo.errors import InputError
+from megatron_rpo.publish import process_alive
 
 __all__ = ["SaveDirLock", "LOCK_FILE"]
 

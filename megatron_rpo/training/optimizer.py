@@ -8,8 +8,8 @@ all of that machinery, at the cost of an unused first-moment buffer.
 
 Without transformer-engine or apex megatron falls back to ``torch.optim.AdamW`` with torch's
 default multi-tensor (``foreach``) update, which on an H100 took 59 ms a step for a 1.1B model
-(a profile of a 1.1B model's training step). :func:`build_optimizer` switches it to torch's fused kernel, one pass over
-each parameter's fp32 master weight, gradient and moments.
+(a profile of its training step). :func:`build_optimizer` switches it to torch's fused kernel,
+one pass over each parameter's fp32 master weight, gradient and moments.
 """
 
 from __future__ import annotations

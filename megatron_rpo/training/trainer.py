@@ -24,6 +24,7 @@ from megatron_rpo.config import Config, config_changes, config_to_dict, dump_con
 from megatron_rpo.convert.save import save_converted
 from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate_step
 from megatron_rpo.device import current_device
+from megatron_rpo.errors import InputError
 from megatron_rpo.models import model_chunks, use_transformer_engine
 from megatron_rpo.models.flops import peak_tflops, step_flops
 from megatron_rpo.plan import plan
@@ -44,7 +45,6 @@ from megatron_rpo.training.lock import SaveDirLock
 from megatron_rpo.training.metrics_log import Scalars, accuracy_text, format_line, reduce_reports, require_wandb
 from megatron_rpo.training.optimizer import build_optimizer, build_scheduler
 from megatron_rpo.training.step import forward_backward
-from megatron_rpo.errors import InputError
 
 __all__ = ["Trainer"]
 
