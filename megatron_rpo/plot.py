@@ -12,6 +12,7 @@ import argparse
 import glob
 import os
 import sys
+
 from megatron_rpo.errors import InputError
 
 __all__ = ["read_scalars", "panel_lines", "plot_run", "main"]

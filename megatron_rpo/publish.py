@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import uuid
+
 from megatron_rpo.errors import InputError
 
 __all__ = ["staging_tag", "remove_stale", "process_alive", "write_text", "StagedDirectory"]

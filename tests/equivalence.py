@@ -187,8 +187,8 @@ def recipe_case(recipe: str) -> Case:
     """A shipped recipe's layout on 2-4 processes: each parallel kind it uses at size 2 (TP with its
     sequence parallelism, PP with VPP, CP, EP with its ETP), DP 2 beside them where it fits in 4
     processes, and 4 microbatches per pipeline stage (3 without a pipeline, 6 at DP 1: never as
-    many as the stages or the ranks). Its loss, reference, packing, recompute, chunking and optimizer are the
-    recipe's own."""
+    many as the stages or the ranks). Its loss, reference, packing, recompute, chunking and
+    optimizer are the recipe's own."""
     from megatron_rpo.config import load_config
 
     c = load_config(recipe)
@@ -201,14 +201,12 @@ def recipe_case(recipe: str) -> Case:
     if tp * pp * cp * dp > 4:  # 4 processes at most: a pipeline keeps its DP, the rest drop it
         tp, dp = (1, 2) if pp > 1 else (tp, 1)
     micro = min(c.train.micro_batch_size, 2)
-    if c.loss.uses_mismatched and dp > 1:
-        o_scope = ["loss.contrast_scope=local"]  # KTO: see the module docstring
-    else:
-        o_scope = []
     microbatches = 4 * pp if pp > 1 else 3 if dp > 1 else 6
     o = [f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
          f"parallel.context_parallel_size={cp}", f"train.micro_batch_size={micro}",
-         f"train.global_batch_size={micro * dp * microbatches}", *o_scope]
+         f"train.global_batch_size={micro * dp * microbatches}"]
+    if c.loss.uses_mismatched and dp > 1:
+        o.append("loss.contrast_scope=local")  # KTO: see the module docstring
     if p.virtual_pipeline_model_parallel_size:
         o.append("parallel.virtual_pipeline_model_parallel_size=2")
     if tp == 1:

@@ -20,8 +20,8 @@ import shutil
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from megatron_rpo.errors import InputError
 
+from megatron_rpo.errors import InputError
 
 __all__ = ["HFWeights", "ConvertedCheckpoint", "MARKER", "copy_tokenizer", "TOKENIZER_FILES"]
 
@@ -61,7 +61,7 @@ class HFWeights:
 
 
 def _read_safetensors(path: str, read, name: str | None = None, fix: str = "convert the checkpoint again"):
-    """``read(safe_open handle)``, with a truncated or corrupt file named in a ValueError."""
+    """``read(safe_open handle)``, with a truncated or corrupt file named in an InputError."""
     try:
         with safe_open(path, "pt") as f:
             return read(f)

@@ -12,6 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
 from megatron_rpo.errors import InputError
 
 __all__ = ["Tokenizer", "load_tokenizer", "train_sentencepiece", "file_sha256", "tokenizer_sha256", "tokenizer_digests",

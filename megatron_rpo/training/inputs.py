@@ -1,7 +1,7 @@
 """Resolve, then run: the config completed against the checkpoint and the datasets, and every
 input checked against the others, before any model is built. Plain functions of the config and
-the datasets (no process group), called by the trainer (the memory plan completes its model with the same
-:func:`megatron_rpo.config.complete_model`), so each rule is written once."""
+the datasets (no process group), called by the trainer; the memory plan completes its model with
+the same :func:`megatron_rpo.config.complete_model`, so each rule is written once."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def resolve(c: Config, ckpt_model: ModelConfig, train_data: PreferenceDataset) -
     resolved.check_lengths()
     resolved.explicit_keys = explicit
     return resolved
+
 
 def check_inputs(c: Config, train_data: PreferenceDataset, valid_data: PreferenceDataset | None) -> None:
     """The datasets against the config and the checkpoint, and against each other (before any work)."""
