@@ -44,11 +44,6 @@ RESERVE_FRACTION = 0.10
 """Of the GPU's memory, kept for the CUDA context, NCCL buffers and allocator fragmentation."""
 
 
-def _padded_vocab(m: ModelConfig, tp: int) -> int:
-    multiple = m.make_vocab_size_divisible_by * tp
-    return -(-m.vocab_size // multiple) * multiple
-
-
 def _stage_layers(m: ModelConfig, pp: int, stage: int) -> list[int]:
     per = m.num_layers // pp
     return list(range(stage * per, (stage + 1) * per))
@@ -80,7 +75,7 @@ def stage_parameters(m: ModelConfig, tp: int = 1, pp: int = 1, stage: int = 0, e
             expert += (m.num_moe_experts // ep) * 3 * width * h // etp
         else:
             dense += dense_mlp
-    vocab = _padded_vocab(m, tp) * h // tp
+    vocab = m.padded_vocab_size(tp) * h // tp
     if stage == 0:
         dense += vocab
     if stage == pp - 1:
@@ -217,7 +212,7 @@ def plan(c: Config, gpus: int, gpu_memory_gib: float, *, bf16: bool | None = Non
     # optimizer state per parameter: float32 master weights (only when they are not the weights)
     # and Adam's two moments (RMSprop is Adam with beta1 = 0: megatron keeps both)
     state = (4 if bf16 else 0) + 8
-    vocab_shard = _padded_vocab(m, tp) // tp
+    vocab_shard = m.padded_vocab_size(tp) // tp
     stages = []
     for stage in range(pp):
         count = stage_parameters(m, tp, pp, stage, ep, p.expert_tensor_size)

@@ -28,7 +28,7 @@ from megatron_rpo.publish import write_text
 __all__ = ["load_config", "config_from_dict", "config_to_dict", "explicit_keys", "model_conflicts", "complete_model",
            "dump_config"]
 
-_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "explicit"}
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:
@@ -60,7 +60,7 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
 
 def config_to_dict(config: Config) -> dict:
     """``{section: {key: value}}`` with every field, the inverse of :func:`config_from_dict`."""
-    return dataclasses.asdict(config)
+    return {name: dataclasses.asdict(getattr(config, name)) for name in _SECTIONS}
 
 
 def _read_yaml(path: str) -> dict:
@@ -139,15 +139,14 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     config = config_from_dict(raw, source)
     # What the recipe and the command line set, as opposed to defaults: the trainer fills the rest
     # of `model` from the checkpoint and checks only what was set against the dataset.
-    config.explicit_keys = frozenset(f"{section}.{key}" for section, values in raw.items()
-                                     if isinstance(values, dict) for key in values)
-    return config
+    return dataclasses.replace(config, explicit=frozenset(f"{section}.{key}" for section, values in raw.items()
+                                                          if isinstance(values, dict) for key in values))
 
 
 def explicit_keys(config: Config) -> frozenset | None:
     """The ``section.key`` names a recipe or the command line set (:func:`load_config`); None for a
     Config built otherwise, whose every value counts as set."""
-    return getattr(config, "explicit_keys", None)
+    return config.explicit
 
 
 def model_conflicts(config: Config, theirs: ModelConfig) -> list[tuple[str, Any, Any]]:

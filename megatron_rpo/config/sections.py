@@ -274,6 +274,17 @@ class ModelConfig(_Section):
             return list(self.moe_layer_freq)
         return [1 if i % self.moe_layer_freq == 0 else 0 for i in range(self.num_layers)]
 
+    def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
+        """The vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * TP``
+        (Megatron-LM's rule), the embedding's and output layer's rows.
+
+        The extra rows exist only so the embedding and output layer split evenly over
+        tensor-parallel ranks; log-probs never give them probability mass
+        (see :func:`megatron_rpo.logprobs.token_logprobs`).
+        """
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
 
 @dataclass
 class ParallelConfig(_Section):
@@ -617,6 +628,11 @@ class Config:
     """Optimizer and schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The loop."""
+    explicit: Optional[frozenset] = field(default=None, compare=False, repr=False)
+    """The ``section.key`` names a recipe or the command line set, as opposed to defaults
+    (:func:`~megatron_rpo.config.loader.load_config` fills it in); None for a Config built in
+    code, whose every value counts as set. Not a section: it is not written to ``config.yaml``, and
+    ``dataclasses.replace`` keeps it."""
 
     def __post_init__(self) -> None:
         checks.check_config(self)

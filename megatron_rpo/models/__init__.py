@@ -4,10 +4,9 @@ from megatron_rpo.models.provider import (
     layer_spec,
     model_chunks,
     model_provider,
-    padded_vocab_size,
     transformer_config,
     use_transformer_engine,
 )
 
-__all__ = ["layer_spec", "model_chunks", "model_provider", "padded_vocab_size", "transformer_config",
+__all__ = ["layer_spec", "model_chunks", "model_provider", "transformer_config",
            "use_transformer_engine"]

@@ -32,7 +32,7 @@ from megatron_rpo.errors import InputError
 from megatron_rpo.logprobs import output_logprobs
 from megatron_rpo.models.layers import RMSNorm, SDPAttention
 
-__all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "model_provider", "model_chunks",
+__all__ = ["transformer_config", "layer_spec", "model_provider", "model_chunks",
            "use_transformer_engine", "PreferenceGPTModel"]
 
 
@@ -50,17 +50,6 @@ def use_transformer_engine() -> bool:
     except ImportError:
         return False
     return True
-
-
-def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
-    """Round the vocabulary up to a multiple of ``make_vocab_size_divisible_by * TP`` (Megatron-LM's rule).
-
-    The extra rows exist only so the embedding and output layer split evenly over
-    tensor-parallel ranks; log-probs never give them probability mass
-    (see :func:`megatron_rpo.logprobs.token_logprobs`).
-    """
-    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def _moe_settings(model: ModelConfig) -> dict:
@@ -252,8 +241,7 @@ def model_provider(
         logprob_chunk_tokens=m.logprob_chunk_tokens,
         config=tconfig,
         transformer_layer_spec=layer_spec(tconfig, vp_stage),
-        vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
-                                     config.parallel.tensor_model_parallel_size),
+        vocab_size=m.padded_vocab_size(config.parallel.tensor_model_parallel_size),
         max_sequence_length=m.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,

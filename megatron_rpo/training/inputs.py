@@ -31,8 +31,7 @@ def resolve(c: Config, ckpt_model: ModelConfig, train_data: PreferenceDataset) -
     * ``optimizer.adam_beta1`` is 0 under ``rmsprop``, ``optimizer.bf16`` false without a GPU;
       a contradicting value that was set is refused.
     """
-    explicit = explicit_keys(c)
-    said = explicit or frozenset()  # refusals need a key the user actually wrote
+    said = explicit_keys(c) or frozenset()  # refusals need a key the user actually wrote
     model = complete_model(c, ckpt_model, c.train.load)
     prompt = train_data.manifest["max_prompt_length"]
     if c.data.max_prompt_length is not None and c.data.max_prompt_length != prompt:
@@ -51,7 +50,6 @@ def resolve(c: Config, ckpt_model: ModelConfig, train_data: PreferenceDataset) -
     data = dataclasses.replace(c.data, max_prompt_length=min(prompt, c.data.max_length - 1))
     resolved = dataclasses.replace(c, model=model, data=data, optimizer=optimizer)
     resolved.check_lengths()
-    resolved.explicit_keys = explicit
     return resolved
 
 
