@@ -1,7 +1,7 @@
 """Useful tokens per second: packed microbatches against padding, and against a plain PyTorch DPO loop.
 
-Real HH dialogues (the 1,500-pair shared sample when it is beside the repository, else the
-bundled slice), tokenised with a real English vocabulary: the WordPiece one that ships with the
+Real HH dialogues (the bundled slice, ``data/hh_harmless_slice.jsonl``; ``--input`` for another
+file of the same format), tokenised with a real English vocabulary: the WordPiece one that ships with the
 bundled all-MiniLM-L6-v2 embedding model (close to Llama/Mistral granularity), preprocessed by
 our own pipeline with the paper's limits (prompt 256, total 512 tokens). Every configuration
 trains on the same samples, step by step, interleaved, so machine noise hits them alike:
@@ -29,13 +29,10 @@ gaps). Targets: packed / pad_to_max >= 2.5x useful tokens/s; on one H100-class G
 packed >= 2x the plain loop, pad_to_longest >= 1.0x it (equal padded work), and peak memory per
 useful token of packed no worse than pad_to_longest.
 
-``--context-parallel C`` measures instead the tiny model on one packed microbatch of long
-synthetic sequences (``--long-length``, 2048 tokens) at CP 1 (one process) and CP C (C processes
-sharing the cores): step time, tokens/s and each rank's peak memory growth.
+Context parallelism has its own benchmark, ``bench/context_parallel.py``.
 
     python bench/throughput.py                      # CPU, tiny model, about 3 minutes on 2 cores
     python bench/throughput.py --gpu [--profile]    # CUDA: the 1.1B Llama shape, bf16
-    python bench/throughput.py --context-parallel 2 # CPU: CP 1 against CP 2 on 2k-token sequences
 """
 
 from __future__ import annotations
@@ -52,9 +49,7 @@ import warnings
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_INPUT = os.path.join(HERE, "..", "..", "shared", "data", "hh_harmless_sample.jsonl")
-if not os.path.exists(DEFAULT_INPUT):
-    DEFAULT_INPUT = os.path.join(HERE, "..", "data", "hh_harmless_slice.jsonl")
+DEFAULT_INPUT = os.path.join(HERE, "..", "data", "hh_harmless_slice.jsonl")
 
 MODES = ("pad_to_max", "pad_to_longest", "packed")
 # Model shapes: a tiny one for CPU, and the 1.1B Llama shape (TinyLlama's) for GPU.
@@ -143,16 +138,9 @@ class Ours:
         self.optimizer = build_optimizer(self.config.optimizer, [self.model], bf16=bf16)
 
     def step(self, batches: list[dict]) -> None:
-        from megatron.core.distributed import finalize_model_grads
+        from megatron_rpo.training.step import train_step
 
-        from megatron_rpo.training.step import forward_backward
-
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        forward_backward(self.model, batches, self.config.loss,
-                         reference=self.reference)
-        finalize_model_grads([self.model])
-        self.optimizer.step()
+        train_step([self.model], self.optimizer, batches, self.config.loss, reference=self.reference)
 
 
 # -- the plain loop -------------------------------------------------------------------------------------
@@ -219,11 +207,11 @@ def _sync(gpu: bool) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _rss() -> int:
+def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -262,9 +250,9 @@ def _memory_probe(name, prefix, shape, args, store, out):
     runners = _runners([name], shape, args, gpu=False)
     steps = step_indices(dataset.manifest["num_pairs"], 2, args.microbatches, args.pairs)
     _run_one(name, runners, dataset, steps[0], args)  # optimizer state, caches
-    before = _rss()
+    before = rss()
     _run_one(name, runners, dataset, steps[1], args)
-    out.put((name, max(0, _peak_rss() - before), useful(dataset, steps[1], args.max_length)[0]))
+    out.put((name, max(0, peak_rss() - before), useful(dataset, steps[1], args.max_length)[0]))
     parallel.destroy()
 
 
@@ -280,86 +268,6 @@ def cpu_memory(names, prefix, shape, args) -> dict[str, float]:
             p.join(timeout=60)
         result[got] = peak / tokens
     return result
-
-
-def _context_parallel_rank(rank, world, store, length, pairs, steps, out):
-    """One process of a CP = ``world`` run (gloo, the CPU's cores shared): the median step time
-    and this rank's peak RSS growth over a step, on ``pairs`` synthetic pairs of ``length`` tokens."""
-    import torch
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-
-    from megatron_rpo import parallel
-    from megatron_rpo.config import config_from_dict
-    from megatron_rpo.data.packing import packed_length, token_fields
-    from megatron_rpo.models import model_provider
-    from megatron_rpo.training.optimizer import build_optimizer
-    from megatron_rpo.training.step import forward_backward
-
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    parallel.connect(init_method=f"file://{store}", rank=rank, world_size=world)
-    config = config_from_dict({
-        "model": dict(TINY, max_position_embeddings=length),
-        "parallel": {"context_parallel_size": world},
-        "data": {"max_prompt_length": 256, "max_length": length},
-        "loss": {"reference": "precomputed"},
-        "train": {"micro_batch_size": pairs, "global_batch_size": pairs}})
-    parallel.initialize(config.parallel)
-    module = model_provider(config)
-    model = DistributedDataParallel(module.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)
-    optimizer = build_optimizer(config.optimizer, [model], bf16=False)
-    g = torch.Generator().manual_seed(0)  # every rank draws the same microbatch
-    prompts = [torch.randint(1, TINY["vocab_size"], (256,), generator=g) for _ in range(pairs)]
-    sequences = [torch.cat([p, torch.randint(1, TINY["vocab_size"], (length - 256,), generator=g)])
-                 for p in prompts + prompts]
-    multiple = config.parallel.sequence_multiple
-    batch = token_fields(sequences, [256] * len(sequences), packed=True, sequence_multiple=multiple,
-                         length=packed_length([length] * len(sequences), 64, multiple))
-    batch.update(is_chosen=torch.arange(2 * pairs) < pairs, pair_id=torch.arange(2 * pairs) % pairs,
-                 ref_logps=-torch.rand(2 * pairs, generator=g) * 100,
-                 prompt_embedding=torch.nn.functional.normalize(torch.randn(pairs, 8, generator=g), dim=1).repeat(2, 1))
-    times, before = [], None
-    for step in range(1 + steps):
-        if step == 1:
-            before = _rss()  # after the first step: optimizer state and caches exist
-        start = time.perf_counter()
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        forward_backward(model, [batch], config.loss)
-        finalize_model_grads([model])
-        optimizer.step()
-        if step:
-            times.append(time.perf_counter() - start)
-    out.put((rank, statistics.median(times), max(0, _peak_rss() - before)))
-    parallel.destroy()
-
-
-def context_parallel(cp: int, length: int, pairs: int, steps: int) -> None:
-    """``--context-parallel C``: tokens/s and peak memory per rank at CP 1 and CP C (fresh processes)."""
-    ctx = multiprocessing.get_context("spawn")
-    tokens = 2 * pairs * length
-    print(f"CPU, {TINY['num_layers']} layers, hidden {TINY['hidden_size']}, vocab {TINY['vocab_size']}, fp32; RPO "
-          f"(precomputed reference) on one packed microbatch of {2 * pairs} sequences x {length} tokens; median of "
-          f"{steps} steps; peak RSS growth per rank over a step")
-    print(f"{'CP':>4}{'ms/step':>10}{'tokens/s':>10}{'peak MiB/rank':>15}")
-    base = None
-    for world in (1, cp):
-        out = ctx.Queue()
-        with tempfile.TemporaryDirectory() as tmp:
-            procs = [ctx.Process(target=_context_parallel_rank,
-                                 args=(r, world, os.path.join(tmp, "store"), length, pairs, steps, out))
-                     for r in range(world)]
-            for proc in procs:
-                proc.start()
-            results = [out.get(timeout=3600) for _ in procs]
-            for proc in procs:
-                proc.join(timeout=60)
-        step = max(r[1] for r in results)
-        peak = max(r[2] for r in results)
-        base = base or (step, peak)
-        print(f"{world:>4}{step * 1000:>10.0f}{tokens / step:>10.0f}{peak / 2**20:>15.0f}")
-    print(f"CP {cp} / CP 1: peak memory per rank {peak / base[1]:.2f} (about 1/{cp} expected), "
-          f"tokens/s {base[0] / step:.2f}")
 
 
 def profile(names, runners, dataset, steps, args, gpu: bool) -> None:
@@ -397,15 +305,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak dense bf16 TFLOP/s")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--context-parallel", type=int, metavar="C",
-                   help="instead: tokens/s and peak memory per rank at CP 1 and CP C on long synthetic sequences")
-    p.add_argument("--long-length", type=int, default=2048, help="with --context-parallel: tokens per sequence")
     args = p.parse_args()
     warnings.simplefilter("ignore")
-    if args.context_parallel:
-        context_parallel(args.context_parallel, args.long_length, args.pairs or 1, args.steps or 3)
-        return
-
     import torch
 
     from megatron_rpo import parallel

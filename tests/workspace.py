@@ -151,7 +151,7 @@ def step_gradients(argv: list[str]) -> dict:
 
     trainer = Trainer(load_config(RECIPE, argv))
     try:
-        batches, _ = trainer._microbatches(trainer.train_data, iter(trainer.sampler), trainer.num_microbatches)
+        batches, _ = trainer.microbatches(trainer.train_data, iter(trainer.sampler), trainer.num_microbatches)
         reports = trainer.forward_backward_step(batches)
         grads = {}
         for module in trainer.module:

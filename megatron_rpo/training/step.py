@@ -1,6 +1,7 @@
 """One forward-backward over a step's microbatches, for every ``contrast_scope`` and reference.
 
-The optimizer step is the trainer's; this module only produces gradients (and reports):
+:func:`train_step` is a whole step (the gradients, then the optimizer and the schedule): the
+trainer's, the benchmarks' and the tests' one step. The gradients:
 
 * ``reference: online``: the frozen reference runs first, forward only, through the same
   :func:`~megatron_rpo.training.forward_step.forward_step`; its log-probs become the batch's
@@ -22,6 +23,7 @@ from functools import partial
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rpo.config import LossConfig
@@ -34,7 +36,7 @@ from megatron_rpo.training.forward_step import (
     surrogate_loss_func,
 )
 
-__all__ = ["run_schedule", "sequence_logps", "forward_backward"]
+__all__ = ["run_schedule", "sequence_logps", "forward_backward", "gradients", "train_step"]
 
 
 def run_schedule(model, microbatches: list[dict], loss_fn, *, forward_only: bool) -> list[dict]:
@@ -140,3 +142,30 @@ def forward_backward(
     scale = float(len(microbatches))
     run_schedule(model, microbatches, partial(surrogate_loss_func, scale), forward_only=False)
     return report
+
+
+def gradients(model: list, optimizer, batches: list[dict], loss: LossConfig, *, reference=None, paired: bool = True,
+              experts=None) -> list[dict]:
+    """This rank's gradients for one step over ``batches`` (its microbatches, on the host), reduced
+    over the data-parallel ranks, in ``model``'s (megatron DDP chunks') gradient buffers; returns
+    the reports. ``experts``, a :class:`~megatron_rpo.training.experts.ExpertMetrics`, is reset
+    first."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    if experts is not None:
+        experts.reset()
+    reports = forward_backward(model, batches, loss, reference=reference, paired=paired)
+    finalize_model_grads(model)
+    return reports
+
+
+def train_step(model: list, optimizer, batches: list[dict], loss: LossConfig, *, scheduler=None, reference=None,
+               paired: bool = True, experts=None) -> tuple[list[dict], float | None]:
+    """:func:`gradients`, then the optimizer and (when one is given) the schedule; the reports and
+    the gradient norm (None where the optimizer skipped the step)."""
+    reports = gradients(model, optimizer, batches, loss, reference=reference, paired=paired, experts=experts)
+    updated, grad_norm, _ = optimizer.step()
+    if updated and scheduler is not None:
+        scheduler.step(increment=1)
+    return reports, grad_norm

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 from megatron_rpo import parallel
 from megatron_rpo.config import Config, config_changes, config_to_dict, dump_config
@@ -44,7 +44,7 @@ from megatron_rpo.training.interrupts import Preempted, StopRequests
 from megatron_rpo.training.lock import SaveDirLock
 from megatron_rpo.training.metrics_log import Scalars, accuracy_text, format_line, reduce_reports, require_wandb
 from megatron_rpo.training.optimizer import build_optimizer, build_scheduler
-from megatron_rpo.training.step import forward_backward
+from megatron_rpo.training.step import forward_backward, gradients, train_step
 
 __all__ = ["Trainer"]
 
@@ -238,7 +238,7 @@ class Trainer:
             return PairedSampler(**common, num_pairs=data.manifest["num_pairs"])
         return UnpairedSampler(**common, chosen=data.chosen_indices, rejected=data.rejected_indices)
 
-    def _microbatches(self, data, iterator, count) -> tuple[list[dict], np.ndarray]:
+    def microbatches(self, data, iterator, count) -> tuple[list[dict], np.ndarray]:
         """This rank's next ``count`` microbatches (on the host) and the lengths of their sequences."""
         c = self.config.data
         indices = list(itertools.islice(iterator, count))
@@ -266,24 +266,14 @@ class Trainer:
     def forward_backward_step(self, batches: list[dict]) -> list[dict]:
         """This rank's gradients for one step over ``batches`` (its microbatches, on the host), reduced
         over the data-parallel ranks (every contrast scope and reference); returns the reports."""
-        c = self.config
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        if self.experts is not None:
-            self.experts.reset()
-        reports = forward_backward(self.model, batches, c.loss, reference=self.reference, paired=c.data.paired)
-        finalize_model_grads(self.model)
-        return reports
+        return gradients(self.model, self.optimizer, batches, self.config.loss, reference=self.reference,
+                         paired=self.config.data.paired, experts=self.experts)
 
     def train_step(self, batches: list[dict]) -> tuple[list[dict], float | None]:
         """:meth:`forward_backward_step`, then the optimizer and the schedule; the reports and the
         gradient norm."""
-        reports = self.forward_backward_step(batches)
-        updated, grad_norm, _ = self.optimizer.step()
-        if updated:
-            self.scheduler.step(increment=1)
-        return reports, grad_norm
+        return train_step(self.model, self.optimizer, batches, self.config.loss, scheduler=self.scheduler,
+                          reference=self.reference, paired=self.config.data.paired, experts=self.experts)
 
     # -- loop -----------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -305,7 +295,7 @@ class Trainer:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             lr_used = self.optimizer.param_groups[0]["lr"]
-            batches, lengths = self._microbatches(self.train_data, iterator, self.num_microbatches)
+            batches, lengths = self.microbatches(self.train_data, iterator, self.num_microbatches)
             reports, grad_norm = self.train_step(batches)
             self.step += 1
             self.sampler.consumed_samples += self.samples_per_step
@@ -427,7 +417,7 @@ class Trainer:
             chunk.eval()
         reports = []
         for start in range(0, total, self.num_microbatches):
-            batches, _ = self._microbatches(self.valid_data, iterator, min(self.num_microbatches, total - start))
+            batches, _ = self.microbatches(self.valid_data, iterator, min(self.num_microbatches, total - start))
             reports += forward_backward(self.model, batches, c.loss,
                                         reference=self.reference, forward_only=True, paired=self.valid_data.paired)
         for chunk in self.model:
