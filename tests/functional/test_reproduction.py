@@ -1,7 +1,6 @@
-"""The miniature reproduction (bench/reproduction.py): its world and judge, and the harness end to end (--quick)."""
+"""The miniature reproduction (bench/reproduction/): its world and judge, and the harness end to end (--quick)."""
 
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -10,12 +9,11 @@ import sys
 import pytest
 import torch
 
-from tests.workspace import REPO, load_script
+from bench.reproduction import world as worlds
+from bench.reproduction.experiment import Run, Scale
+from bench.reproduction.report import write_report
+from tests.workspace import REPO
 
-BENCH = os.path.join(REPO, "bench")
-
-
-worlds = load_script("bench/preference_world.py", "preference_world")
 world = worlds.draw(0)
 FRUIT = worlds.Prompt("Can you recommend a piece of fruit for my picnic?", "fruit")
 PETS = worlds.Prompt("Help me choose a pet for the zoo visit.", "pet")
@@ -97,13 +95,12 @@ def test_every_drawn_world_holds_what_world_0_holds():
 def test_the_report_compares_methods_run_by_run(tmp_path):
     """The paired column and the comparisons table, on win rates chosen by hand (in --quick every
     win rate is 0.5, so the end-to-end run cannot tell a sign or a count wrong)."""
-    repro = load_script("bench/reproduction.py", "reproduction")
-    scale = repro.Scale(worlds=(0, 1), seeds=(0, 1), lrs=(3e-4,), methods=("dpo", "rpo_unpaired", "kto"), study=())
+    scale = Scale(worlds=(0, 1), seeds=(0, 1), lrs=(3e-4,), methods=("dpo", "rpo_unpaired", "kto"), study=())
     win = {"dpo": (0.5, 0.75, 0.75, 0.5), "kto": (0.75, 0.75, 1.0, 0.25), "rpo_unpaired": (0.5, 1.0, 0.75, 0.25)}
     results = {}
     for m, rates in win.items():
         for k, rate in enumerate(rates):  # world 0 seeds 0, 1; world 1 seeds 0, 1
-            run = repro.Run(k // 2, m, 3e-4, k % 2, scale.pairs_per_step)
+            run = Run(k // 2, m, 3e-4, k % 2, scale.pairs_per_step)
             results[run.name] = dict(vars(run), test_win_rate=rate, well_formed=1.0, test_reward=1.0,
                                      lead_rule=0.0, closing_rule=0.0, ranking_accuracy=0.5)
     checks = dict(groups=2, topics=4, habit=0.4, label_temperature=0.5, label_agreement=0.86,
@@ -111,7 +108,7 @@ def test_the_report_compares_methods_run_by_run(tmp_path):
     per_world = {w: {"description": f"world {w}: drawn by hand", "checks": checks, "study": False,
                      "chosen_lr": dict.fromkeys(win, 3e-4),
                      "warmup": dict(test_reward=1.0, lead_rule=0.0, closing_rule=0.0)} for w in (0, 1)}
-    table = repro.write_report(str(tmp_path), scale, per_world, results, minutes=1.0).splitlines()
+    table = write_report(str(tmp_path), scale, per_world, results, minutes=1.0).splitlines()
     # KTO minus DPO, run by run: +0.25, 0, +0.25, -0.25: mean 0.0625, standard error 0.1197; 2 runs ahead.
     # World means: KTO 0.75 and 0.625, DPO 0.625 and 0.625: ahead in world 0 only.
     assert any(line.startswith("| KTO | 1 of 2 | +0.062 ± 0.120 (2 of 4) |") for line in table)
@@ -122,7 +119,7 @@ def test_the_report_compares_methods_run_by_run(tmp_path):
 def test_the_reproduction_runs_end_to_end(tmp_path):
     """Every stage of the real pipeline once (--quick); DP=2 with the matrix gathered ends where one rank does."""
     work = tmp_path / "repro"
-    result = subprocess.run([sys.executable, os.path.join(BENCH, "reproduction.py"), "--quick", "--workdir", str(work)],
+    result = subprocess.run([sys.executable, "-m", "bench.reproduction", "--quick", "--workdir", str(work)],
                             capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((work / "results.json").read_text())

@@ -1,4 +1,4 @@
-"""A family of small preference worlds with a known reward: the worlds and judge of ``bench/reproduction.py``.
+"""A family of small preference worlds with a known reward: the worlds and judge of the reproduction (:mod:`bench.reproduction`).
 
 ``bench/REPRODUCTION.md`` describes them (the rules, why a small model can learn them, why the
 warm-up alone cannot) and what the reproduction found. In short: English requests from topics
