@@ -24,7 +24,10 @@ import traceback
 
 import torch
 
-__all__ = ["PRELOAD", "RankFailure", "run_ranks"]
+__all__ = ["PRELOAD", "TIER_VARIABLE", "RankFailure", "Spawns", "run_ranks"]
+
+TIER_VARIABLE = "MEGATRON_RPO_TEST_TIER"
+"""The running test's tier (tests/conftest.py sets it); :func:`run_ranks` refuses to run in a ``unit`` test."""
 
 PRELOAD = ["torch", "megatron_rpo.training.trainer", "megatron_rpo.training.reference", "megatron_rpo.convert",
            "tests.workspace"]
@@ -110,7 +113,10 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, **kwargs) -> l
     Raises:
         RankFailure: a rank raised (its traceback is in the message), exited without a
             result, or the ranks did not all finish within ``timeout`` seconds.
+        RuntimeError: called from a test of the ``unit`` tier (:data:`TIER_VARIABLE`).
     """
+    if os.environ.get(TIER_VARIABLE) == "unit":
+        raise RuntimeError("run_ranks in a test of the unit tier: add its module to DIST in tests/conftest.py")
     ctx = _context()
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,3 +158,27 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, **kwargs) -> l
             for p in procs:
                 p.join(timeout=10)
     return [done[r] for r in range(world_size)]
+
+
+class Spawns(dict):
+    """Each case's result, spawned the first time a test asks for it and kept for the others:
+    one spawn per case, so a case that fails fails the tests that read it, not the module.
+
+    ``spawn(key)`` runs the case (usually :func:`run_ranks`); a failure is kept too, and raised
+    again to every test that asks for that case, without spawning it again."""
+
+    def __init__(self, spawn):
+        super().__init__()
+        self._spawn = spawn
+        self._failed: dict = {}
+
+    def __missing__(self, key):
+        if key in self._failed:
+            raise self._failed[key]
+        try:
+            value = self._spawn(key)
+        except Exception as e:
+            self._failed[key] = e
+            raise
+        self[key] = value
+        return value

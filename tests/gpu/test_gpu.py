@@ -28,7 +28,6 @@ import torch
 from tests.multiprocess import run_ranks
 from tests.workspace import REPO, build, family_checkpoint, overrides, train
 
-pytestmark = pytest.mark.gpu
 
 # name -> overrides of configs/tiny_cpu.yaml (online reference, embedding weights, packing by default)
 RUNS = {

@@ -220,9 +220,7 @@ def test_a_raising_rank_reports_its_traceback():
         run_ranks(_raises, 2, timeout=100)
 
 
-def test_cuda_device_arguments_land_on_cpu():
-    if torch.cuda.is_available():
-        pytest.skip("the CPU shim is inactive where CUDA exists")
+def _cuda_arguments_land_on_cpu() -> bool:
     assert cpu.activate() and cpu.is_active()
     assert torch.zeros(2, device="cuda").device.type == "cpu"
     assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
@@ -231,6 +229,14 @@ def test_cuda_device_arguments_land_on_cpu():
     assert torch.tensor([1.0], device=torch.device("cuda"), pin_memory=True).device.type == "cpu"
     assert torch.ones(1).type() == "torch.cuda.FloatTensor"
     torch.cuda.synchronize()
+    return True
+
+
+def test_cuda_device_arguments_land_on_cpu():
+    """In a rank of its own: the shim is process-wide, and the pytest process stays without it."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU shim is inactive where CUDA exists")
+    assert run_ranks(_cuda_arguments_land_on_cpu, 1) == [True]
 
 
 class _AllocatesOnCudaInBackward(torch.autograd.Function):
@@ -244,10 +250,14 @@ class _AllocatesOnCudaInBackward(torch.autograd.Function):
         return grad * 2 + torch.zeros(grad.shape, device=torch.cuda.current_device())
 
 
-def test_custom_function_backward_allocating_on_cuda_runs_on_cpu():
-    if torch.cuda.is_available():
-        pytest.skip("the CPU shim is inactive where CUDA exists")
+def _backward_allocating_on_cuda() -> list[float]:
     cpu.activate()
     x = torch.ones(3, requires_grad=True)
     _AllocatesOnCudaInBackward.apply(x).sum().backward()
-    assert torch.equal(x.grad, torch.full((3,), 2.0))
+    return x.grad.tolist()
+
+
+def test_custom_function_backward_allocating_on_cuda_runs_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("the CPU shim is inactive where CUDA exists")
+    assert run_ranks(_backward_allocating_on_cuda, 1) == [[2.0, 2.0, 2.0]]

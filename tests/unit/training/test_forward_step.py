@@ -1,14 +1,14 @@
 """forward_step + loss_func through megatron's schedules: every TP/PP layout gives the same loss
 and the same parameter gradients as one process holding the whole model.
 
-The cases of one world size share one spawn (megatron's parallel state is laid out again per case)."""
+One spawn per case (:class:`tests.multiprocess.Spawns`)."""
 
 import math
 
 import pytest
 import torch
 
-from tests.multiprocess import run_ranks
+from tests.multiprocess import Spawns, run_ranks
 from tests.unit.megatron_helpers import SEQ, VOCAB, fill_by_name, full_grads, make_batch, tiny_config
 
 PROMPTS = [4, 6, 3, 4, 6, 3]
@@ -68,31 +68,25 @@ LAYOUTS = [(2, 1, False, "rpo"), (2, 1, True, "dpo"), (1, 2, False, "rpo"), (1, 
 REFERENCE_LAYOUTS = [(1, 1), (2, 2)]
 
 
-def _world(steps, references, microbatches):
-    return {"steps": [_step(tp, pp, sp, LOSSES[loss], microbatches) for tp, pp, sp, loss in steps],
-            "references": [_policy_vs_reference(tp, pp, [dict(mb) for mb in microbatches]) for tp, pp in references]}
+def _run(case: tuple):
+    """``("step", tp, pp, sp, loss)`` or ``("reference", tp, pp)``: every rank's result."""
+    if case[0] == "step":
+        _, tp, pp, sp, loss = case
+        return run_ranks(_step, tp * pp, tp, pp, sp, LOSSES[loss], _microbatches(), timeout=600)
+    _, tp, pp = case
+    return run_ranks(_policy_vs_reference, tp * pp, tp, pp, _microbatches(), timeout=600)
 
 
 @pytest.fixture(scope="module")
-def worlds():
-    """Per world size, every rank's results: the one-process runs of each loss at world 1."""
-    out = {}
-    for world in (1, 2, 4):
-        steps = ([(1, 1, False, name) for name in LOSSES] if world == 1 else
-                 [c for c in LAYOUTS if c[0] * c[1] == world])
-        references = [c for c in REFERENCE_LAYOUTS if c[0] * c[1] == world]
-        out[world] = (steps, references, run_ranks(_world, world, steps, references, _microbatches(), timeout=600))
-    return out
+def runs() -> Spawns:
+    return Spawns(_run)
 
 
 @pytest.mark.parametrize("tp,pp,sp,loss_name", LAYOUTS)
-def test_loss_and_grads_match_one_process(worlds, tp, pp, sp, loss_name):
-    single_steps, _, (single,) = worlds[1]
-    single = single["steps"][[c[3] for c in single_steps].index(loss_name)]
+def test_loss_and_grads_match_one_process(runs, tp, pp, sp, loss_name):
+    (single,) = runs["step", 1, 1, False, loss_name]
     assert single["reports"][0]["loss"] > 0
-    steps, _, ranks = worlds[tp * pp]
-    k = steps.index((tp, pp, sp, loss_name))
-    _compare([r["steps"][k] for r in ranks], single)
+    _compare(runs["step", tp, pp, sp, loss_name], single)
 
 
 def _policy_vs_reference(tp, pp, microbatches):
@@ -121,10 +115,8 @@ def _policy_vs_reference(tp, pp, microbatches):
 
 
 @pytest.mark.parametrize("tp,pp", REFERENCE_LAYOUTS)
-def test_policy_equal_to_reference_gives_zero_logratios_and_log2(worlds, tp, pp):
-    _, references, ranks = worlds[tp * pp]
-    k = references.index((tp, pp))
-    last = [r["references"][k] for r in ranks if r["references"][k]["reports"] is not None]
+def test_policy_equal_to_reference_gives_zero_logratios_and_log2(runs, tp, pp):
+    last = [r for r in runs["reference", tp, pp] if r["reports"] is not None]
     assert len(last) == tp
     for r in last:
         assert all(lp.shape == (len(PROMPTS),) and torch.isfinite(lp).all() and (lp < 0).all() for lp in r["ref_logps"])

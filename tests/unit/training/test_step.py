@@ -8,7 +8,7 @@ microbatches equals one microbatch holding the whole batch; both compose with TP
 import pytest
 import torch
 
-from tests.multiprocess import run_ranks
+from tests.multiprocess import Spawns, run_ranks
 from tests.unit.megatron_helpers import SEQ, VOCAB, fill_by_name, full_grads, make_batch, tiny_config
 
 PROMPTS = [4, 6, 3, 4, 6, 3]
@@ -106,19 +106,17 @@ def _cases() -> dict:
     return cases
 
 
-def _each(cases: list[tuple]) -> list[dict]:
-    return [_train_grads(tp, pp, loss, per_rank, paired=paired) for tp, pp, loss, per_rank, paired in cases]
+CASES = _cases()
+
+
+def _one(tp, pp, loss, per_rank, paired) -> dict:
+    return _train_grads(tp, pp, loss, per_rank, paired=paired)
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict:
-    """name -> every rank's result; the cases of one world size share one spawn."""
-    cases, out = _cases(), {}
-    for world in sorted({c[0] for c in cases.values()}):
-        names = [n for n, c in cases.items() if c[0] == world]
-        ranks = run_ranks(_each, world, [cases[n][1:] for n in names], timeout=600)
-        out.update({name: [r[k] for r in ranks] for k, name in enumerate(names)})
-    return out
+def runs() -> Spawns:
+    """name -> every rank's result, one spawn per case."""
+    return Spawns(lambda name: run_ranks(_one, CASES[name][0], *CASES[name][1:], timeout=600))
 
 
 @pytest.mark.parametrize("case", range(len(DP_LOSSES)))
