@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", default=None, help="split of dataset folders and hub datasets (e.g. train, test)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="hh: {chosen, rejected} dialogues; pairs: {prompt, chosen, rejected}; "
-                        "unpaired: {prompt, completion, label}; default: detected from the columns")
+                        "unpaired: {prompt, completion, label}; tldr: Reddit TL;DR comparisons {info, summaries, choice}; "
+                        "default: detected from the columns")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file or Hugging Face tokenizer directory")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.npy/.prompts.jsonl/.manifest.json")
     p.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept, from the end (default 256)")

@@ -7,6 +7,10 @@
   (``[{"role": ..., "content": ...}]``), rendered with the tokenizer's chat template.
 * ``unpaired``: ``{"prompt", "completion", "label": true|false}``; ``label`` true means the
   completion is a chosen (desirable) one.
+* ``tldr``: the Reddit TL;DR comparisons of "Learning to summarize from human feedback"
+  (``openai/summarize_from_feedback``): ``{"info": {"post", "title", "subreddit"}, "summaries":
+  [{"text"}, {"text"}], "choice": 0|1}``; the prompt is :data:`TLDR_PROMPT` filled in, the chosen
+  response the summary ``choice`` names (with a leading space, as after ``TL;DR:``).
 
 Rows come from JSON lines, Parquet, ``datasets`` folders or the hub (:mod:`.sources`); a bad row
 is named by its source (a file, or ``dataset[split]``), its line (JSON lines, 1-based) or row
@@ -21,10 +25,12 @@ from typing import Iterator, Union
 from megatron_rpo.data.sources import RowError, Source
 from megatron_rpo.errors import InputError
 
-__all__ = ["FORMATS", "Example", "BadRow", "read_examples", "detect_format"]
+__all__ = ["FORMATS", "TLDR_PROMPT", "Example", "BadRow", "read_examples", "detect_format"]
 
-FORMATS = ("hh", "pairs", "unpaired")
+FORMATS = ("hh", "pairs", "unpaired", "tldr")
 HH_ASSISTANT = "\n\nAssistant:"
+TLDR_PROMPT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+"""The usual prompt of the TL;DR summarization task (OpenAI's and TRL's)."""
 
 Text = Union[str, list]  # a string, or a list of {"role", "content"} messages
 
@@ -85,7 +91,36 @@ def _split_hh(dialogue: str, field: str, file: str, line: int) -> tuple[str, str
     return prompt, response
 
 
+def _parse_tldr(row: dict, file: str, line: int) -> Example:
+    info = row.get("info")
+    if not isinstance(info, dict):
+        raise BadRow(file, line, "info", "missing" if info is None else "expected {post, title, subreddit}")
+    fields = {}
+    for key in ("post", "title", "subreddit"):
+        value = info.get(key)
+        if key == "title" and value is None:
+            value = ""  # some comparisons have no title
+        if not isinstance(value, str) or (key == "post" and not value.strip()):
+            raise BadRow(file, line, f"info.{key}", "missing" if value is None else "expected a non-empty string")
+        fields[key] = value.strip()
+    summaries = row.get("summaries")
+    if not (isinstance(summaries, list) and len(summaries) == 2):
+        raise BadRow(file, line, "summaries", "expected a list of two {text} objects")
+    texts = []
+    for i, summary in enumerate(summaries):
+        text = summary.get("text") if isinstance(summary, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise BadRow(file, line, f"summaries[{i}].text", "missing or empty")
+        texts.append(" " + text.strip())
+    choice = row.get("choice")
+    if choice not in (0, 1) or isinstance(choice, bool):
+        raise BadRow(file, line, "choice", f"expected 0 or 1, got {choice!r}")
+    return Example(file, line, TLDR_PROMPT.format(**fields), texts[choice], texts[1 - choice])
+
+
 def _parse(fmt: str, row: dict, file: str, line: int) -> Example:
+    if fmt == "tldr":
+        return _parse_tldr(row, file, line)
     if fmt == "hh":
         chosen, rejected = _text(row, "chosen", file, line), _text(row, "rejected", file, line)
         if not isinstance(chosen, str) or not isinstance(rejected, str):
@@ -116,6 +151,8 @@ def detect_format(columns: list[str]) -> str:
         ValueError: the columns fit none of the formats.
     """
     cols = set(columns)
+    if {"info", "summaries", "choice"} <= cols:
+        return "tldr"
     if {"prompt", "completion", "label"} <= cols:
         return "unpaired"
     if {"prompt", "chosen", "rejected"} <= cols:
@@ -123,7 +160,8 @@ def detect_format(columns: list[str]) -> str:
     if {"chosen", "rejected"} <= cols:
         return "hh"
     raise InputError(f"cannot tell the format from the columns {sorted(cols)}: hh needs chosen and rejected, pairs "
-                     "prompt, chosen and rejected, unpaired prompt, completion and label; give --format")
+                     "prompt, chosen and rejected, unpaired prompt, completion and label, tldr info, summaries and "
+                     "choice; give --format")
 
 
 def read_examples(sources: list[Source], fmt: str) -> Iterator[Example | BadRow]:

@@ -32,7 +32,7 @@ from megatron_rpo.data.sources import open_source
 from megatron_rpo.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_rpo.errors import InputError
 
-__all__ = ["META_DTYPE", "PreprocessResult", "preprocess", "MANIFEST_KIND"]
+__all__ = ["META_DTYPE", "PreprocessResult", "preprocess", "MANIFEST_KIND", "Encoder"]
 
 MANIFEST_KIND = "preference_tokens"
 META_DTYPE = np.dtype([("prompt_length", np.int32), ("is_chosen", np.bool_), ("pair_id", np.int64),
@@ -45,8 +45,9 @@ class PreprocessResult:
     manifest: dict
 
 
-class _Encoder:
-    """Render and tokenise prompts and responses with the length limits."""
+class Encoder:
+    """Render and tokenise prompts and responses with the length limits: training's rendering,
+    which evaluation (:mod:`megatron_rpo.evaluate.items`) uses for the prompts it generates from."""
 
     def __init__(self, tokenizer: Tokenizer, max_prompt_length: int, max_length: int):
         self.tok, self.max_prompt, self.max_length = tokenizer, max_prompt_length, max_length
@@ -164,7 +165,7 @@ def preprocess(
                 tok.chat_template = f.read()
         except OSError as e:
             raise InputError(f"cannot read the chat template {chat_template}: {e.strerror}") from None
-    encoder = _Encoder(tok, max_prompt_length, max_length)
+    encoder = Encoder(tok, max_prompt_length, max_length)
     paired = fmt != "unpaired"
     token_dtype = DType.optimal_dtype(tok.vocab_size)
     prompt_ids: dict[str, int] = {}
@@ -238,7 +239,7 @@ def preprocess(
     return PreprocessResult(output_prefix, manifest)
 
 
-def _encode_example(example: Example, encoder: _Encoder,
+def _encode_example(example: Example, encoder: Encoder,
                     keep_identical: bool = False) -> list[tuple[str, list[int], int, bool]]:
     """``[(prompt text, token ids, prompt length, is_chosen)]``: the chosen first for pairs."""
     if example.chosen is not None and example.chosen == example.rejected and not keep_identical:

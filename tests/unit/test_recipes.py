@@ -12,7 +12,7 @@ RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 WORLD = {"tiny_cpu.yaml": 2, "mistral7b_hh_rpo_paired.yaml": 8, "mistral7b_hh_rpo_unpaired.yaml": 8,
          "llama3_8b_rpo_tp2.yaml": 8, "llama2_70b_rpo_tp8_pp4.yaml": 64, "llama31_8b_instruct_rpo.yaml": 8,
          "qwen3_8b_rpo.yaml": 8, "qwen3_30b_a3b_rpo.yaml": 32, "mixtral_8x7b_rpo.yaml": 32,
-         "llama31_8b_long_rpo.yaml": 8, "mistral7b_hh_kto.yaml": 8}
+         "llama31_8b_long_rpo.yaml": 8, "mistral7b_hh_kto.yaml": 8, "mistral7b_tldr_rpo.yaml": 8}
 
 
 def test_every_recipe_is_listed_here():
@@ -29,10 +29,12 @@ def test_recipe_loads_and_fits_its_world(path):
 def test_paper_settings():
     paired = load_config(os.path.join(REPO, "configs", "mistral7b_hh_rpo_paired.yaml"))
     unpaired = load_config(os.path.join(REPO, "configs", "mistral7b_hh_rpo_unpaired.yaml"))
-    for c in (paired, unpaired):
+    tldr = load_config(os.path.join(REPO, "configs", "mistral7b_tldr_rpo.yaml"))
+    for c in (paired, unpaired, tldr):
         assert (c.loss.beta, c.optimizer.optimizer, c.optimizer.lr, c.train.global_batch_size) == (0.1, "rmsprop", 5e-7, 64)
         assert (c.data.max_prompt_length, c.data.max_length, c.train.train_iters) == (256, 512, None)  # one epoch
     assert (paired.loss.tau, paired.data.paired) == (0.5, True)
+    assert config_to_dict(tldr)["loss"] == config_to_dict(paired)["loss"] and tldr.data.paired
     assert (unpaired.loss.tau, unpaired.data.paired) == (0.75, False)
     # The unpaired recipe inherits everything else from the paired one.
     a, b = config_to_dict(paired), config_to_dict(unpaired)
@@ -76,6 +78,7 @@ HUB_CONFIGS = {
 }
 HUB_CONFIGS["mistral7b_hh_rpo_unpaired.yaml"] = HUB_CONFIGS["mistral7b_hh_rpo_paired.yaml"]
 HUB_CONFIGS["mistral7b_hh_kto.yaml"] = HUB_CONFIGS["mistral7b_hh_rpo_paired.yaml"]
+HUB_CONFIGS["mistral7b_tldr_rpo.yaml"] = HUB_CONFIGS["mistral7b_hh_rpo_paired.yaml"]
 HUB_CONFIGS["llama31_8b_long_rpo.yaml"] = HUB_CONFIGS["llama31_8b_instruct_rpo.yaml"]
 
 
