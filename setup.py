@@ -33,12 +33,17 @@ setup(
         "tqdm>=4.66",
         # megatron's dist_checkpointing writer needs it (not declared by megatron-core).
         "psutil",
+        # python -m megatron_rpo.evaluate: OpenAI-compatible endpoints (judges, served models).
+        "openai>=1.40",
     ],
     extras_require={
         # Optional: Parquet / datasets folders / hub names as inputs, Weights & Biases logging, run plots.
         "hf": ["datasets>=2.18"],
         "wandb": ["wandb>=0.17"],
         "plot": ["matplotlib>=3.7"],
+        # Fast local generation for the evaluation where a GPU and vLLM are at hand (serve the export
+        # with `vllm serve` and point --endpoint-model at it).
+        "vllm": ["vllm"],
         "test": ["pytest>=8.0", "pytest-timeout>=2.3", "datasets>=2.18", "wandb>=0.17", "matplotlib>=3.7"],
         # apex comes from the NGC PyTorch container, which also ships transformer-engine.
         "gpu": ["transformer-engine[pytorch]"],

@@ -17,7 +17,7 @@ from tests.workspace import HH_SLICE, build
 # test, so a module that starts spawning ranks has to be added to DIST.
 GPU = ("tests/gpu/",)
 E2E = tuple(f"tests/functional/test_{name}.py" for name in ("readme", "quickstart", "recipe_runs", "run_safety",
-                                                             "reproduction", "megatron_versions"))
+                                                             "reproduction", "megatron_versions", "evaluate"))
 DIST = ("tests/functional/",) + tuple(f"tests/unit/{name}.py" for name in (
     "test_cpu", "test_device", "test_logprobs", "test_plan", "convert/test_convert", "data/test_embeddings",
     "loss/test_distributed", "models/test_recompute", "training/test_context_parallel", "training/test_forward_step",

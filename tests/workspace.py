@@ -65,6 +65,38 @@ def build(root, hh_slice: str, sp_tokenizer: str) -> dict:
     return {"root": root, "vocab": vocab}
 
 
+def tiny_causal_lm(folder, sp_tokenizer: str) -> str:
+    """A tiny random Llama with the sentencepiece tokenizer beside it, as an export is laid out."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_rpo.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(sp_tokenizer)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    shutil.copy(sp_tokenizer, os.path.join(folder, "tokenizer.model"))
+    return str(folder)
+
+
+def tiny_reward_model(folder) -> str:
+    """A tiny random reward model (one score) with the bundled embedding model's WordPiece tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from megatron_rpo.data.embeddings import resolve_model
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model("all-MiniLM-L6-v2")).save_pretrained(folder)
+    return str(folder)
+
+
 def hf_family_model(kind: str, **sizes):
     """A tiny random Hugging Face model of ``kind`` with the shape ``sizes`` (vocab_size, hidden_size,
     intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, ...): Qwen3 with

@@ -27,6 +27,17 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "no training (train.train_iters=0): evaluation only" in out and "0 steps" not in out
     assert "likelihood evaluation of" in out
 
+    # Did it work? The export's win rate against the held-out chosen responses, a local judge.
+    from tests.workspace import tiny_reward_model
+
+    judged = subprocess.run(
+        [sys.executable, "-m", "megatron_rpo.evaluate", "--data", str(work / "valid.jsonl"), "--model",
+         f"rpo={work / 'hf_rpo'}", "--judge", "reward-model", "--judge-path", tiny_reward_model(tmp_path / "rm"),
+         "--max-new-tokens", "16", "--output", str(work / "eval"), "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert judged.returncode == 0, judged.stderr[-3000:]
+    assert "| rpo | reference |" in judged.stdout and "40 held-out prompts" in judged.stdout
+
 
 def _quickstart_module():
     from tests.workspace import load_script
