@@ -67,15 +67,19 @@ class Evaluator:
         return (logp * mask[:, 1:]).sum(-1).view(-1, 2)
 
     def evaluate(self, hf_dir: str) -> dict:
+        from megatron_rpo.evaluate.judges import ScoreJudge
+        from megatron_rpo.evaluate.winrate import tally
+
+        # The world's judge is one more judge of the project's evaluation: a win rate is computed one way.
+        judge = ScoreJudge(self.world.judge, f"world {self.world.seed}")
         model = self.load(hf_dir)
         out = {}
         for split, prompts in (("test", self.test), ("valid", self.valid)):
             replies = self.replies(model, prompts)
-            rewards = [self.world.judge(p, r) for p, r in zip(prompts, replies)]
-            base = [self.world.judge(p, r) for p, r in zip(prompts, self.warmup_replies[split])]
+            judgements = [judge.judge(p, r, b) for p, r, b in zip(prompts, replies, self.warmup_replies[split])]
+            rewards = [j.scores[0] for j in judgements]
             out[f"{split}_reward"] = statistics.mean(rewards)
-            out[f"{split}_win_rate"] = statistics.mean(1.0 if a > b else 0.5 if a == b else 0.0
-                                                       for a, b in zip(rewards, base))
+            out[f"{split}_win_rate"] = tally(j.outcome for j in judgements).win_rate
             if split == "test":
                 out.update(rule_rates(self.world, prompts, replies))
                 out["examples"] = [{"prompt": p.text, "reply": r, "reward": x}

@@ -35,10 +35,11 @@ def test_every_tool_option_the_readme_shows_exists():
     commands = []
     for block in _blocks("bash"):
         text = block.replace("\\\n", " ")
-        commands += [line for line in text.splitlines() if "tools/" in line or "megatron_rpo.train" in line]
+        commands += [line for line in text.splitlines()
+                     if "tools/" in line or "megatron_rpo.train" in line or "megatron_rpo.evaluate" in line]
     assert len(commands) >= 6
     for command in commands:
-        script = re.search(r"(tools/\w+\.py|megatron_rpo\.train)", command).group(1)
+        script = re.search(r"(tools/\w+\.py|megatron_rpo\.train|megatron_rpo\.evaluate)", command).group(1)
         argv = [sys.executable] + ([script] if script.endswith(".py") else ["-m", script]) + ["--help"]
         usage = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True).stdout
         for flag in re.findall(r"(?<=\s)--[a-z][a-z-]+", command[command.index(script):]):  # the tool's own
