@@ -27,6 +27,30 @@ def collapsed(run: dict) -> bool:
     return run["well_formed"] < COLLAPSED_BELOW
 
 
+SIGNIFICANCE = 0.05
+"""The family-wise level a stated conclusion must clear (Bonferroni over the comparisons made)."""
+
+
+def sign_test(diffs: list[float]) -> float:
+    """The two-sided exact sign test's p-value of paired differences (ties dropped): how likely a
+    split at least this lopsided is when neither side is better. 1.0 with nothing untied."""
+    ahead, behind = sum(x > 0 for x in diffs), sum(x < 0 for x in diffs)
+    n = ahead + behind
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(ahead, behind) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def verdict(diffs: list[float], comparisons: int) -> str:
+    """What a comparison may state: who is ahead where the sign test clears :data:`SIGNIFICANCE`
+    divided by the number of ``comparisons`` made, "not shown" otherwise."""
+    p = sign_test(diffs)
+    if p * comparisons >= SIGNIFICANCE:
+        return f"not shown (p = {p:.3g})"
+    return f"{'first' if sum(x > 0 for x in diffs) > sum(x < 0 for x in diffs) else 'second'} ahead (p = {p:.3g})"
+
+
 
 def _label(method: str) -> str:
     return METHODS[method][0]
@@ -83,16 +107,25 @@ def write_report(work, scale, per_world: dict, results: dict, minutes: float) ->
                      f"| {fmt([r['lead_rule'] for r in rs])} | {fmt([r['closing_rule'] for r in rs])} "
                      f"| {fmt([r['ranking_accuracy'] for r in rs])} |")
     pairs = [(a, b, what) for a, b, what in COMPARISONS if a in scale.methods and b in scale.methods]
-    if pairs:
-        lines += ["", "The comparisons the conclusions rest on, run by run (the same world and seed, each method at "
-                  "its chosen learning rate):", "",
-                  "| comparison | win rate, first minus second | runs ahead / tied / behind | worlds ahead |",
-                  "|---|---|---|---|"]
-        for a, b, what in pairs:
+    against_dpo = [(m, "dpo", "against DPO") for m in scale.methods if m != "dpo" and "dpo" in scale.methods]
+    tested = pairs + [c for c in against_dpo if (c[0], c[1]) not in {(a, b) for a, b, _ in pairs}]
+    if tested:
+        lines += ["", f"The comparisons the conclusions rest on, run by run (the same world and seed, each method at "
+                  f"its chosen learning rate). A comparison states who is ahead only where the two-sided sign test "
+                  f"over runs clears {SIGNIFICANCE} / {len(tested)} (Bonferroni over the {len(tested)} comparisons "
+                  f"made here):", "",
+                  "| comparison | win rate, first minus second | runs ahead / tied / behind | worlds ahead | "
+                  "what it shows |", "|---|---|---|---|---|"]
+        for a, b, what in tested:
             diffs = paired(a, b)
             lines.append(f"| {what}: {_label(a)} minus {_label(b)} | {fmt(diffs, digits=3, signed=True)} "
                          f"| {sum(x > 0 for x in diffs)} / {sum(x == 0 for x in diffs)} / {sum(x < 0 for x in diffs)} "
-                         f"| {worlds_ahead(a, b)} of {len(ws)} |")
+                         f"| {worlds_ahead(a, b)} of {len(ws)} | {verdict(diffs, len(tested))} |")
+        lines += ["", "What these worlds cannot tell: they are small programs with two rules per group and a "
+                  "tiny model, so a method's edge here says how it uses preference labels of that kind, not how "
+                  "it does on real dialogue, at 7B, or under a human or GPT-4 judge; and runs of one world share "
+                  "a warm-up and a vocabulary, so worlds, not runs, are the independent units of a claim about "
+                  "worlds in general."]
     lines += ["", "Every learning rate, pooled over worlds and seeds (test win rate; runs collapsed):", "",
               "| method | " + " | ".join(f"lr {x:g}" for x in scale.lrs) + " |", "|---|" + "---|" * len(scale.lrs)]
     for m in scale.methods:

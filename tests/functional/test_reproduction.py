@@ -113,7 +113,25 @@ def test_the_report_compares_methods_run_by_run(tmp_path):
     # World means: KTO 0.75 and 0.625, DPO 0.625 and 0.625: ahead in world 0 only.
     assert any(line.startswith("| KTO | 1 of 2 | +0.062 ± 0.120 (2 of 4) |") for line in table)
     # KTO minus RPO unpaired: +0.25, -0.25, +0.25, 0: 2 ahead, 1 tied, 1 behind; ahead in world 1 only.
-    assert "| the loss on unpaired items: KTO minus RPO unpaired | +0.062 ± 0.120 | 2 / 1 / 1 | 1 of 2 |" in table
+    # 2 runs ahead, 1 behind: the sign test's p is 1 (3 comparisons made: this one and two against DPO).
+    assert ("| the loss on unpaired items: KTO minus RPO unpaired | +0.062 ± 0.120 | 2 / 1 / 1 | 1 of 2 "
+            "| not shown (p = 1) |") in table
+    assert any(line.startswith("| against DPO: KTO minus DPO | +0.062 ± 0.120 | 2 / 1 / 1 | 1 of 2 |") for line in table)
+    assert any("Bonferroni over the 3 comparisons" in line for line in table)
+
+
+@pytest.mark.parametrize("diffs, comparisons, p, shown", [
+    ([0.1] * 8, 1, 2 / 256, "first ahead (p = 0.00781)"),
+    ([0.1] * 8, 10, 2 / 256, "not shown (p = 0.00781)"),      # 10 comparisons: 0.0781 > 0.05
+    ([-0.1] * 7 + [0.0, 0.0], 1, 2 / 128, "second ahead (p = 0.0156)"),
+    ([0.1] * 5 + [-0.1] * 3, 1, 2 * (1 + 8 + 28 + 56) / 256, "not shown (p = 0.727)"),
+    ([0.0, 0.0], 1, 1.0, "not shown (p = 1)"),
+])
+def test_a_comparison_states_only_what_its_sign_test_clears(diffs, comparisons, p, shown):
+    from bench.reproduction.report import sign_test, verdict
+
+    assert sign_test(diffs) == pytest.approx(p, abs=1e-15)
+    assert verdict(diffs, comparisons) == shown
 
 
 def test_the_reproduction_runs_end_to_end(tmp_path):
