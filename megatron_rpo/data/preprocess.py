@@ -160,11 +160,7 @@ def preprocess(
         fmt = detect_format(sources[0].columns)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     if chat_template is not None:
-        try:
-            with open(chat_template) as f:
-                tok.chat_template = f.read()
-        except OSError as e:
-            raise InputError(f"cannot read the chat template {chat_template}: {e.strerror}") from None
+        tok.use_chat_template(chat_template)
     encoder = Encoder(tok, max_prompt_length, max_length)
     paired = fmt != "unpaired"
     token_dtype = DType.optimal_dtype(tok.vocab_size)

@@ -91,6 +91,18 @@ class Tokenizer:
         text = "".join(f"\n\n{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
         return text + ("\n\nAssistant:" if add_generation_prompt else "")
 
+    def use_chat_template(self, path: str) -> None:
+        """Render message lists with the Jinja chat template in the file ``path`` (``--chat-template``).
+
+        Raises:
+            InputError: the file cannot be read.
+        """
+        try:
+            with open(path) as f:
+                self.chat_template = f.read()
+        except OSError as e:
+            raise InputError(f"cannot read the chat template {path}: {e.strerror}") from None
+
     def identity(self) -> dict:
         """What a manifest records about the tokenizer."""
         return {"kind": self.kind, "path": os.path.abspath(self.path), "vocab_size": self.vocab_size,

@@ -14,7 +14,7 @@ import json
 from megatron_rpo.data.preprocess import Encoder
 from megatron_rpo.errors import InputError
 from megatron_rpo.evaluate.generation import Store, generate_missing
-from megatron_rpo.evaluate.items import EvalItem
+from megatron_rpo.evaluate.items import EvalItem, cut_prompt
 from megatron_rpo.publish import write_text
 
 __all__ = ["read_instructions", "write_alpaca_eval_outputs"]
@@ -59,11 +59,9 @@ def write_alpaca_eval_outputs(prompts_path: str, out_path: str, name: str, gener
     items = []
     for i, row in enumerate(rows):
         question = encoder.prompt_text([{"role": "user", "content": row["instruction"]}])
-        ids = encoder.prompt_ids(question)
-        body = ids[1:] if tokenizer.bos_id is not None and ids[:1] == [tokenizer.bos_id] else ids
-        prompt = question if len(ids) < max_prompt_length else tokenizer.decode(body)
+        prompt, prompt_tokens = cut_prompt(encoder, question)
         digest = hashlib.sha256(f"alpaca\x00{prompt}".encode()).hexdigest()[:16]
-        items.append(EvalItem(digest, f"{prompts_path}[{i}]", prompt, question, "", len(ids)))
+        items.append(EvalItem(digest, f"{prompts_path}[{i}]", prompt, question, "", prompt_tokens))
     responses = generate_missing(name, generator, items, Store(cache_path), progress=progress)
     outputs = [dict(row, output=responses[item.id], generator=name) for row, item in zip(rows, items)]
     write_text(out_path, json.dumps(outputs, indent=2, ensure_ascii=False) + "\n")

@@ -75,7 +75,9 @@ class Endpoint:
         """
         openai = _openai()
         try:
-            served = [m.id for m in self._call(lambda: self._client.models.list().data)]
+            # Two retries at most: a wrong URL is said in seconds, not after the full backoff.
+            listed = self._call(lambda: self._client.models.list().data, retries=min(2, self.max_retries))
+            served = [m.id for m in listed]
         except GaveUp as e:
             raise EndpointError(f"the endpoint {self.base_url} does not answer: {e}") from None
         except openai.NotFoundError:
@@ -115,8 +117,9 @@ class Endpoint:
             return text
         return self._call(checked)
 
-    def _call(self, call):
+    def _call(self, call, retries: int | None = None):
         openai = _openai()
+        retries = self.max_retries if retries is None else retries
         attempt = 0
         while True:
             with self._lock:
@@ -141,7 +144,7 @@ class Endpoint:
                     openai.APIResponseValidationError, _Malformed, ValueError, AttributeError, IndexError,
                     TypeError) as e:
                 # A status of 409/422 or another 4xx falls to the generic APIStatusError below.
-                if attempt >= self.max_retries:
+                if attempt >= retries:
                     raise GaveUp(f"{type(e).__name__} after {attempt + 1} tries: {_short(e)}") from None
                 wait = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
                 retry_after = _retry_after(e)

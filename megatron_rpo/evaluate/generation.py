@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from megatron_rpo.errors import InputError
 
-__all__ = ["Store", "HFGenerator", "EndpointGenerator", "generate_missing"]
+__all__ = ["Store", "HFGenerator", "EndpointGenerator", "generate_missing", "run_each"]
 
 
 class Store:
@@ -72,7 +72,42 @@ def _settings_digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-class HFGenerator:
+class _Sampling:
+    """How responses are drawn: at most ``max_new_tokens``, and ``max_length`` with the prompt;
+    greedy at temperature 0."""
+
+    def __init__(self, max_new_tokens: int, max_length: int, temperature: float, top_p: float, seed: int):
+        self.max_new_tokens, self.max_length = max_new_tokens, max_length
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+
+    @property
+    def settings(self) -> dict:
+        """What a cached response was drawn with (part of its key)."""
+        return {"max_new_tokens": self.max_new_tokens, "max_length": self.max_length,
+                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+
+
+def run_each(fn, items: list, concurrency: int, bar) -> None:
+    """``fn(item)`` for every item, ``concurrency`` at a time (threads), the bar advanced as each
+    ends; on an error or Ctrl-C the calls not started are cancelled and the error goes on."""
+    if concurrency <= 1:
+        for item in items:
+            fn(item)
+            bar.update(1)
+        return
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            for future in as_completed(futures):
+                future.result()
+                bar.update(1)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+class HFGenerator(_Sampling):
     """Greedy (or sampled) responses of a Hugging Face causal LM folder (an exported checkpoint).
 
     Its tokenizer is ``tokenizer`` (a loaded :class:`~megatron_rpo.data.tokenizer.Tokenizer`) or the
@@ -98,17 +133,8 @@ class HFGenerator:
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
         self.model = self.model.to(self.device).eval()
-        self.max_new_tokens, self.max_length = max_new_tokens, max_length
-        self.temperature, self.top_p, self.batch_size, self.seed = temperature, top_p, batch_size, seed
-
-    @property
-    def settings(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "max_length": self.max_length,
-                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
-
-    @property
-    def concurrency(self) -> int:
-        return 1
+        super().__init__(max_new_tokens, max_length, temperature, top_p, seed)
+        self.batch_size = batch_size
 
     def _ids(self, item) -> list[int]:
         ids = self.tokenizer.encode(item.prompt)
@@ -144,19 +170,13 @@ class HFGenerator:
         return out
 
 
-class EndpointGenerator:
+class EndpointGenerator(_Sampling):
     """Responses from an OpenAI-compatible endpoint's ``/completions`` (the prompt as text)."""
 
     def __init__(self, endpoint, *, max_new_tokens: int, max_length: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, concurrency: int = 8):
-        self.endpoint = endpoint
-        self.max_new_tokens, self.max_length = max_new_tokens, max_length
-        self.temperature, self.top_p, self.seed, self.concurrency = temperature, top_p, seed, concurrency
-
-    @property
-    def settings(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "max_length": self.max_length,
-                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        super().__init__(max_new_tokens, max_length, temperature, top_p, seed)
+        self.endpoint, self.concurrency = endpoint, concurrency
 
     def generate(self, items: list) -> list[str]:
         return [self.generate_one(item) for item in items]
@@ -180,20 +200,13 @@ def generate_missing(model: str, generator, items: list, store: Store, *, progre
                disable=not progress, dynamic_ncols=True)
     try:
         if isinstance(generator, EndpointGenerator):
-            with ThreadPoolExecutor(max_workers=generator.concurrency) as pool:
-                futures = {pool.submit(generator.generate_one, item): item for item in missing}
-                try:
-                    for future in as_completed(futures):
-                        item = futures[future]
-                        store.add(generation_key(model, generator, item),
-                                  {"model": model, "item": item.id, "response": future.result()})
-                        bar.update(1)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+            def one(item):
+                store.add(generation_key(model, generator, item),
+                          {"model": model, "item": item.id, "response": generator.generate_one(item)})
+
+            run_each(one, missing, generator.concurrency, bar)
         else:
-            step = max(1, getattr(generator, "batch_size", 1))
+            step = max(1, generator.batch_size)
             for start in range(0, len(missing), step):
                 chunk = missing[start: start + step]
                 for item, response in zip(chunk, generator.generate(chunk)):

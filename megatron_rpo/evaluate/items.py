@@ -20,7 +20,7 @@ from megatron_rpo.data.preprocess import Encoder
 from megatron_rpo.data.sources import open_source
 from megatron_rpo.errors import InputError
 
-__all__ = ["EvalItem", "load_items"]
+__all__ = ["EvalItem", "cut_prompt", "load_items"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,18 @@ class EvalItem:
         return asdict(self)
 
 
+def cut_prompt(encoder: Encoder, question: str) -> tuple[str, int]:
+    """The rendered prompt ``question`` as a model sees it, and its tokens (bos included): cut to
+    the encoder's ``max_prompt_length`` tokens from the end, as preprocessing cuts it (decoded
+    again where it was cut)."""
+    tokenizer = encoder.tok
+    ids = encoder.prompt_ids(question)
+    if len(ids) < encoder.max_prompt:
+        return question, len(ids)
+    body = ids[1:] if tokenizer.bos_id is not None and ids[:1] == [tokenizer.bos_id] else ids
+    return tokenizer.decode(body), len(ids)
+
+
 def load_items(inputs: list[str], fmt: str | None, tokenizer, *, samples: int | None = 256, seed: int = 0,
                max_prompt_length: int = 256, max_length: int = 512, split: str | None = None,
                chat_template: str | None = None) -> tuple[list[EvalItem], list[BadRow]]:
@@ -62,11 +74,7 @@ def load_items(inputs: list[str], fmt: str | None, tokenizer, *, samples: int | 
     sources = [open_source(spec, split) for spec in inputs]
     fmt = fmt or detect_format(sources[0].columns)
     if chat_template is not None:
-        try:
-            with open(chat_template) as f:
-                tokenizer.chat_template = f.read()
-        except OSError as e:
-            raise InputError(f"cannot read the chat template {chat_template}: {e.strerror}") from None
+        tokenizer.use_chat_template(chat_template)
     encoder = Encoder(tokenizer, max_prompt_length, max_length)
     items, bad, seen = [], [], set()
     for example in read_examples(sources, fmt):
@@ -81,14 +89,13 @@ def load_items(inputs: list[str], fmt: str | None, tokenizer, *, samples: int | 
         except (ValueError, TypeError, KeyError) as e:
             bad.append(BadRow(example.file, example.line, "prompt", f"cannot render: {e}"))
             continue
-        ids = encoder.prompt_ids(question)
-        body = ids[1:] if tokenizer.bos_id is not None and ids[:1] == [tokenizer.bos_id] else ids
-        prompt = question if len(ids) < max_prompt_length else tokenizer.decode(body)
+        prompt, prompt_tokens = cut_prompt(encoder, question)
         digest = hashlib.sha256(f"{prompt}\x00{reference}".encode()).hexdigest()[:16]
         if digest in seen:
             continue  # the same prompt and reference twice: one item
         seen.add(digest)
-        items.append(EvalItem(digest, f"{example.file}:{example.line}", prompt, question, reference.strip(), len(ids)))
+        items.append(EvalItem(digest, f"{example.file}:{example.line}", prompt, question, reference.strip(),
+                              prompt_tokens))
     if not items:
         raise InputError(f"no usable held-out row in {', '.join(inputs)} ({len(bad)} bad rows"
                          + (f", e.g. {bad[0]})" if bad else ")"))

@@ -17,12 +17,11 @@ import hashlib
 import json
 import os
 import statistics
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from megatron_rpo.evaluate.generation import Store, generate_missing
+from megatron_rpo.evaluate.generation import Store, generate_missing, run_each
 from megatron_rpo.evaluate.winrate import Tally, tally
 from megatron_rpo.publish import write_text
 
@@ -66,21 +65,7 @@ def judge_all(judge, items: list, candidate: str, responses: dict[str, str], bas
     bar = tqdm(total=len(items), initial=len(items) - len(missing), unit=" items",
                desc=f"judge {candidate} vs {baseline}", disable=not progress, dynamic_ncols=True)
     try:
-        if concurrency > 1:
-            with ThreadPoolExecutor(max_workers=concurrency) as pool:
-                futures = [pool.submit(ask, item) for item in missing]
-                try:
-                    for future in as_completed(futures):
-                        future.result()
-                        bar.update(1)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
-        else:
-            for item in missing:
-                ask(item)
-                bar.update(1)
+        run_each(ask, missing, concurrency, bar)
     finally:
         bar.close()
     return [store.get(key(item)) for item in items]
