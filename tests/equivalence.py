@@ -380,6 +380,16 @@ def run_cases(world: dict, runs: list[tuple[Case, tuple[str, ...], str]], refere
 
 # -- the law --------------------------------------------------------------------------------------
 
+FIRST_STEP = {"rel": 2e-4, "abs_": 2e-5}
+"""Step 1: the starting weights' forward and the first gradients (its grad_norm), at fp32 noise."""
+LATER = {"rel": 2e-3, "abs_": 2e-4}
+"""Later steps and the evaluation: the first update carried the fp32 noise of another layout's sums
+(packed against padded rows, TP/PP reductions: about 2e-5 of a gradient) into the weights, and a
+reward is beta times a difference of summed log-probs of about -350 nats, so it moves by about 1e-4
+(measured: s377159, Qwen3 packed at DP 2 against one process padded, lr 5e-4: 4e-4 relative at
+step 2). A wrong gradient shows at step 1's grad_norm and in every exported update (compared below)."""
+
+
 def _close(got: float, want: float, *, rel: float, abs_: float) -> bool:
     if want != want:  # NaN: a metric that does not exist for this loss or data
         return got != got
@@ -400,9 +410,10 @@ def compare(case: Case, got: dict, want: dict) -> None:
     assert steps == [h["step"] for h in want["history"]] == list(range(1, case.steps + 1))
     problems = []
     for a, b in zip(want["history"], got["history"]):
+        tolerance = FIRST_STEP if a["step"] == 1 else LATER
         for key in STEP_KEYS:
             if key in a or key in b:
-                if not _close(float(b.get(key, "nan")), float(a.get(key, "nan")), rel=2e-4, abs_=2e-5):
+                if not _close(float(b.get(key, "nan")), float(a.get(key, "nan")), **tolerance):
                     problems.append(f"step {a['step']} {key}: {b.get(key)} but one process {a.get(key)}")
     first = got["history"][0]
     if case.setting("loss.loss_type") not in REFERENCE_FREE:  # step 1: the policy is the reference
@@ -410,7 +421,7 @@ def compare(case: Case, got: dict, want: dict) -> None:
             if abs(first[key]) > 1e-5:
                 problems.append(f"step 1 {key} is {first[key]}, not 0")
     for key in sorted(k for k in set(want["eval"]) | set(got["eval"]) if k in STEP_KEYS):
-        if not _close(float(got["eval"].get(key, "nan")), float(want["eval"].get(key, "nan")), rel=2e-4, abs_=2e-5):
+        if not _close(float(got["eval"].get(key, "nan")), float(want["eval"].get(key, "nan")), **LATER):
             problems.append(f"evaluation {key}: {got['eval'].get(key)} but one process {want['eval'].get(key)}")
     # Adam and RMSprop move a weight by about the learning rate whatever its gradient's size, so a
     # gradient at float noise level moves it by noise: each tensor's update is compared as a whole.

@@ -16,16 +16,15 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.multiprocess import run_ranks
+from tests.multiprocess import Spawns, run_ranks
 from tests.workspace import overrides, reference_tool, train_each
 
 CP2 = ["parallel.context_parallel_size=2", "train.micro_batch_size=8"]
 
 
-def _cases(runs, reference_cases):
-    return {"training": train_each(runs), "reference": [reference_tool(ckpt, prefix, "--micro-batch-size", "5",
-                                                                      "--context-parallel-size", str(cp))
-                                                       for ckpt, prefix, cp in reference_cases]}
+def _references(reference_cases):
+    return [reference_tool(ckpt, prefix, "--micro-batch-size", "5", "--context-parallel-size", str(cp))
+            for ckpt, prefix, cp in reference_cases]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,8 @@ def results(workspace, tmp_path_factory):
             if ".ref." not in f and not f.endswith("valid.jsonl"):
                 shutil.copy(f, root / f"ref_cp{cp}")
         cases.append((str(workspace["root"] / "ckpt"), str(root / f"ref_cp{cp}" / "valid"), cp))
-    return run_ranks(_cases, 2, runs, cases, timeout=900)[0]
+    groups = {"training": (train_each, 2, runs), "reference": (_references, 2, cases)}
+    return Spawns(lambda group: run_ranks(*groups[group], timeout=900)[0])  # each spawned when a test asks
 
 
 KEYS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "grad_norm")

@@ -26,7 +26,7 @@ from tests.equivalence import (
     resumed,
     run_cases,
 )
-from tests.multiprocess import run_ranks
+from tests.multiprocess import Spawns, run_ranks
 from tests.workspace import REPO
 
 RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")) if not p.endswith("tiny_cpu.yaml"))
@@ -45,33 +45,44 @@ RESUMED = [resumed(_recipe("qwen3_30b_a3b_rpo.yaml"), 2, "parallel.expert_model_
            resumed(_recipe("llama31_8b_long_rpo.yaml"), 2, "parallel.context_parallel_size=1")]
 # Drawn cases that once failed, kept on every run: s550384 (a refusal that named no setting) and
 # s733643 (Qwen3-MoE at PP 4, whose dense-only stage holds no expert to optimize: the distributed
-# optimizer could not save), also resumed at PP 2 (DP 2 then: half the micro batch, the same matrix).
+# optimizer could not save), also resumed at PP 2 (DP 2 then: half the micro batch, the same matrix);
+# s377159 (Qwen3 packed at DP 2: later steps off by 4e-4 at fp32 noise, which a 2e-4 tolerance took
+# for a fault; tests/equivalence.LATER).
 FOUND = [draw(550384), draw(733643),
-         resumed(draw(733643), 2, "parallel.pipeline_model_parallel_size=2", "train.micro_batch_size=2")]
+         resumed(draw(733643), 2, "parallel.pipeline_model_parallel_size=2", "train.micro_batch_size=2"),
+         draw(377159)]
 CASES = [recipe_case(r) for r in RECIPES] + RESUMED + FOUND + [draw(seed) for seed in SEEDS]
 
 
 @pytest.fixture(scope="module")
-def outcomes(workspace, sp_tokenizer, tmp_path_factory):
+def outcomes(workspace, sp_tokenizer, tmp_path_factory) -> Spawns:
+    """Case name -> (the case's result, the one process's result), each run spawned on its own when a
+    test asks for it (a one-process run shared by the cases it decides), so one bad case fails its test."""
     root = tmp_path_factory.mktemp("equivalence")
     world = prepare_world(root, workspace, sp_tokenizer)
+    run_ranks(run_cases, 1, world, [], True, timeout=900)  # the reference log-probs of every family
+
     def key(case):  # what decides the single process's run
         return case.recipe, case.family, case.steps, evaluates(case), reference_overrides(case)
 
-    single, index = [], {}
+    singles, index = [], {}
     for case in CASES:
         if key(case) not in index:
-            index[key(case)] = len(single)
-            single.append((case, reference_overrides(case), str(root / "single" / f"run{len(single)}")))
-    want = run_ranks(run_cases, 1, world, single, True, timeout=1800)[0]
-    out = {}
-    for size in sorted({c.world for c in CASES}):
-        group = [c for c in CASES if c.world == size]
-        runs = [(c, c.overrides, str(root / f"world{size}" / f"case{n}")) for n, c in enumerate(group)]
-        got = run_ranks(run_cases, size, world, runs, timeout=1800)[0]
-        for case, result in zip(group, got):
-            out[case.name] = (result, want[index[key(case)]])
-    return out
+            index[key(case)] = len(singles)
+            singles.append(case)
+    by_name = {c.name: c for c in CASES}
+
+    def run(spec):  # ("single", n): the n-th one-process run; ("case", name): the case's own
+        kind, what = spec
+        if kind == "single":
+            case, save = singles[what], str(root / "single" / f"run{what}")
+            return run_ranks(run_cases, 1, world, [(case, reference_overrides(case), save)], timeout=1800)[0][0]
+        case = by_name[what]
+        save = str(root / f"world{case.world}" / what)
+        return run_ranks(run_cases, case.world, world, [(case, case.overrides, save)], timeout=1800)[0][0]
+
+    runs = Spawns(run)
+    return Spawns(lambda name: (runs["case", name], runs["single", index[key(by_name[name])]]))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -123,7 +123,8 @@ def test_tldr_preprocesses_trains_with_its_recipe_and_is_judged_with_the_summari
     save = tmp_path / "run"
     run = subprocess.run([sys.executable, "-m", "megatron_rpo.train", "--config", RECIPE,
                           f"model.vocab_size={workspace['vocab']}", f"train.load={workspace['root'] / 'ckpt'}",
-                          f"data.train_data_prefix={tmp_path / 'train'}", f"data.valid_data_prefix={tmp_path / 'valid'}",
+                          f"data.train_data_prefix={tmp_path / 'train'}",
+                          f"data.valid_data_prefix={tmp_path / 'valid'}",
                           f"train.save={save}", "train.train_iters=2", "train.eval_iters=1", "loss.reference=online",
                           f"optimizer.optimizer={recipe.optimizer.optimizer}", *loss],
                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)

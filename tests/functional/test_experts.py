@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.multiprocess import run_ranks
+from tests.multiprocess import Spawns, run_ranks
 from tests.workspace import family_checkpoint, overrides, reference_tool, step_gradients, train_each
 
 FAMILIES = ("qwen3", "qwen3_moe_norm", "mixtral")
@@ -74,11 +74,12 @@ def _padding(ckpt: str, prefix: str) -> dict:
         ps.destroy_model_parallel()
 
 
-def _cases(gradient_runs, training_runs, reference_cases, padding_case):
-    return {"gradients": [step_gradients(argv) for argv in gradient_runs],
-            "training": train_each(training_runs),
-            "reference": [_reference_logps(*case) for case in reference_cases],
-            "padding": _padding(*padding_case)}
+def _gradients(runs):
+    return [step_gradients(argv) for argv in runs]
+
+
+def _references(cases):
+    return [_reference_logps(*case) for case in cases]
 
 
 def _transformers_logps(hf_dir: str, prefix: str) -> np.ndarray:
@@ -129,9 +130,11 @@ def results(workspace, checkpoints, tmp_path_factory):
             prefixes[(kind, tp, ep)] = str(prefix)
     reference_cases = [(checkpoints[kind], prefix, tp, ep) for (kind, tp, ep), prefix in prefixes.items()]
     padding_case = (moe, str(workspace["root"] / "valid"))
-    out = run_ranks(_cases, 2, gradient_runs, training_runs, reference_cases, padding_case, timeout=900)[0]
-    out.update(root=root, prefixes=prefixes)
-    return out
+    groups = {"gradients": (_gradients, 2, gradient_runs), "training": (train_each, 2, training_runs),
+              "reference": (_references, 2, reference_cases), "padding": (_padding, 2, *padding_case)}
+    # Each group spawned on its own when a test asks for it.
+    return Spawns(lambda key: {"root": root, "prefixes": prefixes}[key] if key in ("root", "prefixes")
+                  else run_ranks(*groups[key], timeout=900)[0])
 
 
 def test_gradients_at_ep2_equal_ep1_with_the_aux_loss_and_the_matrix_is_the_same(results):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_rpo.config import load_config
-from tests.multiprocess import run_ranks
+from tests.multiprocess import Spawns, run_ranks
 from tests.workspace import RECIPE, overrides, step_gradients, train_each
 
 PP2 = "parallel.pipeline_model_parallel_size=2"
@@ -36,10 +36,12 @@ def _step_time(argv: list[str], steps: int) -> float:
         trainer.close(keep_process_group=True)
 
 
-def _cases(gradient_runs, training_runs, timing_runs):
-    return {"gradients": [step_gradients(argv) for argv in gradient_runs],
-            "training": train_each(training_runs),
-            "seconds": [_step_time(argv, 3) for argv in timing_runs]}
+def _gradients(runs):
+    return [step_gradients(argv) for argv in runs]
+
+
+def _seconds(runs):
+    return [_step_time(argv, 3) for argv in runs]
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +60,21 @@ def results(workspace, tmp_path_factory):
                      argv("stopped", PP2)]  # resumed without VPP
     timing = ["train.save=null", "data.valid_data_prefix=null", "train.global_batch_size=32"]  # 8 microbatches
     timing_runs = [argv("t", PP2, *timing), argv("t", PP2, VPP2, *timing)]
-    ranks = run_ranks(_cases, 2, gradient_runs, training_runs, timing_runs, timeout=900)
-    return {
-        # a pipeline rank holds its stage's gradients: the whole model is the union over the ranks
-        "gradients": [{**a["grads"], **b["grads"]} for a, b in zip(ranks[0]["gradients"], ranks[1]["gradients"])],
-        "loss": [r["loss"] for r in ranks[1]["gradients"]],  # reported on the last stage
-        "chunks": [[r["chunks"] for r in rank["gradients"]] for rank in ranks],
-        "training": ranks[0]["training"], "seconds": ranks[0]["seconds"], "root": root}
+    groups = Spawns(lambda group: run_ranks(*{"gradients": (_gradients, 2, gradient_runs),
+                                              "training": (train_each, 2, training_runs),
+                                              "seconds": (_seconds, 2, timing_runs)}[group], timeout=900))
+
+    def result(key):  # each group spawned on its own when a test asks for it
+        ranks = groups["gradients"] if key in ("gradients", "loss", "chunks") else None
+        if key == "gradients":  # a pipeline rank holds its stage's gradients: the whole model is their union
+            return [{**a["grads"], **b["grads"]} for a, b in zip(ranks[0], ranks[1])]
+        if key == "loss":
+            return [r["loss"] for r in ranks[1]]  # reported on the last stage
+        if key == "chunks":
+            return [[r["chunks"] for r in rank] for rank in ranks]
+        return root if key == "root" else groups[key][0]
+
+    return Spawns(result)
 
 
 def _assert_same(got: dict, want: dict, **tolerance) -> None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.equivalence import SIZE_KEYS, family_of, prepare_world, write_references
-from tests.multiprocess import run_ranks
+from tests.multiprocess import Spawns, run_ranks
 from tests.workspace import RECIPE as TINY_RECIPE
 from tests.workspace import REPO, Job, launch_env, train_each
 
@@ -84,21 +84,21 @@ def recipe_overrides(recipe: str, world: dict, save) -> list[str]:
     return out
 
 
-def _uninterrupted(world: dict, runs: list[tuple[str, list[str]]]) -> list[dict]:
-    """The datasets' reference log-probs from the tiny checkpoints (every GPU recipe uses a
-    precomputed reference), then each recipe's whole run, one after another in these processes."""
-    write_references(world)
-    return train_each(runs)
-
-
 @pytest.fixture(scope="module")
-def uninterrupted(recipe_world, tmp_path_factory):
+def uninterrupted(recipe_world, tmp_path_factory) -> Spawns:
+    """Recipe file name -> the save folder of its whole run, uninterrupted (each recipe spawned on its
+    own when its test asks, so one failing recipe fails its own test only)."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    saves = {os.path.basename(r): root / os.path.basename(r) for r in RECIPES}
-    runs = [(r, recipe_overrides(r, recipe_world, saves[os.path.basename(r)])) for r in RECIPES]
-    results = run_ranks(_uninterrupted, 2, recipe_world, runs, timeout=900)[0]
-    assert not [r["error"] for r in results if "error" in r]
-    return saves
+    run_ranks(write_references, 1, recipe_world, timeout=900)  # every GPU recipe uses a precomputed reference
+
+    def run(name):
+        recipe, save = os.path.join(REPO, "configs", name), root / name
+        (result,) = run_ranks(train_each, 2, [(recipe, recipe_overrides(recipe, recipe_world, save))],
+                              timeout=900)[0]
+        assert "error" not in result, result["error"]
+        return save
+
+    return Spawns(run)
 
 
 def _launch(recipe: str, argv: list[str]) -> list[str]:

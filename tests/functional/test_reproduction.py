@@ -116,7 +116,8 @@ def test_the_report_compares_methods_run_by_run(tmp_path):
     # 2 runs ahead, 1 behind: the sign test's p is 1 (3 comparisons made: this one and two against DPO).
     assert ("| the loss on unpaired items: KTO minus RPO unpaired | +0.062 ± 0.120 | 2 / 1 / 1 | 1 of 2 "
             "| not shown (p = 1) |") in table
-    assert any(line.startswith("| against DPO: KTO minus DPO | +0.062 ± 0.120 | 2 / 1 / 1 | 1 of 2 |") for line in table)
+    assert any(line.startswith("| against DPO: KTO minus DPO | +0.062 ± 0.120 | 2 / 1 / 1 | 1 of 2 |")
+               for line in table)
     assert any("Bonferroni over the 3 comparisons" in line for line in table)
 
 
