@@ -180,6 +180,13 @@ def run(args) -> int:
                             chat_template=args.chat_template)
     print(f"{len(items)} held-out prompts from {', '.join(args.data)}" +
           (f" ({len(bad)} rows skipped, e.g. {bad[0]})" if bad else ""), file=sys.stderr, flush=True)
+    if args.format is None:
+        from megatron_rpo.data.formats import detect_format
+        from megatron_rpo.data.sources import open_source
+
+        args.format = detect_format(open_source(args.data[0], args.split).columns)
+    # The judge before the models: a wrong judge endpoint is said before any model is loaded.
+    judge, concurrency, judge_endpoint = _judge(args, "summarization" if args.format == "tldr" else "dialogue")
     options = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed)
     generators = {}
@@ -195,14 +202,7 @@ def run(args) -> int:
         endpoint.check()
         endpoints.append(endpoint)
         generators[name] = EndpointGenerator(endpoint, concurrency=args.concurrency, **options)
-    if args.format is None:
-        from megatron_rpo.data.formats import detect_format
-        from megatron_rpo.data.sources import open_source
-
-        args.format = detect_format(open_source(args.data[0], args.split).columns)
-    fmt = args.format
-    judge, concurrency, judge_endpoint = _judge(args, "summarization" if fmt == "tldr" else "dialogue")
-    settings = {k: v for k, v in vars(args).items()}
+    settings = dict(vars(args))
     rows = evaluate(items, generators, judge, args.output, head_to_head=args.head_to_head,
                     length=lambda text: len(tokenizer.encode(text)), judge_concurrency=concurrency,
                     progress=progress, settings=settings)
