@@ -20,8 +20,9 @@ E2E = tuple(f"tests/functional/test_{name}.py" for name in ("readme", "quickstar
                                                              "reproduction", "megatron_versions", "evaluate"))
 DIST = ("tests/functional/",) + tuple(f"tests/unit/{name}.py" for name in (
     "test_cpu", "test_device", "test_logprobs", "test_plan", "convert/test_convert", "data/test_embeddings",
-    "loss/test_distributed", "models/test_recompute", "training/test_context_parallel", "training/test_forward_step",
-    "training/test_optimizer", "training/test_packing", "training/test_reference", "training/test_step"))
+    "loss/test_distributed", "models/test_lora", "models/test_recompute", "training/test_context_parallel",
+    "training/test_forward_step", "training/test_optimizer", "training/test_packing", "training/test_reference",
+    "training/test_step"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -79,7 +79,8 @@ def fill_by_name(model, vocab_size: int, padding_value: float = 3.0) -> None:
 
 
 def full_grads(model, vocab_size: int, finalized: bool = False) -> dict[str, torch.Tensor]:
-    """``{global name: whole gradient}`` for this pipeline stage, vocabulary padding rows dropped.
+    """``{global name: whole gradient}`` for this pipeline stage's trained parameters, vocabulary
+    padding rows dropped.
 
     ``finalized``: megatron's ``finalize_model_grads`` already summed sequence-parallel grads.
     """
@@ -88,6 +89,8 @@ def full_grads(model, vocab_size: int, finalized: bool = False) -> dict[str, tor
     group = ps.get_tensor_model_parallel_group()
     out = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         grad = p.main_grad if hasattr(p, "main_grad") else p.grad
         grad = grad.detach().clone()
         if getattr(p, "sequence_parallel", False) and not finalized:

@@ -1,7 +1,7 @@
 """What we borrow from megatron-core's insides is still there, with the signature we rely on.
 
 Every private name ``megatron_rpo/cpu.py`` replaces, and every private or internal name the rest
-of the package imports, calls or sets: an upgrade of megatron-core that removes or reshapes one
+of the package imports, calls, wraps or sets: an upgrade of megatron-core that removes or reshapes one
 fails here, by name, instead of deep in a run. CI runs it at both ends of the supported range
 (docs/versions.md).
 
@@ -58,6 +58,12 @@ USED = [
      "models/provider.py"),
     ("megatron.core.transformer.transformer_block", "get_num_layers_to_build", ("config", "vp_stage"),
      "models/provider.py"),
+    ("megatron.core.tensor_parallel.mappings", "gather_from_sequence_parallel_region",
+     ("input_", "tensor_parallel_output_grad"), "models/lora.py: the adapters' input under SP"),
+    ("megatron.core.tensor_parallel", "ColumnParallelLinear.forward", ("input_",),
+     "models/lora.py: the base layer's own forward, called by the adapted one"),
+    ("megatron.core.tensor_parallel", "RowParallelLinear.forward", ("input_",),
+     "models/lora.py: the base layer's own forward, called by the adapted one"),
 ]
 # (module, class, attributes its code sets on ``self``, who reads or sets them)
 ATTRIBUTES = [

@@ -1,0 +1,120 @@
+"""Low-rank adapters on megatron's parallel linears (megatron_rpo/models/lora.py): the same loss and
+adapter gradients at TP 2 (with and without SP), PP 2 and TP 2 x PP 2 as one process; an adapted
+layer against its float64 formula and against its merged weight; the base back, exactly, with the
+adapters switched off."""
+
+import pytest
+import torch
+
+from megatron_rpo.errors import InputError
+from tests.multiprocess import Spawns, run_ranks
+from tests.unit.megatron_helpers import SEQ, VOCAB, fill_by_name, full_grads, make_batch, tiny_config
+
+PROMPTS = [4, 6, 3, 4, 6, 3]
+RESPONSES = [8, 5, 11, 10, 3, 6]
+LAYOUTS = [(2, 1, False), (2, 1, True), (1, 2, False), (2, 2, True)]
+
+
+def _microbatches():
+    return [make_batch(PROMPTS, RESPONSES, SEQ, VOCAB, seed=30 + i) for i in range(2)]
+
+
+def _step(tp, pp, sp, microbatches):
+    from megatron.core import parallel_state as ps
+
+    from megatron_rpo import parallel
+    from megatron_rpo.models import model_provider
+    from megatron_rpo.models.lora import LoRASettings, apply_lora
+    from megatron_rpo.training.step import forward_backward
+
+    config = tiny_config(tp=tp, pp=pp, sp=sp, loss_type="rpo", weighting="embedding")
+    parallel.initialize(config.parallel)
+    try:
+        model = model_provider(config)
+        adapted = apply_lora(model, LoRASettings(rank=4, alpha=8.0))
+        fill_by_name(model, VOCAB)  # the adapters too, by name: B is not zero, so they act
+        reports = forward_backward(model, microbatches, config.loss)
+        grads = full_grads(model, VOCAB)
+        return {"adapted": adapted, "reports": reports if ps.is_pipeline_last_stage() else None,
+                "grads": grads if ps.get_tensor_model_parallel_rank() == 0 else None}
+    finally:
+        ps.destroy_model_parallel()
+
+
+@pytest.fixture(scope="module")
+def runs() -> Spawns:
+    return Spawns(lambda layout: run_ranks(_step, layout[0] * layout[1], *layout, _microbatches(), timeout=600))
+
+
+@pytest.mark.parametrize("tp,pp,sp", LAYOUTS)
+def test_adapter_gradients_and_loss_equal_one_process(runs, tp, pp, sp):
+    (single,) = runs[1, 1, False]
+    ranks = runs[tp, pp, sp]
+    merged = {}
+    for r in ranks:
+        merged.update(r["grads"] or {})
+    want = single["grads"]
+    assert merged.keys() == want.keys() and all(".lora_" in n for n in want)  # the base is frozen
+    assert len(want) == 2 * 4 * 4  # A and B on 4 linears of 4 layers
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in want.values()))
+    assert norm > 0
+    for name, g in want.items():
+        assert (merged[name] - g).norm() <= 1e-5 * norm, name
+    (last,) = [r["reports"] for r in ranks if r["reports"] is not None][:1]
+    for got, expected in zip(last, single["reports"]):
+        torch.testing.assert_close(got["loss"], expected["loss"], rtol=1e-5, atol=1e-6)
+
+
+def _layers():
+    from megatron_rpo import parallel
+    from megatron_rpo.models import model_provider
+    from megatron_rpo.models.lora import LoRASettings, adapters_disabled, apply_lora, merged_delta
+
+    config = tiny_config(loss_type="rpo")
+    parallel.initialize(config.parallel)
+    model = model_provider(config)
+    fill_by_name(model, VOCAB)
+    tokens = make_batch(PROMPTS, RESPONSES, SEQ, VOCAB, seed=3)["tokens"]
+    position = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        base = model(tokens, position, None).clone()
+        apply_lora(model, LoRASettings(rank=4, alpha=8.0))
+        fresh = model(tokens, position, None).clone()  # B starts at zero
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        adapted = model(tokens, position, None).clone()
+        with adapters_disabled(model):
+            off = model(tokens, position, None).clone()
+        # One layer against its float64 formula: W x + (alpha / r) B A x.
+        layer = model.decoder.layers[0].mlp.linear_fc2
+        x = torch.randn(5, 1, layer.weight.shape[1], generator=torch.Generator().manual_seed(1))
+        y, _ = layer(x)
+        w, a, b = (t.double() for t in (layer.weight, layer.lora_A, layer.lora_B))
+        want = x.double() @ w.T + 2.0 * (x.double() @ a.T) @ b.T
+        formula = (y.double() - want).abs().max().item()
+        # Merged: the adapters folded into the base weights give the adapted model's output.
+        for module in model.modules():
+            if hasattr(module, "lora_A"):
+                module.weight.add_(merged_delta(module))
+        with adapters_disabled(model):
+            merged = model(tokens, position, None).clone()
+    return {"base": base, "fresh": fresh, "adapted": adapted, "off": off, "merged": merged, "formula": formula}
+
+
+def test_adapters_off_give_the_base_and_merged_weights_give_the_adapters():
+    (out,) = run_ranks(_layers, 1, timeout=300)
+    assert torch.equal(out["fresh"], out["base"])          # B = 0: the adapted model starts as its base
+    assert torch.equal(out["off"], out["base"])            # switched off: the base, exactly (the reference)
+    assert (out["adapted"] - out["base"]).abs().max() > 1e-3
+    torch.testing.assert_close(out["merged"], out["adapted"], rtol=1e-4, atol=1e-4)
+    assert out["formula"] < 1e-5
+
+
+def test_bad_settings_are_refused_by_name():
+    from megatron_rpo.models.lora import LoRASettings
+
+    with pytest.raises(InputError, match="lora rank must be at least 1, got 0"):
+        LoRASettings(rank=0)
+    with pytest.raises(InputError, match=r"lora targets \['q_proj'\] are not adaptable"):
+        LoRASettings(targets=("q_proj",))
