@@ -47,13 +47,18 @@ class OpenAIServer:
             requests after the schedule are answered normally.
         slow_seconds: how long a ``slow`` answer takes.
         judge_answer: ``(first, second) -> answer``; default :func:`first_letter_judge`.
+        hold_judge_after: answer this many judge requests, then hold the next ones until
+            :meth:`release` (a client killed while it waits, at a known point).
     """
 
     def __init__(self, models: dict[str, str] | None = None, judge_model: str = "judge", faults=(),
-                 slow_seconds: float = 3.0, judge_answer=first_letter_judge, judge_delay: float = 0.0, port: int = 0):
+                 slow_seconds: float = 3.0, judge_answer=first_letter_judge, hold_judge_after: int | None = None,
+                 port: int = 0):
         self.models, self.judge_model = dict(models or {}), judge_model
         self.faults, self.slow_seconds, self.judge_answer = list(faults), slow_seconds, judge_answer
-        self.judge_delay = judge_delay
+        self.hold_judge_after = hold_judge_after
+        self._judged = 0
+        self._released = threading.Event()
         self.log: list[dict] = []
         self.faults_served = 0
         self._lock = threading.Lock()
@@ -72,7 +77,12 @@ class OpenAIServer:
         self._thread.start()
         return self
 
+    def release(self) -> None:
+        """Answer the held judge requests, and every later one."""
+        self._released.set()
+
     def __exit__(self, *exc) -> None:
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -89,10 +99,8 @@ class OpenAIServer:
                 self._generators[model] = HFGenerator(self.models[model], max_new_tokens=1, max_length=10**9,
                                                       batch_size=1)
             generator = self._generators[model]
-            generator.max_new_tokens = max_tokens
-            item = EvalItem("request", "request", prompt, prompt, "", len(generator._ids(
-                EvalItem("", "", prompt, prompt, "", 0))))
-            return generator.generate([item])[0]
+            generator.max_new_tokens = max_tokens  # the client's limit (its max_length is already in it)
+            return generator.generate([EvalItem("request", "request", prompt, prompt, "", 0)])[0]
 
     def _handler(self):
         server = self
@@ -150,8 +158,11 @@ class OpenAIServer:
                 if route == "/v1/chat/completions":
                     if model != server.judge_model:
                         return self._error(404, f"The model `{model}` does not exist.", "NotFoundError")
-                    if server.judge_delay:
-                        time.sleep(server.judge_delay)
+                    with server._lock:
+                        server._judged += 1
+                        hold = server.hold_judge_after is not None and server._judged > server.hold_judge_after
+                    if hold:
+                        server._released.wait()
                     answer = server.judge_answer(*_responses(request["messages"][-1]["content"]))
                     return self._send(200, {"id": "chat", "object": "chat.completion", "created": 0, "model": model,
                                             "choices": [{"index": 0, "finish_reason": "stop",
@@ -165,10 +176,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description="an OpenAI-compatible test server (tests/openai_server.py)")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", action="append", default=[], metavar="NAME=DIR")
-    p.add_argument("--judge-delay", type=float, default=0.0, help="seconds before each judge answer")
     args = p.parse_args()
     models = dict(spec.split("=", 1) for spec in args.model)
-    server = OpenAIServer(models, judge_delay=args.judge_delay, port=args.port)
+    server = OpenAIServer(models, port=args.port)
     print(f"serving {server.url}", flush=True)
     server._server.serve_forever()
 

@@ -149,7 +149,7 @@ def run(args) -> int:
     from megatron_rpo.evaluate.endpoint import Endpoint
     from megatron_rpo.evaluate.generation import EndpointGenerator, HFGenerator
     from megatron_rpo.evaluate.items import load_items
-    from megatron_rpo.evaluate.run import evaluate
+    from megatron_rpo.evaluate.run import evaluate, markdown_table
 
     progress = not args.no_progress
     local = _named(args.model, "--model")
@@ -206,8 +206,6 @@ def run(args) -> int:
     rows = evaluate(items, generators, judge, args.output, head_to_head=args.head_to_head,
                     length=lambda text: len(tokenizer.encode(text)), judge_concurrency=concurrency,
                     progress=progress, settings=settings)
-    from megatron_rpo.evaluate.run import markdown_table
-
     print(markdown_table(rows, judge.name, len(items)))
     for endpoint in endpoints + ([judge_endpoint] if judge_endpoint is not None else []):
         print(f"{endpoint!r}: {endpoint.calls} calls, {endpoint.retries} retried", file=sys.stderr)

@@ -73,15 +73,12 @@ class Endpoint:
         Raises:
             EndpointError: one line naming what is wrong.
         """
-        openai = _openai()
         try:
             # Two retries at most: a wrong URL is said in seconds, not after the full backoff.
             listed = self._call(lambda: self._client.models.list().data, retries=min(2, self.max_retries))
             served = [m.id for m in listed]
         except GaveUp as e:
             raise EndpointError(f"the endpoint {self.base_url} does not answer: {e}") from None
-        except openai.NotFoundError:
-            return  # a server without /models (some proxies): the first call will tell
         if served and self.model not in served:
             shown = ", ".join(served[:8]) + (" ..." if len(served) > 8 else "")
             raise EndpointError(f"the endpoint {self.base_url} does not serve the model {self.model!r}; it serves: "

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from tqdm import tqdm
 
 from megatron_rpo.errors import InputError
+from megatron_rpo.publish import write_text
 
 __all__ = ["Store", "HFGenerator", "EndpointGenerator", "generate_missing", "run_each"]
 
@@ -42,14 +43,11 @@ class Store:
                         self.records[record["key"]] = record
                     except (json.JSONDecodeError, KeyError, TypeError):
                         self.dropped += 1
-            if self.dropped:
+            if self.dropped:  # the file again without the cut line, published whole
                 self._rewrite()
 
     def _rewrite(self) -> None:
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values())
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records.values()))
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
@@ -146,11 +144,12 @@ class HFGenerator(_Sampling):
         import torch
 
         out = [""] * len(items)
-        order = sorted(range(len(items)), key=lambda k: len(self._ids(items[k])))
+        ids = [self._ids(item) for item in items]
+        order = sorted(range(len(items)), key=lambda k: len(ids[k]))
         eos = self.tokenizer.eos_id
         for start in range(0, len(order), self.batch_size):
             members = order[start: start + self.batch_size]
-            rows = [self._ids(items[k]) for k in members]
+            rows = [ids[k] for k in members]
             width = max(map(len, rows))
             limits = [max(1, min(self.max_new_tokens, self.max_length - len(r))) for r in rows]
             tokens = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=self.device)

@@ -40,7 +40,7 @@ from megatron.core.tensor_parallel.mappings import (
 
 from megatron_rpo.errors import InputError
 
-__all__ = ["LoRASettings", "TARGETS", "apply_lora", "adapters_disabled", "lora_parameters", "merged_delta"]
+__all__ = ["LoRASettings", "TARGETS", "apply_lora", "adapters_disabled", "merged_delta"]
 
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 """The linears an adapter can go on (megatron's names; the experts' linears come with EP support)."""
@@ -101,35 +101,26 @@ def _row_forward(self, input_, *args, **kwargs):
 def _adapt(layer, name: str, settings: LoRASettings) -> None:
     weight = layer.weight
     out_local, in_local = weight.shape
-    dtype, device = weight.dtype, weight.device
     tp = parallel_state.get_tensor_model_parallel_world_size()
     column = isinstance(layer, ColumnParallelLinear)
-    if column:
-        a = torch.nn.Parameter(torch.empty(settings.rank, in_local, dtype=dtype, device=device))
-        b = torch.nn.Parameter(torch.zeros(out_local, settings.rank, dtype=dtype, device=device))
+    a = torch.nn.Parameter(torch.empty(settings.rank, in_local, dtype=weight.dtype, device=weight.device))
+    b = torch.nn.Parameter(torch.zeros(out_local, settings.rank, dtype=weight.dtype, device=weight.device))
+    stride = getattr(weight, "partition_stride", 1)
+    if column:  # A whole on every rank, B this rank's output rows
         _mark(a, split=False)
-        _mark(b, split=tp > 1, dim=0, stride=getattr(weight, "partition_stride", 1))
-        # A is whole on every rank: one draw for all of them (the TP ranks share the layer's name).
-        generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(name.encode()))
-        a_full = torch.empty(settings.rank, in_local, dtype=torch.float32)
-        torch.nn.init.kaiming_uniform_(a_full, a=math.sqrt(5), generator=generator)
-        with torch.no_grad():
-            a.copy_(a_full)
-        layer.forward = types.MethodType(_column_forward, layer)
-    else:
-        a = torch.nn.Parameter(torch.empty(settings.rank, in_local, dtype=dtype, device=device))
-        b = torch.nn.Parameter(torch.zeros(out_local, settings.rank, dtype=dtype, device=device))
-        _mark(a, split=tp > 1, dim=1, stride=getattr(weight, "partition_stride", 1))
+        _mark(b, split=tp > 1, dim=0, stride=stride)
+    else:  # A this rank's input columns, B whole
+        _mark(a, split=tp > 1, dim=1, stride=stride)
         _mark(b, split=False, sequence_parallel=bool(layer.sequence_parallel))
-        # The whole A drawn once, this rank's columns kept: the same adapter at any TP.
-        generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(name.encode()))
-        a_full = torch.empty(settings.rank, in_local * tp, dtype=torch.float32)
-        torch.nn.init.kaiming_uniform_(a_full, a=math.sqrt(5), generator=generator)
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        with torch.no_grad():
-            a.copy_(torch.chunk(a_full, tp, dim=1)[rank])
-        layer.forward = types.MethodType(_row_forward, layer)
+    # The whole A drawn from the layer's name, the rank's part kept: the same adapter at any TP.
+    parts = 1 if column else tp
+    a_full = torch.empty(settings.rank, in_local * parts, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(a_full, a=math.sqrt(5),
+                                   generator=torch.Generator(device="cpu").manual_seed(zlib.crc32(name.encode())))
+    with torch.no_grad():
+        a.copy_(torch.chunk(a_full, parts, dim=1)[0 if column else parallel_state.get_tensor_model_parallel_rank()])
     layer._lora_base_forward = types.MethodType(type(layer).forward, layer)
+    layer.forward = types.MethodType(_column_forward if column else _row_forward, layer)
     layer.lora_A, layer.lora_B = a, b
     layer._lora_scale = settings.scale
     layer._lora_enabled = True
@@ -158,11 +149,6 @@ def apply_lora(model: torch.nn.Module, settings: LoRASettings) -> list[str]:
     for pname, p in model.named_parameters():
         p.requires_grad_(".lora_" in f".{pname.rsplit('.', 1)[-1]}")
     return adapted
-
-
-def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The adapters' parameters by name (what trains)."""
-    return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
 
 
 @contextlib.contextmanager

@@ -66,21 +66,21 @@ def test_a_wrong_endpoint_or_model_is_one_line_before_any_work(models, tmp_path)
 def test_a_killed_run_resumes_without_asking_again(models, tmp_path):
     args = ["--data", HH_SLICE, "--format", "hh", "--model", f"tiny={models['policy']}", "--judge", "llm",
             "--judge-model", "judge", "--concurrency", "1", "--output", str(tmp_path / "out"), *COMMON]
-    with OpenAIServer(judge_delay=0.4) as server:
+    # The server holds the judge after 3 items (both orders each): the kill lands there, every time.
+    with OpenAIServer(hold_judge_after=6) as server:
         job = subprocess.Popen([sys.executable, "-m", "megatron_rpo.evaluate", "--judge-url", server.url, *args],
                                cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True)
         judgements = tmp_path / "out" / "judgements.jsonl"
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and job.poll() is None:
-            if judgements.exists() and len(judgements.read_text().splitlines()) >= 3:
-                break
+        while time.monotonic() < deadline and job.poll() is None and server._judged <= 6:
             time.sleep(0.1)
         os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=60)
         kept = {json.loads(line)["item"] for line in judgements.read_text().splitlines() if line.endswith("}")}
-        assert 3 <= len(kept) < 10, job.stdout.read().decode()[-3000:]
+        assert len(kept) == 3, job.stdout.read().decode()[-3000:]
         asked_before = len(server.log)
+        server.release()
         assert main(["--judge-url", server.url, *args]) == 0
         again = server.log[asked_before:]
     # Both orders of every item not kept, nothing for the kept ones.
