@@ -47,10 +47,11 @@ RESUMED = [resumed(_recipe("qwen3_30b_a3b_rpo.yaml"), 2, "parallel.expert_model_
 # s733643 (Qwen3-MoE at PP 4, whose dense-only stage holds no expert to optimize: the distributed
 # optimizer could not save), also resumed at PP 2 (DP 2 then: half the micro batch, the same matrix);
 # s377159 (Qwen3 packed at DP 2: later steps off by 4e-4 at fp32 noise, which a 2e-4 tolerance took
-# for a fault; tests/equivalence.LATER).
+# for a fault; tests/equivalence.LATER); s571851 (Mixtral packed: Adam at epsilon 1e-8 turned float
+# noise into 1% of its expert weights' updates; tests/equivalence.ADAM_EPS).
 FOUND = [draw(550384), draw(733643),
          resumed(draw(733643), 2, "parallel.pipeline_model_parallel_size=2", "train.micro_batch_size=2"),
-         draw(377159)]
+         draw(377159), draw(571851)]
 CASES = [recipe_case(r) for r in RECIPES] + RESUMED + FOUND + [draw(seed) for seed in SEEDS]
 
 
