@@ -44,6 +44,7 @@ A case megatron or our config cannot run must be refused before any work, naming
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import re
@@ -302,13 +303,19 @@ def prepare_world(root, workspace: dict, tokenizer: str) -> dict:
 def argv(world: dict, case: Case, overrides: tuple[str, ...], save, *last: str) -> list[str]:
     """``overrides`` of ``case.recipe`` with the tiny sizes, the family's paths and a short run
     (then ``last``)."""
-    from megatron_rpo.config import explicit_keys, load_config
+    from megatron_rpo.config import MODEL_TRAINING_CHOICES, explicit_keys, load_config
+    from megatron_rpo.convert.files import ConvertedCheckpoint
 
     said = explicit_keys(load_config(case.recipe)) or frozenset()
     tiny = load_config(RECIPE).model
     data = world["root"] / case.family
     out = [f"model.{k}={world['vocab'] if k == 'vocab_size' else getattr(tiny, k)}"
            for k in SIZE_KEYS if f"model.{k}" in said or case.recipe == RECIPE]
+    # The rest of the architecture the recipe sets (a norm epsilon, a RoPE base) is the family's
+    # tiny checkpoint's: the harness compares layouts, not architectures.
+    theirs = ConvertedCheckpoint(world["checkpoints"][case.family]).model_config
+    out += [f"{k}={json.dumps(getattr(theirs, k.split('.')[1]))}" for k in sorted(said)
+            if k.startswith("model.") and k.split(".")[1] not in (*SIZE_KEYS, *MODEL_TRAINING_CHOICES)]
     if "data.max_prompt_length" in said:
         out.append("data.max_prompt_length=96")
     if case.family in MOE:
@@ -417,10 +424,11 @@ def compare(case: Case, got: dict, want: dict) -> None:
     from megatron_rpo.convert.files import ConvertedCheckpoint
 
     assert "error" not in got, f"{case.name} failed:\n{got['error']}"
+    # One process refusing the case's settings would make it compare nothing (a wrong draw).
+    assert "error" not in want and "refused" not in want, f"the single process of {case.name}: {want}"
     if "refused" in got:
         assert REFUSAL.search(got["refused"]), f"{case.name} was refused without naming a setting: {got['refused']}"
         return
-    assert "error" not in want and "refused" not in want, f"the single process of {case.name}: {want}"
     steps = [h["step"] for h in got["history"]]
     assert steps == [h["step"] for h in want["history"]] == list(range(1, case.steps + 1))
     problems = []
