@@ -10,7 +10,9 @@ A :class:`Case` is a number of processes, a tiny model of one family and overrid
 * loss: rpo (embedding, uniform or diagonal weights), dpo, ipo, simpo, simpo_rpo, kto, sft;
   ``contrast_scope`` local, data_parallel or global_batch; online or precomputed reference;
 * memory levers: full or selective recompute, chunked log-probs, the distributed optimizer;
-* model: dense Llama or Qwen3, Qwen3-MoE and Mixtral.
+* model: dense Llama or Qwen3, Qwen3-MoE and Mixtral;
+* training every weight, or low-rank adapters (``lora``; the single process trains the same ones,
+  and the online reference is the model with its adapters off).
 
 The independent computation (:func:`reference_overrides`) is one process, padded rows, no lever,
 the same global batch and the same contrast matrices: a ``data_parallel`` matrix spans one
@@ -125,8 +127,10 @@ class Case:
         return default if value in (None, "null", "None") else int(value)
 
 
-def draw(seed: int) -> Case:
-    """A case drawn from the space with ``seed`` alone (its name starts with ``s<seed>``)."""
+def draw(seed: int, lora: bool | None = None) -> Case:
+    """A case drawn from the space with ``seed`` alone (its name starts with ``s<seed>``); whether it
+    trains low-rank adapters comes from a stream of its own (``lora`` decides it instead), so the
+    cases of seeds drawn before adapters existed stay as they were."""
     g = random.Random(seed)
     family = g.choice(("llama", "llama", "qwen3", "qwen3_moe", "mixtral"))
     world = g.choice((2, 2, 4))
@@ -171,6 +175,8 @@ def draw(seed: int) -> Case:
         o += ["model.recompute_granularity=selective", "model.recompute_modules=[core_attn]"]
     if g.random() < 0.4:
         o.append("model.logprob_chunk_tokens=48")
+    if random.Random(f"lora-{seed}").random() < 0.3 if lora is None else lora:
+        o += ["lora.rank=4", "lora.alpha=8"]
     words = [f"tp{tp}" + ("sp" if "parallel.sequence_parallel=true" in o else ""),
              f"pp{pp}" + (f"vpp{vpp}" if vpp else ""),
              f"cp{cp}", f"dp{dp}", *(("ep" if "expert_model" in x else "etp") + x.split("=")[1] for x in o
@@ -178,7 +184,8 @@ def draw(seed: int) -> Case:
              loss + (f"-{weighting}" if weighting else ""), scope, reference if loss not in REFERENCE_FREE else "",
              "paired" if paired else "unpaired", "packed" if "data.packing=true" in o else "padded",
              f"mbs{micro}x{microbatches}", recompute or "", "chunked" if "model.logprob_chunk_tokens=48" in o else "",
-             "distopt" if "optimizer.use_distributed_optimizer=true" in o else ""]
+             "distopt" if "optimizer.use_distributed_optimizer=true" in o else "",
+             "lora" if "lora.rank=4" in o else ""]
     short = "-".join(w for w in words if w)
     return Case(f"s{seed}-{family}-w{world}-{short}", world, family, tuple(o), steps=steps)
 

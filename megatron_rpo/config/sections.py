@@ -22,7 +22,8 @@ from megatron_rpo.config import checks
 from megatron_rpo.config.losses import LOSSES
 from megatron_rpo.errors import InputError
 
-__all__ = ["ModelConfig", "ParallelConfig", "LossConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "Config",
+__all__ = ["ModelConfig", "ParallelConfig", "LossConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "LoRAConfig",
+           "Config", "LORA_TARGETS",
            "RECOMPUTE_MODULES", "RECOMPUTE_KEYS", "MEMORY_KEYS", "MODEL_TRAINING_CHOICES"]
 
 def _check_type(where: str, value: Any, annotation: Any) -> Any:
@@ -612,6 +613,45 @@ class TrainConfig(_Section):
             )
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+"""The linears an adapter can go on (megatron's names): attention's fused q/k/v and its output, the
+MLP's fused gate/up and its down projection."""
+
+
+@dataclass
+class LoRAConfig(_Section):
+    """Low-rank adapters (LoRA): train ``(alpha / rank) B A`` beside each target linear, the model frozen."""
+
+    _section = "lora"
+
+    rank: Optional[int] = None
+    """The adapters' rank; None trains every weight of the model (full fine-tuning)."""
+    alpha: float = 32.0
+    """The adapters' output is scaled by ``alpha / rank`` (PEFT's ``lora_alpha``)."""
+    dropout: float = 0.0
+    """Dropout on an adapter's input (PEFT's ``lora_dropout``); off in evaluation and in the reference."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """The linears that get adapters, by megatron's names (see :data:`LORA_TARGETS`). In a
+    mixture-of-experts layer the experts' own linears are not adapted (the attention's are)."""
+
+    def validate(self) -> None:
+        self._positive("rank", "alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise InputError(f"lora.targets {self.targets} must name at least one of {list(LORA_TARGETS)}"
+                             + (f"; {unknown} is not one" if unknown else ""))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank is not None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclass
 class Config:
     """A whole run: one field per section, each a dataclass above."""
@@ -628,6 +668,8 @@ class Config:
     """Optimizer and schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The loop."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters; off by default (every weight trains)."""
     explicit: Optional[frozenset] = field(default=None, compare=False, repr=False)
     """The ``section.key`` names a recipe or the command line set, as opposed to defaults
     (:func:`~megatron_rpo.config.loader.load_config` fills it in); None for a Config built in

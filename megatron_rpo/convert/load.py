@@ -16,9 +16,11 @@ from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint
 from megatron_rpo.convert.layout import global_expert_name, is_expert
 from megatron_rpo.errors import InputError
 
-__all__ = ["load_converted", "canonical_name", "tensor_split", "VOCAB_TENSORS"]
+__all__ = ["load_converted", "canonical_name", "tensor_split", "VOCAB_TENSORS", "ADAPTERS"]
 
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+ADAPTERS = ("lora_A", "lora_B")
+"""The names of low-rank adapters' parameters (megatron_rpo/models/lora.py) on an adapted linear."""
 # transformer-engine's layer spec fuses the norms into the following linear layer.
 _TE_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
@@ -85,6 +87,8 @@ def load_converted(model, path: str) -> None:
     """
     ckpt = ConvertedCheckpoint(path)
     for local, param in model.named_parameters():
+        if local.rsplit(".", 1)[-1] in ADAPTERS:
+            continue  # an adapter's: not in a converted checkpoint (drawn by the model)
         name = canonical_name(model, local)
         if name == "output_layer.weight" and name not in ckpt.index:
             name = "embedding.word_embeddings.weight"  # tied embeddings: the last stage holds a copy

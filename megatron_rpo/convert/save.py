@@ -23,15 +23,18 @@ from megatron.core import parallel_state
 from megatron_rpo.config import ModelConfig
 from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint, save_tensors
 from megatron_rpo.convert.layout import group_of, is_expert, weights_file
-from megatron_rpo.convert.load import VOCAB_TENSORS, canonical_name, tensor_split
+from megatron_rpo.convert.load import ADAPTERS, VOCAB_TENSORS, canonical_name, tensor_split
 
 __all__ = ["save_converted"]
 
 
 def _whole(param: torch.Tensor, name: str) -> torch.Tensor:
-    """All tensor-parallel slices of ``param`` put back together (every rank of its group must call this)."""
+    """All tensor-parallel slices of ``param`` put back together (every rank of its group must call
+    this); an adapted weight merged with its adapter first."""
     _, size, group = tensor_split(name)
     data = param.detach()
+    if hasattr(param, "adapter_delta"):
+        data = (data.float() + param.adapter_delta().float()).to(data.dtype)
     if not getattr(param, "tensor_model_parallel", False) or size == 1:
         return data.cpu()
     shards = [torch.empty_like(data) for _ in range(size)]
@@ -64,7 +67,8 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
     files: dict[str, dict[str, torch.Tensor]] = {}
     tied = not model_config.untie_embeddings_and_output_weights
     chunks = model if isinstance(model, list) else [model]
-    for chunk, local, param in ((c, n, p) for c in chunks for n, p in c.named_parameters()):
+    for chunk, local, param in ((c, n, p) for c in chunks for n, p in c.named_parameters()
+                                if n.rsplit(".", 1)[-1] not in ADAPTERS):  # merged into their weights
         name = canonical_name(chunk, local)
         tensor = _whole(param, name)
         expert = is_expert(name)

@@ -16,8 +16,13 @@ local layer spec (the CPU and no-transformer-engine path):
   ``sequence_parallel`` so that megatron's ``finalize_model_grads`` sums its per-part gradients over
   TP, as it does for norms.
 
-This is the adapters' arithmetic; the config section, checkpoints, the reference with the adapters
-switched off in training, the PEFT export and the transformer-engine layers come next (issue 35).
+Every layout draws the same adapters: ``A`` from the layer's global name (whole, then the rank's part
+kept), ``B`` zero. The base weights are frozen, so megatron's DDP and optimizer hold the adapters
+only. A training checkpoint holds them by their TP-split layout (``B`` of ``linear_fc1`` in megatron's
+``[gate; up]`` order, as its weight), so a run resumes at another TP; the merged export adds
+``(alpha / rank) B A`` to each adapted weight (:func:`merged_delta`, read by
+:mod:`megatron_rpo.convert.save` through the weight's ``adapter_delta``). Not adapted yet: the
+experts' own linears and transformer-engine's layers (the GPU spec).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import contextlib
 import math
 import types
 import zlib
-from dataclasses import dataclass
+from functools import partial
 
 import torch
 from megatron.core import parallel_state
@@ -38,33 +43,12 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 
+from megatron_rpo.config import LoRAConfig
+from megatron_rpo.convert.layout import is_expert
+from megatron_rpo.convert.load import ADAPTERS, canonical_name
 from megatron_rpo.errors import InputError
 
-__all__ = ["LoRASettings", "TARGETS", "apply_lora", "adapters_disabled", "merged_delta"]
-
-TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-"""The linears an adapter can go on (megatron's names; the experts' linears come with EP support)."""
-
-
-@dataclass(frozen=True)
-class LoRASettings:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = TARGETS
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise InputError(f"lora rank must be at least 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InputError(f"lora dropout must be in [0, 1), got {self.dropout}")
-        unknown = sorted(set(self.targets) - set(TARGETS))
-        if unknown:
-            raise InputError(f"lora targets {unknown} are not adaptable; choose from {list(TARGETS)}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+__all__ = ["apply_lora", "adapters_disabled", "merged_delta", "is_adapter"]
 
 
 def _mark(p: torch.nn.Parameter, split: bool, dim: int = 0, stride: int = 1, sequence_parallel: bool = False):
@@ -98,7 +82,30 @@ def _row_forward(self, input_, *args, **kwargs):
     return output, bias
 
 
-def _adapt(layer, name: str, settings: LoRASettings) -> None:
+def is_adapter(name: str) -> bool:
+    """Whether the parameter ``name`` is an adapter's (``...linear_qkv.lora_A``)."""
+    return name.rsplit(".", 1)[-1] in ADAPTERS
+
+
+def _sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+    """The layer's sharded state with its adapters split over TP as they are held (see the module
+    docstring); ``B`` of a ``[gate; up]`` linear in megatron's order of its weight."""
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    column = isinstance(self, ColumnParallelLinear)
+    axes = {"weight": 0, "bias": 0, "lora_B": 0} if column else {"weight": 1, "lora_A": 1}
+    out = make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, axes,
+                                              sharded_offsets, tp_group=self.tp_group,
+                                              dp_cp_group=(metadata or {}).get("dp_cp_group"))
+    if column and getattr(self.weight, "partition_stride", 1) == 2:
+        key = f"{prefix}lora_B"
+        out[key] = apply_swiglu_sharded_factory(out[key], sharded_offsets,
+                                                (metadata or {}).get("singleton_local_shards", False))
+    return out
+
+
+def _adapt(layer, name: str, settings: LoRAConfig) -> None:
     weight = layer.weight
     out_local, in_local = weight.shape
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -125,36 +132,55 @@ def _adapt(layer, name: str, settings: LoRASettings) -> None:
     layer._lora_scale = settings.scale
     layer._lora_enabled = True
     layer._lora_dropout = torch.nn.Dropout(settings.dropout) if settings.dropout else torch.nn.Identity()
+    layer.sharded_state_dict = types.MethodType(_sharded_state_dict, layer)
+    weight.adapter_delta = partial(merged_delta, layer)  # what the merged export adds (convert/save.py)
 
 
-def apply_lora(model: torch.nn.Module, settings: LoRASettings) -> list[str]:
-    """Put adapters on every ``settings.targets`` linear of ``model`` (megatron's local spec) and
-    freeze everything else; returns the adapted layers' names.
+def apply_lora(model: torch.nn.Module, settings: LoRAConfig) -> list[str]:
+    """Put adapters on every ``settings.targets`` linear of ``model`` (this rank's chunk, megatron's
+    local spec) but the experts' own, and freeze everything else; returns the adapted layers' global
+    names (the same adapters at any TP, PP and VPP: ``A`` is drawn from that name).
 
     Raises:
         InputError: a target that is not a megatron tensor-parallel linear here (transformer-engine's
             layers are not adaptable yet).
     """
     adapted = []
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] not in settings.targets:
+    for local, module in model.named_modules():
+        if local.rsplit(".", 1)[-1] not in settings.targets:
+            continue
+        name = canonical_name(model, f"{local}.weight").removesuffix(".weight")
+        if is_expert(f"{name}.weight"):
             continue
         if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             raise InputError(f"{name} is a {type(module).__name__}; adapters go on megatron's local layer spec's "
                              "ColumnParallelLinear and RowParallelLinear only (transformer-engine layers come later)")
         _adapt(module, name, settings)
         adapted.append(name)
-    if not adapted:
-        raise InputError(f"no layer of the model is one of the lora targets {list(settings.targets)}")
+    if not adapted and len(getattr(getattr(model, "decoder", None), "layers", [])):
+        raise InputError(f"lora.targets {list(settings.targets)} adapt no linear of this model's layers (the "
+                         "experts' own linears are not adapted yet): add linear_qkv or linear_proj")
     for pname, p in model.named_parameters():
-        p.requires_grad_(".lora_" in f".{pname.rsplit('.', 1)[-1]}")
+        p.requires_grad_(is_adapter(pname))
+    if getattr(model, "pre_process", False):
+        # With the embedding frozen its output needs no gradient, and a layer recomputed in the
+        # backward (model.recompute_granularity: full) whose input needs none passes none to the
+        # adapters inside it: the embedding's output asks for one.
+        model.embedding.register_forward_hook(_input_needs_grad)
     return adapted
+
+
+def _input_needs_grad(module, args, output):
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module):
-    """Run ``model`` as its base inside this block: the frozen reference, without a second copy."""
-    layers = [m for m in model.modules() if hasattr(m, "_lora_enabled")]
+    """Run ``model`` (a module or megatron's list of chunks) as its base inside this block: the frozen
+    reference, without a second copy (a model without adapters runs as it is)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    layers = [m for chunk in chunks for m in chunk.modules() if hasattr(m, "_lora_enabled")]
     before = [m._lora_enabled for m in layers]
     for m in layers:
         m._lora_enabled = False

@@ -31,6 +31,7 @@ from megatron_rpo.config import RECOMPUTE_KEYS, Config, ModelConfig, ParallelCon
 from megatron_rpo.errors import InputError
 from megatron_rpo.logprobs import output_logprobs
 from megatron_rpo.models.layers import RMSNorm, SDPAttention
+from megatron_rpo.models.lora import apply_lora
 
 __all__ = ["transformer_config", "layer_spec", "model_provider", "model_chunks",
            "use_transformer_engine", "PreferenceGPTModel"]
@@ -228,7 +229,9 @@ def model_provider(
         bf16: see :func:`transformer_config`.
 
     megatron's parallel state must be initialised first (:func:`megatron_rpo.parallel.initialize`).
-    Given ``labels``, the last stage returns their log-probs (:class:`PreferenceGPTModel`).
+    Given ``labels``, the last stage returns their log-probs (:class:`PreferenceGPTModel`). With
+    ``config.lora`` enabled the model carries adapters and everything else is frozen
+    (:mod:`megatron_rpo.models.lora`).
     """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
@@ -255,6 +258,8 @@ def model_provider(
         vp_stage=vp_stage,
     )
     _mark_experts(model)
+    if config.lora.enabled:
+        apply_lora(model, config.lora)
     return model
 
 

@@ -5,7 +5,7 @@ trainer's, the benchmarks' and the tests' one step. The gradients:
 
 * ``reference: online``: the frozen reference runs first, forward only, through the same
   :func:`~megatron_rpo.training.forward_step.forward_step`; its log-probs become the batch's
-  ``ref_logps``.
+  ``ref_logps``. With low-rank adapters the reference is the policy with its adapters switched off.
 * ``contrast_scope: local`` / ``data_parallel``: one schedule run; the matrix spans the
   microbatch on this rank / on every data-parallel rank.
 * ``contrast_scope: global_batch``: gradient caching (:mod:`megatron_rpo.loss.gradcache`):
@@ -29,6 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rpo.config import LossConfig
 from megatron_rpo.device import to_device
 from megatron_rpo.loss.gradcache import cached_logp_gradients
+from megatron_rpo.models.lora import adapters_disabled
 from megatron_rpo.training.forward_step import (
     forward_step,
     logps_loss_func,
@@ -106,7 +107,8 @@ def forward_backward(
         microbatches: this rank's microbatches for the step, on the host or the device; moved
             to the model's device here (the callers' dicts are left as they are).
         loss: the loss config (type, ``contrast_scope``, ``reference``).
-        reference: the frozen reference model for ``loss.reference == "online"``.
+        reference: the frozen reference model for ``loss.reference == "online"``: a separate one, or
+            the policy itself when it carries adapters (run with them switched off).
         forward_only: evaluate without gradients.
         paired: the microbatches hold pairs (chosen i and rejected i share a prompt); decides
             which accuracy the reports hold (:func:`megatron_rpo.loss.preference_metrics`).
@@ -119,7 +121,8 @@ def forward_backward(
     if loss.uses_reference and loss.reference == "online":
         if reference is None:
             raise ValueError("loss.reference='online' needs a reference model")
-        ref = sequence_logps(reference, microbatches)
+        with adapters_disabled(reference):  # a LoRA policy's frozen base (a separate reference has none)
+            ref = sequence_logps(reference, microbatches)
         for mb, (logps, _) in zip(microbatches, ref or []):
             mb["ref_logps"] = logps
     group = _data_parallel_group(loss)

@@ -90,7 +90,9 @@ class Trainer:
         self.model = [DistributedDataParallel(chunk.config, ddp_config, chunk, disable_bucketing=i > 0)
                       for i, chunk in enumerate(self.module)]
         self.reference = None
-        if c.loss.uses_reference and c.loss.reference == "online":
+        if c.loss.uses_reference and c.loss.reference == "online" and c.lora.enabled:
+            self.reference = self.model  # run with its adapters switched off: the frozen base, no second copy
+        elif c.loss.uses_reference and c.loss.reference == "online":
             # forward only, under no_grad: nothing to recompute
             frozen = dataclasses.replace(c, model=c.model.without_recompute())
             self.reference = model_chunks(frozen, bf16=self.bf16)
@@ -158,6 +160,12 @@ class Trainer:
              "microbatches of "
              f"{c.train.micro_batch_size} {'pairs' if c.data.paired else 'items'} per rank per step; "
              f"{steps}; loss {c.loss.loss_type} ({c.loss.contrast_scope})")
+        if c.lora.enabled:
+            trainable = sum(p.numel() for chunk in self.module for p in chunk.parameters() if p.requires_grad)
+            every = sum(p.numel() for chunk in self.module for p in chunk.parameters())
+            _log(f"lora: rank {c.lora.rank}, alpha {c.lora.alpha:g} on {', '.join(c.lora.targets)}; "
+                 f"{trainable:,} of rank 0's {every:,} parameters train ({100 * trainable / every:.2f}%)"
+                 + ("; the reference is the model with its adapters off" if self.reference is self.model else ""))
         self._log_memory_plan()
 
     def _log_memory_plan(self) -> None:

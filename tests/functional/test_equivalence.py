@@ -49,9 +49,13 @@ RESUMED = [resumed(_recipe("qwen3_30b_a3b_rpo.yaml"), 2, "parallel.expert_model_
 # s377159 (Qwen3 packed at DP 2: later steps off by 4e-4 at fp32 noise, which a 2e-4 tolerance took
 # for a fault; tests/equivalence.LATER); s571851 (Mixtral packed: Adam at epsilon 1e-8 turned float
 # noise into 1% of its expert weights' updates; tests/equivalence.ADAM_EPS).
-FOUND = [draw(550384), draw(733643),
-         resumed(draw(733643), 2, "parallel.pipeline_model_parallel_size=2", "train.micro_batch_size=2"),
-         draw(377159), draw(571851)]
+FOUND = [draw(550384, lora=False), draw(733643, lora=False),
+         resumed(draw(733643, lora=False), 2, "parallel.pipeline_model_parallel_size=2", "train.micro_batch_size=2"),
+         draw(377159, lora=False), draw(571851, lora=False),
+         # low-rank adapters resumed at another TP (B of the [gate; up] linear split as its weight)
+         # and without VPP
+         resumed(draw(2032, lora=True), 2, "parallel.tensor_model_parallel_size=1",
+                 "parallel.virtual_pipeline_model_parallel_size=null")]
 CASES = [recipe_case(r) for r in RECIPES] + RESUMED + FOUND + [draw(seed) for seed in SEEDS]
 
 

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from megatron_rpo.config import Config, LossConfig, ParallelConfig, config_to_dict, dump_config, load_config
+from megatron_rpo.errors import InputError
 
 
 def _write(path, data):
@@ -218,3 +219,21 @@ def test_sequence_length_is_checked_against_the_model_that_runs():
         long.check_lengths()
     load_config(None, ["data.max_length=16384", "data.max_prompt_length=1024",
                        "model.max_position_embeddings=131072"]).check_lengths()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lora.rank=0", "lora.rank must be > 0, got 0"),
+    ("lora.dropout=1.0", r"lora.dropout must be in \[0, 1\), got 1.0"),
+    ("lora.targets=[q_proj]", r"lora.targets \['q_proj'\] must name at least one of \['linear_qkv'.*'q_proj'\] is not one"),
+    ("lora.targets=[]", r"lora.targets \[\] must name at least one of"),
+])
+def test_bad_adapter_settings_are_refused_by_name(override, message):
+    with pytest.raises(InputError, match=message):
+        load_config(None, [override])
+
+
+def test_adapters_are_off_unless_a_rank_is_given():
+    assert not load_config(None).lora.enabled
+    lora = load_config(None, ["lora.rank=8", "lora.alpha=16"]).lora
+    assert lora.enabled and lora.scale == 2.0 and lora.targets == ["linear_qkv", "linear_proj", "linear_fc1",
+                                                                      "linear_fc2"]

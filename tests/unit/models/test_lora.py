@@ -6,7 +6,6 @@ adapters switched off."""
 import pytest
 import torch
 
-from megatron_rpo.errors import InputError
 from tests.multiprocess import Spawns, run_ranks
 from tests.unit.megatron_helpers import SEQ, VOCAB, fill_by_name, full_grads, make_batch, tiny_config
 
@@ -24,14 +23,15 @@ def _step(tp, pp, sp, microbatches):
 
     from megatron_rpo import parallel
     from megatron_rpo.models import model_provider
-    from megatron_rpo.models.lora import LoRASettings, apply_lora
+    from megatron_rpo.config import LoRAConfig
+    from megatron_rpo.models.lora import apply_lora
     from megatron_rpo.training.step import forward_backward
 
     config = tiny_config(tp=tp, pp=pp, sp=sp, loss_type="rpo", weighting="embedding")
     parallel.initialize(config.parallel)
     try:
         model = model_provider(config)
-        adapted = apply_lora(model, LoRASettings(rank=4, alpha=8.0))
+        adapted = apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
         fill_by_name(model, VOCAB)  # the adapters too, by name: B is not zero, so they act
         reports = forward_backward(model, microbatches, config.loss)
         grads = full_grads(model, VOCAB)
@@ -68,7 +68,8 @@ def test_adapter_gradients_and_loss_equal_one_process(runs, tp, pp, sp):
 def _layers():
     from megatron_rpo import parallel
     from megatron_rpo.models import model_provider
-    from megatron_rpo.models.lora import LoRASettings, adapters_disabled, apply_lora, merged_delta
+    from megatron_rpo.config import LoRAConfig
+    from megatron_rpo.models.lora import adapters_disabled, apply_lora, merged_delta
 
     config = tiny_config(loss_type="rpo")
     parallel.initialize(config.parallel)
@@ -78,7 +79,7 @@ def _layers():
     position = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
         base = model(tokens, position, None).clone()
-        apply_lora(model, LoRASettings(rank=4, alpha=8.0))
+        apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
         fresh = model(tokens, position, None).clone()  # B starts at zero
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
@@ -109,12 +110,3 @@ def test_adapters_off_give_the_base_and_merged_weights_give_the_adapters():
     assert (out["adapted"] - out["base"]).abs().max() > 1e-3
     torch.testing.assert_close(out["merged"], out["adapted"], rtol=1e-4, atol=1e-4)
     assert out["formula"] < 1e-5
-
-
-def test_bad_settings_are_refused_by_name():
-    from megatron_rpo.models.lora import LoRASettings
-
-    with pytest.raises(InputError, match="lora rank must be at least 1, got 0"):
-        LoRASettings(rank=0)
-    with pytest.raises(InputError, match=r"lora targets \['q_proj'\] are not adaptable"):
-        LoRASettings(targets=("q_proj",))
