@@ -44,7 +44,8 @@ setup(
         # Fast local generation for the evaluation where a GPU and vLLM are at hand (serve the export
         # with `vllm serve` and point --endpoint-model at it).
         "vllm": ["vllm"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "datasets>=2.18", "wandb>=0.17", "matplotlib>=3.7"],
+        # peft: the independent computation the exported adapters are tested against.
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "datasets>=2.18", "wandb>=0.17", "matplotlib>=3.7", "peft>=0.13"],
         # apex comes from the NGC PyTorch container, which also ships transformer-engine.
         "gpu": ["transformer-engine[pytorch]"],
     },

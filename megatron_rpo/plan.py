@@ -16,6 +16,9 @@ stage that needs the most, it prints:
   once on that stage under megatron's schedule (1F1B, or interleaved with its longer warm-up);
 * the logits (whole, or one chunk with ``model.logprob_chunk_tokens``) and the online reference's
   weights; under context parallelism a CP rank's share of the tokens;
+* with low-rank adapters (``lora``): the adapters' weights, and gradients and optimizer state for
+  them only; no reference copy (the base is the reference). Their activations (``rank`` numbers a
+  token per adapted linear) are left out: under 1% of a layer's at the ranks people use;
 * the total against the GPU's memory less a reserve for the CUDA context, communication buffers
   and fragmentation, the tokens per step and, when it does not fit, the first changes (in order of
   what they cost) that make it fit.
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 from megatron_rpo.config import Config, ModelConfig, complete_model, explicit_keys, load_config
 from megatron_rpo.errors import INPUT_ERROR_EXIT_CODE, InputError, report
 
-__all__ = ["StagePlan", "Plan", "stage_parameters", "layer_activation_bytes", "plan", "main"]
+__all__ = ["StagePlan", "Plan", "stage_parameters", "stage_adapters", "layer_activation_bytes", "plan", "main"]
 
 GIB = 2**30
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
@@ -83,6 +86,27 @@ def stage_parameters(m: ModelConfig, tp: int = 1, pp: int = 1, stage: int = 0, e
         if m.untie_embeddings_and_output_weights or pp > 1:
             dense += vocab
     return {"dense": dense, "expert": expert}
+
+
+def stage_adapters(c: Config, stage: int = 0) -> int:
+    """This rank's adapter parameters on pipeline ``stage`` (0 without ``lora``): per adapted linear
+    ``A`` (rank x in) and ``B`` (out x rank), the TP-split side split (column layers: ``B``'s rows,
+    row layers: ``A``'s columns); in a mixture-of-experts model the attention's only
+    (:func:`megatron_rpo.models.lora.apply_lora`)."""
+    m, lora = c.model, c.lora
+    if not lora.enabled:
+        return 0
+    tp, pp = c.parallel.tensor_model_parallel_size, c.parallel.pipeline_model_parallel_size
+    h, d, r = m.hidden_size, m.head_dim, lora.rank
+    qkv = (m.num_attention_heads + 2 * (m.num_query_groups or m.num_attention_heads)) * d
+    per_linear = {  # (in, out, column-parallel)
+        "linear_qkv": (h, qkv, True), "linear_proj": (m.num_attention_heads * d, h, False),
+        "linear_fc1": (h, 2 * m.ffn_hidden_size, True), "linear_fc2": (m.ffn_hidden_size, h, False),
+    }
+    targets = [t for t in lora.targets if not (m.num_moe_experts and t in ("linear_fc1", "linear_fc2"))]
+    layer = sum(r * i + r * o // tp if column else r * i // tp + r * o
+                for i, o, column in (per_linear[t] for t in targets))
+    return layer * len(_stage_layers(m, pp, stage))
 
 
 def layer_activation_bytes(m: ModelConfig, layer_is_moe: bool, tokens: int, tp: int, sp: bool, element: int,
@@ -217,15 +241,20 @@ def plan(c: Config, gpus: int, gpu_memory_gib: float, *, bf16: bool | None = Non
     for stage in range(pp):
         count = stage_parameters(m, tp, pp, stage, ep, p.expert_tensor_size)
         n = count["dense"] + count["expert"]
+        adapters = stage_adapters(c, stage)
         # the distributed optimizer shards over data x context parallel ranks (megatron's)
         shards = (dp * p.context_parallel_size, expert_dp) if o.use_distributed_optimizer else (1, 1)
-        parts = {
-            "weights": n * element,
-            "gradients": n * 4,  # megatron's DDP grad buffer, float32 (grad_reduce_in_fp32)
-            "optimizer": count["dense"] * state / shards[0] + count["expert"] * state / shards[1],
-        }
-        if c.loss.uses_reference and c.loss.reference == "online":
-            parts["reference weights"] = n * element
+        if adapters:  # the base frozen: gradients and optimizer state for the adapters only
+            parts = {"weights": n * element, "adapters": adapters * element, "gradients": adapters * 4,
+                     "optimizer": adapters * state / shards[0]}
+        else:
+            parts = {
+                "weights": n * element,
+                "gradients": n * 4,  # megatron's DDP grad buffer, float32 (grad_reduce_in_fp32)
+                "optimizer": count["dense"] * state / shards[0] + count["expert"] * state / shards[1],
+            }
+        if c.loss.uses_reference and c.loss.reference == "online" and not adapters:
+            parts["reference weights"] = n * element  # with adapters, the base is the reference
         # megatron's warm-up: stage k runs pp - k - 1 forwards before its first backward (1F1B);
         # interleaved, (pp - k - 1) x 2 + (vpp - 1) x pp forwards of chunks of 1 / vpp of the stage.
         # Those and the current one are in flight, all of them when the step has fewer.
@@ -319,7 +348,8 @@ def describe(result: Plan) -> str:
         + f" x DP {result.data_parallel}{experts}; "
         f"{'sequence parallel, ' if p.sequence_parallel else ''}recompute {recompute}, log-probs "
         f"{f'in chunks of {m.logprob_chunk_tokens} tokens' if m.logprob_chunk_tokens else 'whole'}, "
-        f"{'distributed ' if c.optimizer.use_distributed_optimizer else ''}optimizer {c.optimizer.optimizer}",
+        f"{'distributed ' if c.optimizer.use_distributed_optimizer else ''}optimizer {c.optimizer.optimizer}"
+        + (f", LoRA rank {c.lora.rank} on {', '.join(c.lora.targets)} (the rest frozen)" if c.lora.enabled else ""),
         f"tokens per step {result.tokens_per_step:,} ({result.microbatches} microbatches of "
         f"{result.tokens_per_microbatch:,} tokens per data-parallel rank; packed rows hold at most that"
         + (f"; each CP rank holds 1/{p.context_parallel_size} of them" if p.context_parallel_size > 1 else "") + ")",

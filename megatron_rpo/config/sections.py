@@ -632,7 +632,8 @@ class LoRAConfig(_Section):
     """Dropout on an adapter's input (PEFT's ``lora_dropout``); off in evaluation and in the reference."""
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """The linears that get adapters, by megatron's names (see :data:`LORA_TARGETS`). In a
-    mixture-of-experts layer the experts' own linears are not adapted (the attention's are)."""
+    mixture-of-experts model only the attention's are adapted (not yet the MLP's: experts and
+    dense layers alike)."""
 
     def validate(self) -> None:
         self._positive("rank", "alpha")

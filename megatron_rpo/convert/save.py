@@ -25,10 +25,10 @@ from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint, save_tensors
 from megatron_rpo.convert.layout import group_of, is_expert, weights_file
 from megatron_rpo.convert.load import ADAPTERS, VOCAB_TENSORS, canonical_name, tensor_split
 
-__all__ = ["save_converted"]
+__all__ = ["save_converted", "whole"]
 
 
-def _whole(param: torch.Tensor, name: str) -> torch.Tensor:
+def whole(param: torch.Tensor, name: str) -> torch.Tensor:
     """All tensor-parallel slices of ``param`` put back together (every rank of its group must call
     this); an adapted weight merged with its adapter first."""
     _, size, group = tensor_split(name)
@@ -70,7 +70,7 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
     for chunk, local, param in ((c, n, p) for c in chunks for n, p in c.named_parameters()
                                 if n.rsplit(".", 1)[-1] not in ADAPTERS):  # merged into their weights
         name = canonical_name(chunk, local)
-        tensor = _whole(param, name)
+        tensor = whole(param, name)
         expert = is_expert(name)
         if not (expert_writer if expert else writer) or (tied and name == "output_layer.weight"):
             continue

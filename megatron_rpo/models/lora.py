@@ -6,23 +6,25 @@ local layer spec (the CPU and no-transformer-engine path):
 
 * **column-parallel** layers (``linear_qkv``, ``linear_fc1``), whose output is split over TP: ``A`` is
   whole on every rank and ``B`` holds the rank's output rows, sliced as the base weight's rows (same
-  partition stride, so ``B A`` has the base weight's layout). The adapter reads the layer's whole
-  input: gathered over the sequence under SP (its backward splits, since the adapter's input
-  gradient is already whole on every rank), and ``A x`` goes through ``copy_to_tensor_model_parallel_region``,
-  whose backward sums the ranks' parts of its gradient, so ``A``'s gradient is the whole one everywhere;
+  partition stride, so ``B A`` has the base weight's layout). ``A x`` goes through
+  ``copy_to_tensor_model_parallel_region``, whose backward sums the ranks' parts of its gradient.
+  Under SP ``A`` reads this rank's tokens and the rank-``r`` result is gathered over the sequence
+  (its backward a reduce-scatter), so no rank gathers the ``h``-wide input for the adapter; ``A``
+  is then marked ``sequence_parallel`` (its gradient comes from the rank's tokens, and
+  ``finalize_model_grads`` sums it over TP);
 * **row-parallel** layers (``linear_proj``, ``linear_fc2``), whose input is split over TP: ``A`` holds
-  the rank's input columns, ``A x`` is summed over TP, ``B`` is whole; under SP ``A x`` is cut to the
-  rank's part of the sequence before ``B`` (as the base's output is), and ``B`` is marked
-  ``sequence_parallel`` so that megatron's ``finalize_model_grads`` sums its per-part gradients over
-  TP, as it does for norms.
+  the rank's input columns, ``A x`` is summed over TP (under SP reduce-scattered to the rank's part of
+  the sequence, as the base's output is), ``B`` is whole; under SP ``B`` is marked
+  ``sequence_parallel``.
 
 Every layout draws the same adapters: ``A`` from the layer's global name (whole, then the rank's part
 kept), ``B`` zero. The base weights are frozen, so megatron's DDP and optimizer hold the adapters
 only. A training checkpoint holds them by their TP-split layout (``B`` of ``linear_fc1`` in megatron's
 ``[gate; up]`` order, as its weight), so a run resumes at another TP; the merged export adds
 ``(alpha / rank) B A`` to each adapted weight (:func:`merged_delta`, read by
-:mod:`megatron_rpo.convert.save` through the weight's ``adapter_delta``). Not adapted yet: the
-experts' own linears and transformer-engine's layers (the GPU spec).
+:mod:`megatron_rpo.convert.save` through the weight's ``adapter_delta``). Not adapted yet: a
+mixture-of-experts model's MLP linears (see :func:`apply_lora`) and transformer-engine's layers (the GPU
+spec).
 """
 
 from __future__ import annotations
@@ -40,11 +42,10 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
-    scatter_to_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 
 from megatron_rpo.config import LoRAConfig
-from megatron_rpo.convert.layout import is_expert
 from megatron_rpo.convert.load import ADAPTERS, canonical_name
 from megatron_rpo.errors import InputError
 
@@ -59,14 +60,29 @@ def _mark(p: torch.nn.Parameter, split: bool, dim: int = 0, stride: int = 1, seq
         p.sequence_parallel = True
 
 
+def _dropout(self, x):
+    """The adapter's input dropout; under SP each rank holds other tokens, so the masks come from
+    megatron's tensor-parallel random stream (different per rank), as for SP's hidden dropout."""
+    if not self.training or isinstance(self._lora_dropout, torch.nn.Identity):
+        return x
+    if self.sequence_parallel:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        with get_cuda_rng_tracker().fork():
+            return self._lora_dropout(x)
+    return self._lora_dropout(x)
+
+
 def _column_forward(self, input_, *args, **kwargs):
     output, bias = self._lora_base_forward(input_, *args, **kwargs)
     if self._lora_enabled:
-        x = input_
+        h = torch.nn.functional.linear(_dropout(self, input_), self.lora_A)
         if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
-        x = self._lora_dropout(x)
-        h = copy_to_tensor_model_parallel_region(torch.nn.functional.linear(x, self.lora_A))
+            # A on this rank's tokens, then [s, b, rank] gathered: its backward sums the ranks'
+            # gradients and keeps this rank's tokens (a reduce-scatter)
+            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True)
+        else:
+            h = copy_to_tensor_model_parallel_region(h)  # backward: the ranks' gradients summed
         output = output + self._lora_scale * torch.nn.functional.linear(h, self.lora_B)
     return output, bias
 
@@ -74,10 +90,11 @@ def _column_forward(self, input_, *args, **kwargs):
 def _row_forward(self, input_, *args, **kwargs):
     output, bias = self._lora_base_forward(input_, *args, **kwargs)
     if self._lora_enabled:
-        h = reduce_from_tensor_model_parallel_region(torch.nn.functional.linear(self._lora_dropout(input_),
-                                                                                 self.lora_A))
-        if self.sequence_parallel:
-            h = scatter_to_sequence_parallel_region(h)  # this rank's part of the sequence, as the base's output
+        h = torch.nn.functional.linear(_dropout(self, input_), self.lora_A)
+        if self.sequence_parallel:  # summed over TP and cut to this rank's tokens, as the base's output
+            h = reduce_scatter_to_sequence_parallel_region(h)
+        else:
+            h = reduce_from_tensor_model_parallel_region(h)
         output = output + self._lora_scale * torch.nn.functional.linear(h, self.lora_B)
     return output, bias
 
@@ -113,8 +130,8 @@ def _adapt(layer, name: str, settings: LoRAConfig) -> None:
     a = torch.nn.Parameter(torch.empty(settings.rank, in_local, dtype=weight.dtype, device=weight.device))
     b = torch.nn.Parameter(torch.zeros(out_local, settings.rank, dtype=weight.dtype, device=weight.device))
     stride = getattr(weight, "partition_stride", 1)
-    if column:  # A whole on every rank, B this rank's output rows
-        _mark(a, split=False)
+    if column:  # A whole on every rank (under SP its gradient from this rank's tokens), B this rank's output rows
+        _mark(a, split=False, sequence_parallel=bool(layer.sequence_parallel))
         _mark(b, split=tp > 1, dim=0, stride=stride)
     else:  # A this rank's input columns, B whole
         _mark(a, split=tp > 1, dim=1, stride=stride)
@@ -150,7 +167,10 @@ def apply_lora(model: torch.nn.Module, settings: LoRAConfig) -> list[str]:
         if local.rsplit(".", 1)[-1] not in settings.targets:
             continue
         name = canonical_name(model, f"{local}.weight").removesuffix(".weight")
-        if is_expert(f"{name}.weight"):
+        if ".mlp." in name and model.config.num_moe_experts:
+            # A mixture-of-experts model's MLP linears are not adapted: not the experts' (not yet), and
+            # not a dense layer's, since PEFT on transformers 5 reads the gate/up/down names of such a
+            # model as its fused experts' and could not load them. Its attention's are.
             continue
         if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             raise InputError(f"{name} is a {type(module).__name__}; adapters go on megatron's local layer spec's "
@@ -158,8 +178,8 @@ def apply_lora(model: torch.nn.Module, settings: LoRAConfig) -> list[str]:
         _adapt(module, name, settings)
         adapted.append(name)
     if not adapted and len(getattr(getattr(model, "decoder", None), "layers", [])):
-        raise InputError(f"lora.targets {list(settings.targets)} adapt no linear of this model's layers (the "
-                         "experts' own linears are not adapted yet): add linear_qkv or linear_proj")
+        raise InputError(f"lora.targets {list(settings.targets)} adapt no linear of this model's layers (in a "
+                         "mixture-of-experts model the MLP's linears are not adapted): add linear_qkv or linear_proj")
     for pname, p in model.named_parameters():
         p.requires_grad_(is_adapter(pname))
     if getattr(model, "pre_process", False):

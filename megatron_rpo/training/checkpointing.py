@@ -38,12 +38,13 @@ from megatron_rpo.config import ModelConfig
 from megatron_rpo.convert.files import ConvertedCheckpoint
 from megatron_rpo.convert.load import load_converted
 from megatron_rpo.errors import InputError
+from megatron_rpo.models.lora import is_adapter
 from megatron_rpo.publish import write_text
 from megatron_rpo.training.optimizer import optimizer_parts
 from megatron_rpo.versions import megatron_core_version, refuse_newer_checkpoint
 
 __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
-           "describe_layout", "read_training_state", "check_readable", "mark_done", "load_training_checkpoint",
+           "describe_layout", "read_training_state", "check_readable", "check_base", "mark_done", "load_training_checkpoint",
            "SyncTorchDistSaveStrategy"]
 
 LATEST = "latest"
@@ -222,13 +223,23 @@ def _restore_step_counters(optimizer, loaded: dict) -> None:
                 state["step"] = torch.tensor(step, dtype=torch.float32, device=state["step"].device)
 
 
+def _adapted(module) -> bool:
+    """Whether the model carries low-rank adapters (then only they train)."""
+    chunks = module if isinstance(module, list) else [module]
+    return any(is_adapter(name) for chunk in chunks for name, _ in chunk.named_parameters())
+
+
 def _model_state(module) -> dict:
     """The model's sharded state dict; model chunks (the interleaved pipeline) nest one per chunk.
-    The tensors are keyed by global layer number either way, so a checkpoint loads at any VPP split."""
+    The tensors are keyed by global layer number either way, so a checkpoint loads at any VPP split.
+    With adapters, theirs only: the frozen base is the converted checkpoint ``train.load`` names."""
     chunks = module if isinstance(module, list) else [module]
+    states = [chunk.sharded_state_dict() for chunk in chunks]
+    if _adapted(chunks):
+        states = [{key: value for key, value in state.items() if is_adapter(key)} for state in states]
     if len(chunks) == 1:
-        return chunks[0].sharded_state_dict()
-    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+        return states[0]
+    return {f"chunk{i}": state for i, state in enumerate(states)}
 
 
 def _sharded(module, optimizer, loading: bool, rng: bool = True, optimizer_format: str = OPTIMIZER_FORMAT) -> dict:
@@ -246,8 +257,10 @@ def _sharded(module, optimizer, loading: bool, rng: bool = True, optimizer_forma
 
 
 def save_training_checkpoint(save_dir: str, step: int, module, optimizer, scheduler, state: dict,
-                             keep_last: int) -> str:
+                             keep_last: int, base: str) -> str:
     """Write ``SAVE/iter_<step>`` aside, then point ``latest`` at it; keep the newest ``keep_last``.
+    ``base`` is the converted checkpoint training started from (``train.load``): a model with
+    adapters saves only them, and the checkpoint names ``base`` by its id (:func:`check_base`).
 
     Every rank must call it. Returns the checkpoint's path.
     """
@@ -262,6 +275,9 @@ def save_training_checkpoint(save_dir: str, step: int, module, optimizer, schedu
                             sharded_strategy=SyncTorchDistSaveStrategy())
     if dist.get_rank() == 0:
         with open(os.path.join(tmp, "training_state.json"), "w") as f:
+            if _adapted(module):  # the base is not in the checkpoint: name it
+                state = dict(state, base={"path": os.path.abspath(base),
+                                          "checkpoint_id": ConvertedCheckpoint(base).meta.get("checkpoint_id")})
             json.dump(dict(state, step=step, scheduler=scheduler.state_dict(), layout=_layout(),
                            optimizer_format=OPTIMIZER_FORMAT, megatron_core=megatron_core_version()), f, indent=2)
         if os.path.exists(final):
@@ -273,6 +289,23 @@ def save_training_checkpoint(save_dir: str, step: int, module, optimizer, schedu
             shutil.rmtree(os.path.join(save_dir, old))
     dist.barrier()
     return final
+
+
+def check_base(path: str, load: str) -> None:
+    """Refuse to resume the adapters of ``path`` on another base than the one they were trained on:
+    the checkpoint records the converted checkpoint's id (``base``), ``load`` is ``train.load``.
+
+    Raises:
+        InputError: naming both checkpoints.
+    """
+    base = read_training_state(path).get("base")
+    if not base:
+        return
+    now = ConvertedCheckpoint(load).meta.get("checkpoint_id")
+    if base["checkpoint_id"] != now:
+        raise InputError(f"{path} holds adapters trained on the base {base['path']} (checkpoint id "
+                         f"{base['checkpoint_id']}), but train.load={load} is another model (id {now}): resume with "
+                         f"train.load={base['path']}, or start in a new train.save directory")
 
 
 def read_training_state(path: str) -> dict:
@@ -316,11 +349,13 @@ def load_training_checkpoint(path: str, module, optimizer, scheduler, *, keep_sc
         loaded = dist_checkpointing.load(_sharded(module, optimizer, loading=True, rng=same_layout,
                                                   optimizer_format=optimizer_format), path)
         chunks = module if isinstance(module, list) else [module]
-        if len(chunks) == 1:
-            chunks[0].load_state_dict(loaded["model"])
-        else:
-            for i, chunk in enumerate(chunks):
-                chunk.load_state_dict(loaded["model"][f"chunk{i}"])
+        adapters = _adapted(chunks)  # the base stays as loaded from train.load
+        for i, chunk in enumerate(chunks):
+            missing, unexpected = chunk.load_state_dict(loaded["model"] if len(chunks) == 1 else
+                                                        loaded["model"][f"chunk{i}"], strict=not adapters)
+            if adapters and (unexpected or any(is_adapter(k) for k in missing)):
+                raise InputError(f"{path}: its adapters do not match the model's (missing "
+                                 f"{[k for k in missing if is_adapter(k)][:3]}, unexpected {unexpected[:3]})")
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         _load_optimizer(optimizer, loaded["optimizer"], optimizer_format)
         _restore_step_counters(optimizer, loaded["optimizer"])

@@ -21,6 +21,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from megatron_rpo import parallel
 from megatron_rpo.config import Config, config_changes, config_to_dict, dump_config
+from megatron_rpo.convert.peft import save_peft_adapter
 from megatron_rpo.convert.save import save_converted
 from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate_step
 from megatron_rpo.device import current_device
@@ -29,6 +30,7 @@ from megatron_rpo.models import model_chunks, use_transformer_engine
 from megatron_rpo.models.flops import peak_tflops, step_flops
 from megatron_rpo.plan import plan
 from megatron_rpo.training.checkpointing import (
+    check_base,
     check_readable,
     checkpoint_model_config,
     describe_layout,
@@ -77,6 +79,7 @@ class Trainer:
         resume = latest_checkpoint(c.train.save)
         if resume:
             check_readable(resume)  # a newer megatron-core's checkpoint: said before the model is built
+            check_base(resume, c.train.load)  # adapters resume on the base they were trained on
         if c.train.wandb_project:
             require_wandb()  # on every rank, so that all of them stop here with the same message
 
@@ -382,10 +385,17 @@ class Trainer:
                 mark_done(self._checkpoint[0], what)
 
     def export(self) -> None:
-        """The weights of this step as a converted checkpoint, ``<save>/export``."""
-        export = os.path.join(self.config.train.save, "export")
-        save_converted(self.module, export, self.config.model, self.config.train.load)
-        _log(f"exported the final weights to {export}")
+        """The weights of this step as a converted checkpoint, ``<save>/export`` (with adapters: merged
+        into their weights, and the adapters alone as a PEFT folder, ``<save>/adapter``)."""
+        c = self.config
+        export = os.path.join(c.train.save, "export")
+        save_converted(self.module, export, c.model, c.train.load)
+        _log(f"exported the final weights to {export}" + (" (the adapters merged)" if c.lora.enabled else ""))
+        if c.lora.enabled:
+            adapter = os.path.join(c.train.save, "adapter")
+            save_peft_adapter(self.module, adapter, c.model, c.lora, c.train.load)
+            _log(f"exported the adapters to {adapter} (peft.PeftModel.from_pretrained on the Hugging Face "
+                 f"model of {c.train.load})")
         self._done("export")
 
     def _eval_sampler(self):
@@ -462,7 +472,7 @@ class Trainer:
             self.config.train.save, self.step, self.module, self.optimizer, self.scheduler,
             {"consumed_samples": self.sampler.consumed_samples, "config": config_to_dict(self.config),
              "pending": owed},
-            self.config.train.keep_last)
+            self.config.train.keep_last, self.config.train.load)
         self._checkpoint, self._pending = (path, self.step), list(owed)
         _log(f"saved {path}")
         return path

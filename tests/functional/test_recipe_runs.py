@@ -150,3 +150,9 @@ def test_recipe_stops_on_sigterm_resumes_and_equals_the_uninterrupted_run(recipe
         assert got[name] == expected[name], name  # bitwise on CPU, step by step
     assert [s for s, _ in got["eval/loss"]] == [INTERVAL, STEPS]
     _exports_equal(save / "export", uninterrupted[os.path.basename(recipe)] / "export")
+    if os.path.isdir(uninterrupted[os.path.basename(recipe)] / "adapter"):  # a LoRA recipe's PEFT folder too
+        from safetensors.torch import load_file
+
+        a = load_file(save / "adapter" / "adapter_model.safetensors")
+        b = load_file(uninterrupted[os.path.basename(recipe)] / "adapter" / "adapter_model.safetensors")
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

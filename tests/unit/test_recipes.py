@@ -12,7 +12,8 @@ RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 WORLD = {"tiny_cpu.yaml": 2, "mistral7b_hh_rpo_paired.yaml": 8, "mistral7b_hh_rpo_unpaired.yaml": 8,
          "llama3_8b_rpo_tp2.yaml": 8, "llama2_70b_rpo_tp8_pp4.yaml": 64, "llama31_8b_instruct_rpo.yaml": 8,
          "qwen3_8b_rpo.yaml": 8, "qwen3_30b_a3b_rpo.yaml": 32, "mixtral_8x7b_rpo.yaml": 32,
-         "llama31_8b_long_rpo.yaml": 8, "mistral7b_hh_kto.yaml": 8, "mistral7b_tldr_rpo.yaml": 8}
+         "llama31_8b_long_rpo.yaml": 8, "mistral7b_hh_kto.yaml": 8, "mistral7b_tldr_rpo.yaml": 8,
+         "llama2_70b_rpo_lora_tp8.yaml": 8}
 
 
 def test_every_recipe_is_listed_here():
@@ -133,3 +134,17 @@ def test_each_recipe_says_how_to_preprocess_for_it_and_launches_through_the_laun
     data = load_config(path).data
     assert int(flags[2]) == data.max_length and data.max_prompt_length in (None, int(flags[1]))
     assert not re.search(r"torchrun [^\n]*-m megatron_rpo\.train", text)
+
+
+def test_the_70b_lora_recipe_fits_one_node_with_room_to_spare():
+    """Issue 35: 70B with adapters on one node of 8 x 80 GB, and by how much (its comment says it)."""
+    from megatron_rpo.plan import plan
+
+    config = load_config(os.path.join(REPO, "configs", "llama2_70b_rpo_lora_tp8.yaml"))
+    result = plan(config, 8, 80)
+    assert config.lora.enabled and config.loss.reference == "online" and result.fits
+    worst = result.worst
+    assert "reference weights" not in worst.parts and worst.parts["gradients"] < 2**30  # the adapters' only
+    assert 20 * 2**30 < worst.total < 28 * 2**30  # "about 24 GiB per GPU"
+    full = plan(load_config(os.path.join(REPO, "configs", "llama2_70b_rpo_lora_tp8.yaml"), ["lora.rank=null"]), 8, 80)
+    assert not full.fits  # without adapters the same node does not hold it

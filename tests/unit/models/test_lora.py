@@ -110,3 +110,115 @@ def test_adapters_off_give_the_base_and_merged_weights_give_the_adapters():
     assert (out["adapted"] - out["base"]).abs().max() > 1e-3
     torch.testing.assert_close(out["merged"], out["adapted"], rtol=1e-4, atol=1e-4)
     assert out["formula"] < 1e-5
+
+
+# -- against peft: the exported adapter folder on the Hugging Face model --------------------------
+
+PEFT_VOCAB = 100
+PEFT_SIZES = dict(vocab_size=PEFT_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+# (family, TP, PP, EP, SP): the dense model at TP 1, TP 2 + SP and PP 2, a MoE at EP 2 (its attention
+# adapted, its experts not) and TP 2 + SP x EP 2
+PEFT_LAYOUTS = [("llama", 1, 1, 1, False), ("llama", 2, 1, 1, True), ("llama", 1, 2, 1, False),
+                ("qwen3_moe", 1, 1, 2, False), ("mixtral", 2, 1, 2, True)]
+
+
+def _peft_run(ckpt, tp, pp, ep, sp, tokens, adapter_dir, merged_dir):
+    """This layout's logits with adapters filled by name (B not 0), its PEFT folder and its merged export."""
+    import zlib
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_rpo import parallel
+    from megatron_rpo.config import Config, DataConfig, LoRAConfig, ParallelConfig
+    from megatron_rpo.convert import ConvertedCheckpoint, load_converted
+    from megatron_rpo.convert.peft import save_peft_adapter
+    from megatron_rpo.convert.save import save_converted
+    from megatron_rpo.models import model_provider
+    from tests.unit.megatron_helpers import full_shape, global_name, shard
+
+    lora = LoRAConfig(rank=4, alpha=8.0)
+    model_config = ConvertedCheckpoint(ckpt).model_config
+    config = Config(model=model_config, lora=lora, data=DataConfig(max_prompt_length=16, max_length=32),
+                    parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                            expert_model_parallel_size=ep, sequence_parallel=sp))
+    parallel.initialize(config.parallel)
+    try:
+        model = model_provider(config)
+        load_converted(model, ckpt)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_" in name:
+                    g = torch.Generator().manual_seed(zlib.crc32(global_name(model, name).encode()))
+                    p.copy_(shard(torch.randn(full_shape(p), generator=g) * 0.1, p))
+        model.eval()
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        kept = []
+
+        def step(_, m):
+            out = m(tokens, positions, None)
+            if ps.is_pipeline_last_stage():
+                kept.append(out.detach().clone())
+            return out, lambda o: (o.sum() * 0.0, {})
+
+        with torch.no_grad():
+            get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
+                                        num_microbatches=1, seq_length=tokens.shape[1],
+                                        micro_batch_size=tokens.shape[0], forward_only=True)
+        save_peft_adapter(model, adapter_dir, model_config, lora, ckpt)
+        save_converted(model, merged_dir, model_config, ckpt)
+        if not ps.is_pipeline_last_stage():
+            return None
+        group = ps.get_tensor_model_parallel_group()
+        shards = [torch.empty_like(kept[0]) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(shards, kept[0].contiguous(), group=group)
+        return torch.cat(shards, dim=-1)[..., :PEFT_VOCAB]
+    finally:
+        ps.destroy_model_parallel()
+
+
+@pytest.fixture(scope="module")
+def converted_families(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_rpo.convert import convert_hf_to_megatron
+    from tests.workspace import hf_family_model
+
+    out = {}
+    for family in sorted({layout[0] for layout in PEFT_LAYOUTS}):
+        root = tmp_path_factory.mktemp(family)
+        torch.manual_seed(0)
+        model = (LlamaForCausalLM(LlamaConfig(**PEFT_SIZES, rope_theta=500000.0)) if family == "llama"
+                 else hf_family_model(family, **PEFT_SIZES))
+        model.save_pretrained(root / "hf")
+        convert_hf_to_megatron(str(root / "hf"), str(root / "megatron"), progress=False)
+        out[family] = root
+    return out
+
+
+@pytest.mark.parametrize("family,tp,pp,ep,sp", PEFT_LAYOUTS)
+def test_the_exported_adapters_give_peft_our_logits_and_the_merged_export_too(converted_families, tmp_path,
+                                                                              family, tp, pp, ep, sp):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from megatron_rpo.convert import convert_megatron_to_hf
+
+    root = converted_families[family]
+    tokens = torch.randint(0, PEFT_VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    ranks = run_ranks(_peft_run, tp * pp * ep, str(root / "megatron"), tp, pp, ep, sp, tokens,
+                      str(tmp_path / "adapter"), str(tmp_path / "merged"), timeout=600)
+    ours = next(r for r in ranks if r is not None)
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(root / "hf", torch_dtype=torch.float32).eval()
+        plain = base(tokens).logits
+        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        theirs = adapted(tokens).logits
+    assert (ours - plain).abs().max() > 1e-2  # the adapters act
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    convert_megatron_to_hf(str(tmp_path / "merged"), str(tmp_path / "merged_hf"), progress=False)
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf", torch_dtype=torch.float32).eval()
+        torch.testing.assert_close(merged(tokens).logits, theirs, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,113 @@
+"""A run's low-rank adapters as a PEFT adapter folder, from any TP/PP/VPP split.
+
+``adapter_config.json`` + ``adapter_model.safetensors`` (+ :data:`BASE_RECORD`), what ``peft.PeftModel.from_pretrained(base,
+folder)`` loads onto the Hugging Face model the run started from (tools/convert_megatron_to_hf.py
+of ``train.load``). Our adapters sit on megatron's fused linears; Hugging Face's are separate, and
+``(alpha / r) B A x`` splits by rows exactly:
+
+* ``linear_qkv`` -> ``q_proj``, ``k_proj``, ``v_proj``: each gets ``A`` whole and its rows of ``B``
+  (megatron's per-group ``[q k v]`` order, :func:`~megatron_rpo.convert.layout.split_qkv`);
+* ``linear_fc1`` -> ``gate_proj``, ``up_proj``: ``A`` whole, ``B``'s ``[gate; up]`` halves;
+* ``linear_proj`` -> ``o_proj`` and ``linear_fc2`` -> ``down_proj``: as they are.
+
+``target_modules`` is a pattern that matches the adapted modules only (never an expert's), so PEFT
+creates no adapter we did not train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_rpo.config import LoRAConfig, ModelConfig
+from megatron_rpo.convert.files import ConvertedCheckpoint, save_tensors
+from megatron_rpo.convert.layout import ATTENTION_MAP, DENSE_MLP_MAP, SPLIT
+from megatron_rpo.convert.load import ADAPTERS, canonical_name
+from megatron_rpo.convert.save import whole
+from megatron_rpo.publish import StagedDirectory
+
+__all__ = ["save_peft_adapter", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_RECORD"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_RECORD = "megatron_rpo_base.json"
+"""Beside PEFT's files: the converted checkpoint the adapters were trained on (path and id) and the
+adapted modules."""
+_LINEARS = {key.removesuffix(".weight"): ([n.removesuffix(".weight") for n in hf], transform)
+            for key, (hf, transform) in {**ATTENTION_MAP, **DENSE_MLP_MAP}.items()
+            if key.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight"))}
+"""megatron's linear (relative to its layer) -> (Hugging Face modules, how its rows split)."""
+
+
+def _hf_tensors(name: str, a: torch.Tensor, b: torch.Tensor, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """One adapted linear's whole ``A``/``B`` -> PEFT's tensors, keyed by its names."""
+    parts = name.split(".")  # decoder.layers.{i}.<linear>
+    hf_modules, transform = _LINEARS[".".join(parts[3:])]
+    bs = SPLIT[transform](b, model) if transform else [b]
+    out = {}
+    for module, b_part in zip(hf_modules, bs):
+        prefix = f"base_model.model.model.layers.{parts[2]}.{module}"
+        out[f"{prefix}.lora_A.weight"] = a.clone()  # one copy per module (a file holds no shared tensors)
+        out[f"{prefix}.lora_B.weight"] = b_part.contiguous()
+    return out
+
+
+@torch.no_grad()
+def save_peft_adapter(model, output_dir: str, model_config: ModelConfig, lora: LoRAConfig, source: str) -> None:
+    """Write the adapters of ``model`` (this rank's chunks, unwrapped) as a PEFT folder at ``output_dir``.
+
+    Every rank must call it; the first data-parallel, first tensor-parallel rank of each pipeline
+    stage gathers its adapters, global rank 0 writes the folder (published whole).
+
+    Args:
+        model: this rank's model chunks (a GPTModel or megatron's list of them), with adapters.
+        output_dir: replaced as a whole when it exists.
+        model_config: the architecture (how ``linear_qkv`` splits).
+        lora: the adapters' settings (rank, alpha, dropout).
+        source: the converted checkpoint training started from (the base the adapters go on).
+    """
+    chunks = model if isinstance(model, list) else [model]
+    mine: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        for local, param in chunk.named_parameters():
+            if local.rsplit(".", 1)[-1] in ADAPTERS:
+                name = canonical_name(chunk, local)
+                mine[name] = whole(param, name).float()
+    writer = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine if writer else {}, gathered, dst=0)
+    if dist.get_rank() == 0:
+        every = {k: v for part in gathered for k, v in part.items()}
+        tensors = {}
+        for name in sorted({k.rsplit(".", 1)[0] for k in every}):
+            tensors.update(_hf_tensors(name, every[f"{name}.lora_A"], every[f"{name}.lora_B"], model_config))
+        modules = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in tensors})
+        kinds = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        parents = sorted({m.split(".")[-2] for m in modules})
+        hf_config = ConvertedCheckpoint(source).meta.get("source")
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+            # the adapted modules and no other (an expert's gate_proj is not one)
+            "target_modules": rf"model\.layers\.\d+\.({'|'.join(parents)})\.({'|'.join(kinds)})",
+            "base_model_name_or_path": hf_config,
+        }
+        ours = {"base_checkpoint": os.path.abspath(source), "adapted_modules": modules,
+                "base_checkpoint_id": ConvertedCheckpoint(source).meta.get("checkpoint_id")}
+        assert all(re.fullmatch(config["target_modules"], m) for m in modules)
+        if os.path.exists(output_dir):  # an export of this run that a resume finishes again
+            shutil.rmtree(output_dir)
+        with StagedDirectory(output_dir) as tmp:
+            save_tensors(tensors, os.path.join(tmp, ADAPTER_WEIGHTS))
+            with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+                json.dump(config, f, indent=2)
+            with open(os.path.join(tmp, BASE_RECORD), "w") as f:  # PEFT's config takes no keys of ours
+                json.dump(ours, f, indent=2)
+    dist.barrier()
