@@ -224,6 +224,7 @@ def plan(c: Config, gpus: int, gpu_memory_gib: float, *, bf16: bool | None = Non
     ``transformer_engine``: the layers are transformer-engine's (GPU); False: the local spec (CPU).
     """
     m, p, o = c.model, c.parallel, c.optimizer
+    transformer_engine = transformer_engine and not c.lora.enabled  # adapters go on the local layers
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
     dp = c.data_parallel_size(gpus)
     expert_dp = gpus // (ep * p.expert_tensor_size * pp)

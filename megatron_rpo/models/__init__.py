@@ -5,8 +5,9 @@ from megatron_rpo.models.provider import (
     model_chunks,
     model_provider,
     transformer_config,
+    transformer_engine_layers,
     use_transformer_engine,
 )
 
 __all__ = ["layer_spec", "model_chunks", "model_provider", "transformer_config",
-           "use_transformer_engine"]
+           "use_transformer_engine", "transformer_engine_layers"]

@@ -34,7 +34,7 @@ from megatron_rpo.models.layers import RMSNorm, SDPAttention
 from megatron_rpo.models.lora import apply_lora
 
 __all__ = ["transformer_config", "layer_spec", "model_provider", "model_chunks",
-           "use_transformer_engine", "PreferenceGPTModel"]
+           "use_transformer_engine", "transformer_engine_layers", "PreferenceGPTModel"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,20 +77,30 @@ def _moe_settings(model: ModelConfig) -> dict:
     )
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool | None = None) -> TransformerConfig:
+def transformer_engine_layers(config: Config) -> bool:
+    """Whether this run's model is built of transformer-engine's layers: where they are available
+    (:func:`use_transformer_engine`), except with low-rank adapters, which go on megatron's local
+    layers (docs/lora.md)."""
+    return use_transformer_engine() and not config.lora.enabled
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool | None = None,
+                       transformer_engine: bool | None = None) -> TransformerConfig:
     """Megatron's TransformerConfig for our model and parallel layout.
 
     Args:
         model: the architecture.
         parallel: the parallel layout.
         bf16: bf16 parameters and compute; default: on GPU, never on CPU.
+        transformer_engine: whether the layers will be transformer-engine's; default: where available.
     """
+    te = use_transformer_engine() if transformer_engine is None else transformer_engine
     if model.num_moe_experts is None and (parallel.expert_model_parallel_size != 1
                                           or parallel.expert_tensor_size != parallel.tensor_model_parallel_size):
         raise InputError(f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} / "
                          f"expert_tensor_parallel_size={parallel.expert_tensor_parallel_size} need a "
                          "mixture-of-experts model, and this one is dense (model.num_moe_experts is not set)")
-    if "layernorm" in (model.recompute_modules or []) and not use_transformer_engine():
+    if "layernorm" in (model.recompute_modules or []) and not te:
         # megatron-core's CheckpointWithoutOutput (0.16.1 through 0.19) reads transformer-engine's FP8
         # state unconditionally (its fp8 flag is `fp8 is not None`), a NameError without it.
         raise InputError("model.recompute_modules 'layernorm' needs transformer-engine (megatron-core's "
@@ -162,13 +172,14 @@ def _use_our_modules(spec: ModuleSpec, config: TransformerConfig) -> None:
         attention.q_layernorm = attention.k_layernorm = norm
 
 
-def layer_spec(config: TransformerConfig, vp_stage: int | None = None):
-    """The decoder spec: transformer-engine's layers on GPU when available, our local ones otherwise.
+def layer_spec(config: TransformerConfig, vp_stage: int | None = None, transformer_engine: bool | None = None):
+    """The decoder spec: transformer-engine's layers on GPU when available (``transformer_engine``
+    None) or asked for, our local ones otherwise.
 
     Dense or mixture-of-experts layers where ``config.moe_layer_freq`` puts them (megatron's own
     per-layer specs), those of this pipeline stage.
     """
-    if use_transformer_engine():
+    if use_transformer_engine() if transformer_engine is None else transformer_engine:
         if config.num_moe_experts is None:
             return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
         return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm",
@@ -237,13 +248,14 @@ def model_provider(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-    tconfig = transformer_config(config.model, config.parallel, bf16=bf16)
+    te = transformer_engine_layers(config)
+    tconfig = transformer_config(config.model, config.parallel, bf16=bf16, transformer_engine=te)
     m = config.model
     model = PreferenceGPTModel(
         real_vocab_size=m.vocab_size,
         logprob_chunk_tokens=m.logprob_chunk_tokens,
         config=tconfig,
-        transformer_layer_spec=layer_spec(tconfig, vp_stage),
+        transformer_layer_spec=layer_spec(tconfig, vp_stage, te),
         vocab_size=m.padded_vocab_size(config.parallel.tensor_model_parallel_size),
         max_sequence_length=m.max_position_embeddings,
         pre_process=pre_process,
@@ -257,6 +269,7 @@ def model_provider(
         rope_scaling_factor=m.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
+    model.transformer_engine = te  # what the forward step's packed-sequence description is made for
     _mark_experts(model)
     if config.lora.enabled:
         apply_lora(model, config.lora)

@@ -79,16 +79,19 @@ def context_parallel_batch(batch: dict) -> dict:
     return out
 
 
-def packed_seq_params(batch: dict, device: torch.device) -> PackedSeqParams | None:
+def packed_seq_params(batch: dict, device: torch.device, transformer_engine: bool | None = None
+                      ) -> PackedSeqParams | None:
     """megatron's description of a packed microbatch (``thd``), made once and passed to every layer.
 
     transformer-engine's attention reads the boundaries on the GPU; our local attention and
     megatron's unfused RoPE split the row with them on the host, so there they stay on the CPU
-    (no device-to-host copy, and no synchronisation, in every layer).
+    (no device-to-host copy, and no synchronisation, in every layer). ``transformer_engine``: the
+    model's layers are transformer-engine's (default: where available).
     """
     if "cu_seqlens" not in batch:
         return None
-    where = device if use_transformer_engine() else torch.device("cpu")
+    te = use_transformer_engine() if transformer_engine is None else transformer_engine
+    where = device if te else torch.device("cpu")
     cu = torch.tensor(batch["cu_seqlens"], dtype=torch.int32, device=where)
     # The whole row's boundaries, under CP too (megatron's RoPE and transformer-engine divide them
     # by CP); there every segment is padded to 2 x CP chunks, and the padded boundaries are these.
@@ -139,6 +142,13 @@ def surrogate_loss_func(scale: float, batch: dict, token_logps: torch.Tensor):
     return surrogate, {}
 
 
+def _unwrapped(model):
+    """The model inside megatron's DDP (and other) wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def forward_step(data_iterator, model, *, loss_fn: LossFn):
     """Megatron's ``forward_step(data_iterator, model) -> (output, loss_func)``; bind the rest with partial.
 
@@ -152,7 +162,7 @@ def forward_step(data_iterator, model, *, loss_fn: LossFn):
             with its leading arguments bound.
     """
     batch = context_parallel_batch(next(data_iterator))
-    packed = packed_seq_params(batch, batch["tokens"].device)
+    packed = packed_seq_params(batch, batch["tokens"].device, getattr(_unwrapped(model), "transformer_engine", None))
     # The last stage turns ``labels`` into their [b, s] log-probs (the vocabulary stays split,
     # and is chunked when model.logprob_chunk_tokens says so); the others return hidden states.
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)

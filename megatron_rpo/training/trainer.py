@@ -26,7 +26,7 @@ from megatron_rpo.convert.save import save_converted
 from megatron_rpo.data.dataset import PairedSampler, PreferenceDataset, UnpairedSampler, collate_step
 from megatron_rpo.device import current_device
 from megatron_rpo.errors import InputError
-from megatron_rpo.models import model_chunks, use_transformer_engine
+from megatron_rpo.models import model_chunks, transformer_engine_layers
 from megatron_rpo.models.flops import peak_tflops, step_flops
 from megatron_rpo.plan import plan
 from megatron_rpo.training.checkpointing import (
@@ -176,7 +176,7 @@ class Trainer:
         c = self.config
         gpu = torch.cuda.is_available()
         memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 if gpu else 0.0
-        estimate = plan(c, dist.get_world_size(), memory, bf16=self.bf16, transformer_engine=use_transformer_engine())
+        estimate = plan(c, dist.get_world_size(), memory, bf16=self.bf16, transformer_engine=transformer_engine_layers(c))
         worst = estimate.worst
         verdict = (f" of {memory:.0f} GiB ({'fits' if estimate.fits else 'does NOT fit'}: "
                    f"python -m megatron_rpo.plan for the breakdown)" if gpu else "")

@@ -332,3 +332,35 @@ def test_kto_trains_on_unpaired_items_against_its_reference_point(workspace, tmp
     assert a["loss"] == pytest.approx(0.5, abs=1e-6)
     for name in a["grads"]:
         torch.testing.assert_close(a["grads"][name], b["grads"][name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_lora_checkpoint_holds_the_adapters_and_resumes_only_on_its_base(workspace, tmp_path):
+    """Issue 35: the frozen base is not in a training checkpoint (the adapters and their optimizer
+    state are), which names the base by its conversion's id; a resume on another base is refused
+    before any work, naming both."""
+    import shutil
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_rpo.convert.files import MARKER
+
+    base = workspace["root"] / "ckpt"
+    other = tmp_path / "other_base"  # the same weights, converted again: another checkpoint id
+    shutil.copytree(base, other)
+    meta = json.loads((other / MARKER).read_text())
+    (other / MARKER).write_text(json.dumps(dict(meta, checkpoint_id="0" * 32)))
+    save = tmp_path / "lora"
+    argv = _overrides(workspace, save, "lora.rank=4", "train.train_iters=2")
+    trained, refused = run_ranks(train_each, 1, [argv, argv + [
+        "train.train_iters=3", f"train.load={other}", "train.allow_config_change=true"]], timeout=600)[0]
+    assert "error" not in trained, trained
+    state = json.loads((save / "iter_0000002" / "training_state.json").read_text())
+    assert state["base"] == {"path": str(base), "checkpoint_id": meta["checkpoint_id"]}
+    keys = list(FileSystemReader(str(save / "iter_0000002")).read_metadata().state_dict_metadata)
+    assert any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys)
+    frozen = [k for k in keys if k.endswith(("linear_qkv.weight", "word_embeddings.weight", "layernorm.weight"))]
+    assert not frozen, frozen[:5]
+    assert "holds adapters trained on the base" in refused["error"], refused
+    assert str(base) in refused["error"] and str(other) in refused["error"]
+    assert (save / "latest").read_text().strip() == "iter_0000002"  # nothing written by the refused run
+    assert (save / "adapter" / "adapter_config.json").exists() and (save / "export").is_dir()

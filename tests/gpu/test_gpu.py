@@ -44,6 +44,7 @@ RUNS = {
     "diagonal": ["loss.weighting=diagonal"],
     "unpaired": ["data.paired=false", "loss.tau=0.75"],
     "padded": ["data.packing=false"],
+    "lora": ["lora.rank=8"],  # megatron's local layers on the GPU (docs/lora.md), the base as the reference
 }
 
 
