@@ -155,8 +155,9 @@ def _adapt(layer, name: str, settings: LoRAConfig) -> None:
 
 def apply_lora(model: torch.nn.Module, settings: LoRAConfig) -> list[str]:
     """Put adapters on every ``settings.targets`` linear of ``model`` (this rank's chunk, megatron's
-    local spec) but the experts' own, and freeze everything else; returns the adapted layers' global
-    names (the same adapters at any TP, PP and VPP: ``A`` is drawn from that name).
+    local spec; in a mixture-of-experts model the attention's only) and freeze everything else;
+    returns the adapted layers' global names (the same adapters at any TP, PP and VPP: ``A`` is
+    drawn from that name).
 
     Raises:
         InputError: a target that is not a megatron tensor-parallel linear here (transformer-engine's

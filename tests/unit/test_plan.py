@@ -34,6 +34,8 @@ PARAMETER_CASES = {
     "moe_ep2": (MOE, {"expert_model_parallel_size": 2}),
     "moe_tp2_sp_etp1": (MOE, dict(TP2_SP, expert_tensor_parallel_size=1)),
 }
+LORA_CASES = {name: PARAMETER_CASES[name] for name in ("tp1", "tp2_sp", "pp2_tied", "moe_ep2")}
+"""Built with rank-4 adapters: their count against :func:`megatron_rpo.plan.stage_adapters`."""
 FULL = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 2}
 ACTIVATION_CASES = {
     "none": (BASE, {}),
@@ -160,6 +162,15 @@ def _build_all(batch):
                                        "dense": sum(p.numel() for p in module.parameters()) - expert}
         finally:
             ps.destroy_model_parallel()
+    for name, (model_keys, parallel_keys) in LORA_CASES.items():
+        config = _lora(_config(model_keys, parallel_keys))
+        parallel.initialize(config.parallel)
+        try:
+            module = model_provider(config)
+            out["adapters", name] = {"stage": ps.get_pipeline_model_parallel_rank(),
+                                     "count": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+        finally:
+            ps.destroy_model_parallel()
     for name in ACTIVATION_CASES:
         out["activations", name] = saved_activations(name, plan_batch(packed=True) if name == "cp2" else batch)
     return out
@@ -191,6 +202,24 @@ def test_parameter_count_equals_the_built_models(built, case):
         want = stage_parameters(c.model, p.tensor_model_parallel_size, p.pipeline_model_parallel_size, got["stage"],
                                 p.expert_model_parallel_size, p.expert_tensor_size)
         assert want == {"dense": got["dense"], "expert": got["expert"]}, (case, got["stage"])
+
+
+def _lora(c):
+    import dataclasses
+
+    from megatron_rpo.config import LoRAConfig
+
+    return dataclasses.replace(c, lora=LoRAConfig(rank=4))
+
+
+@pytest.mark.parametrize("case", list(LORA_CASES))
+def test_adapter_count_equals_the_built_models(built, case):
+    from megatron_rpo.plan import stage_adapters
+
+    c = _lora(_config(*LORA_CASES[case]))
+    for rank in built:
+        got = rank["adapters", case]
+        assert stage_adapters(c, got["stage"]) == got["count"] > 0, (case, got["stage"])
 
 
 @pytest.mark.parametrize("case", list(ACTIVATION_CASES))
