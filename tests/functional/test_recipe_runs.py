@@ -151,8 +151,29 @@ def test_recipe_stops_on_sigterm_resumes_and_equals_the_uninterrupted_run(recipe
     assert [s for s, _ in got["eval/loss"]] == [INTERVAL, STEPS]
     _exports_equal(save / "export", uninterrupted[os.path.basename(recipe)] / "export")
     if os.path.isdir(uninterrupted[os.path.basename(recipe)] / "adapter"):  # a LoRA recipe's PEFT folder too
-        from safetensors.torch import load_file
+        _adapters_equal_and_load_in_peft(save, uninterrupted[os.path.basename(recipe)], tmp_path)
 
-        a = load_file(save / "adapter" / "adapter_model.safetensors")
-        b = load_file(uninterrupted[os.path.basename(recipe)] / "adapter" / "adapter_model.safetensors")
-        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+def _adapters_equal_and_load_in_peft(save, expected, tmp_path) -> None:
+    """The resumed run's PEFT folder is the uninterrupted run's, bitwise; peft puts it on the Hugging
+    Face base with the logits of the merged export through transformers."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_rpo.convert import convert_megatron_to_hf
+    from megatron_rpo.convert.files import ConvertedCheckpoint
+
+    a = load_file(save / "adapter" / "adapter_model.safetensors")
+    b = load_file(expected / "adapter" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    base_hf = ConvertedCheckpoint(ConvertedCheckpoint(str(save / "export")).meta["source"]).meta["source"]
+    convert_megatron_to_hf(str(save / "export"), str(tmp_path / "merged_hf"), progress=False)
+    tokens = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32).eval()
+        plain = base(tokens).logits
+        adapted = PeftModel.from_pretrained(base, save / "adapter").eval()(tokens).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf", dtype=torch.float32).eval()(tokens).logits
+    assert (adapted - plain).abs().max() > 0  # training moved the adapters off zero
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
