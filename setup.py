@@ -45,7 +45,8 @@ setup(
         # with `vllm serve` and point --endpoint-model at it).
         "vllm": ["vllm"],
         # peft: the independent computation the exported adapters are tested against.
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "datasets>=2.18", "wandb>=0.17", "matplotlib>=3.7", "peft>=0.13"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "datasets>=2.18", "wandb>=0.17", "matplotlib>=3.7",
+                 "peft>=0.13"],
         # apex comes from the NGC PyTorch container, which also ships transformer-engine.
         "gpu": ["transformer-engine[pytorch]"],
     },

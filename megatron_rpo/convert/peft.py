@@ -1,9 +1,9 @@
 """A run's low-rank adapters as a PEFT adapter folder, from any TP/PP/VPP split.
 
-``adapter_config.json`` + ``adapter_model.safetensors`` (+ :data:`BASE_RECORD`), what ``peft.PeftModel.from_pretrained(base,
-folder)`` loads onto the Hugging Face model the run started from (tools/convert_megatron_to_hf.py
-of ``train.load``). Our adapters sit on megatron's fused linears; Hugging Face's are separate, and
-``(alpha / r) B A x`` splits by rows exactly:
+``adapter_config.json`` + ``adapter_model.safetensors`` (+ :data:`BASE_RECORD`), what
+``peft.PeftModel.from_pretrained(base, folder)`` loads onto the Hugging Face model the run started
+from (tools/convert_megatron_to_hf.py of ``train.load``). Our adapters sit on megatron's fused
+linears; Hugging Face's are separate, and ``(alpha / r) B A x`` splits by rows exactly:
 
 * ``linear_qkv`` -> ``q_proj``, ``k_proj``, ``v_proj``: each gets ``A`` whole and its rows of ``B``
   (megatron's per-group ``[q k v]`` order, :func:`~megatron_rpo.convert.layout.split_qkv`);

@@ -44,8 +44,8 @@ from megatron_rpo.training.optimizer import optimizer_parts
 from megatron_rpo.versions import megatron_core_version, refuse_newer_checkpoint
 
 __all__ = ["checkpoint_model_config", "load_weights", "latest_checkpoint", "save_training_checkpoint",
-           "describe_layout", "read_training_state", "check_readable", "check_base", "mark_done", "load_training_checkpoint",
-           "SyncTorchDistSaveStrategy"]
+           "describe_layout", "read_training_state", "check_readable", "check_base", "mark_done",
+           "load_training_checkpoint", "SyncTorchDistSaveStrategy"]
 
 LATEST = "latest"
 # How the distributed optimizer's state is laid out in a checkpoint. megatron's "dp_reshardable"

@@ -176,7 +176,8 @@ class Trainer:
         c = self.config
         gpu = torch.cuda.is_available()
         memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 if gpu else 0.0
-        estimate = plan(c, dist.get_world_size(), memory, bf16=self.bf16, transformer_engine=transformer_engine_layers(c))
+        estimate = plan(c, dist.get_world_size(), memory, bf16=self.bf16,
+                        transformer_engine=transformer_engine_layers(c))
         worst = estimate.worst
         verdict = (f" of {memory:.0f} GiB ({'fits' if estimate.fits else 'does NOT fit'}: "
                    f"python -m megatron_rpo.plan for the breakdown)" if gpu else "")

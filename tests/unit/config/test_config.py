@@ -224,7 +224,8 @@ def test_sequence_length_is_checked_against_the_model_that_runs():
 @pytest.mark.parametrize("override,message", [
     ("lora.rank=0", "lora.rank must be > 0, got 0"),
     ("lora.dropout=1.0", r"lora.dropout must be in \[0, 1\), got 1.0"),
-    ("lora.targets=[q_proj]", r"lora.targets \['q_proj'\] must name at least one of \['linear_qkv'.*'q_proj'\] is not one"),
+    ("lora.targets=[q_proj]",
+     r"lora.targets \['q_proj'\] must name at least one of \['linear_qkv'.*'q_proj'\] is not one"),
     ("lora.targets=[]", r"lora.targets \[\] must name at least one of"),
 ])
 def test_bad_adapter_settings_are_refused_by_name(override, message):
