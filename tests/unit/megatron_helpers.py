@@ -157,3 +157,31 @@ def tiny_config(tp: int = 1, pp: int = 1, sp: bool = False, **loss):
         "data": dict(max_prompt_length=12, max_length=SEQ),
         "loss": loss,
     })
+
+
+@torch.no_grad()
+def layout_logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """``model``'s logits of ``tokens`` through megatron's (pipeline) schedule, forward only: whole
+    ([b, s, vocab_size], gathered over TP, vocabulary padding dropped) on the last pipeline stage,
+    None on the others."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    kept = []
+
+    def step(_, m):
+        out = m(tokens, positions, None)
+        if ps.is_pipeline_last_stage():
+            kept.append(out.detach().clone())
+        return out, lambda o: (o.sum() * 0.0, {})
+
+    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
+                                num_microbatches=1, seq_length=tokens.shape[1],
+                                micro_batch_size=tokens.shape[0], forward_only=True)
+    if not ps.is_pipeline_last_stage():
+        return None
+    group = ps.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(kept[0]) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, kept[0].contiguous(), group=group)
+    return torch.cat(shards, dim=-1)[..., :vocab_size]

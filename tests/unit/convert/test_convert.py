@@ -86,14 +86,13 @@ def _megatron_logits(ckpt_dir, tp, pp, ep, etp, sp, flip_pre_softmax, tokens):
     ``flip_pre_softmax`` maps the router the other way."""
     import dataclasses
 
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rpo import parallel
     from megatron_rpo.config import Config, DataConfig, ParallelConfig
     from megatron_rpo.convert import ConvertedCheckpoint, load_converted
     from megatron_rpo.models import model_provider
+    from tests.unit.megatron_helpers import layout_logits
 
     model_config = ConvertedCheckpoint(ckpt_dir).model_config
     if flip_pre_softmax:
@@ -108,25 +107,7 @@ def _megatron_logits(ckpt_dir, tp, pp, ep, etp, sp, flip_pre_softmax, tokens):
         model = model_provider(config)
         load_converted(model, ckpt_dir)
         model.eval()
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        kept = []
-
-        def step(_, m):
-            out = m(tokens, positions, None)
-            if ps.is_pipeline_last_stage():
-                kept.append(out.detach().clone())
-            return out, lambda o: (o.sum() * 0.0, {})
-
-        with torch.no_grad():
-            get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
-                                        num_microbatches=1, seq_length=tokens.shape[1],
-                                        micro_batch_size=tokens.shape[0], forward_only=True)
-        if not ps.is_pipeline_last_stage():
-            return None
-        group = ps.get_tensor_model_parallel_group()
-        shards = [torch.empty_like(kept[0]) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(shards, kept[0].contiguous(), group=group)
-        return torch.cat(shards, dim=-1)[..., :VOCAB]  # [b, s, V_pad] -> the real vocabulary
+        return layout_logits(model, tokens, VOCAB)
     finally:
         ps.destroy_model_parallel()  # the process group stays for the next case
 

@@ -127,9 +127,7 @@ def _peft_run(ckpt, tp, pp, ep, sp, tokens, adapter_dir, merged_dir):
     """This layout's logits with adapters filled by name (B not 0), its PEFT folder and its merged export."""
     import zlib
 
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rpo import parallel
     from megatron_rpo.config import Config, DataConfig, LoRAConfig, ParallelConfig
@@ -137,7 +135,7 @@ def _peft_run(ckpt, tp, pp, ep, sp, tokens, adapter_dir, merged_dir):
     from megatron_rpo.convert.peft import save_peft_adapter
     from megatron_rpo.convert.save import save_converted
     from megatron_rpo.models import model_provider
-    from tests.unit.megatron_helpers import full_shape, global_name, shard
+    from tests.unit.megatron_helpers import full_shape, global_name, layout_logits, shard
 
     lora = LoRAConfig(rank=4, alpha=8.0)
     model_config = ConvertedCheckpoint(ckpt).model_config
@@ -154,27 +152,10 @@ def _peft_run(ckpt, tp, pp, ep, sp, tokens, adapter_dir, merged_dir):
                     g = torch.Generator().manual_seed(zlib.crc32(global_name(model, name).encode()))
                     p.copy_(shard(torch.randn(full_shape(p), generator=g) * 0.1, p))
         model.eval()
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        kept = []
-
-        def step(_, m):
-            out = m(tokens, positions, None)
-            if ps.is_pipeline_last_stage():
-                kept.append(out.detach().clone())
-            return out, lambda o: (o.sum() * 0.0, {})
-
-        with torch.no_grad():
-            get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
-                                        num_microbatches=1, seq_length=tokens.shape[1],
-                                        micro_batch_size=tokens.shape[0], forward_only=True)
+        logits = layout_logits(model, tokens, PEFT_VOCAB)
         save_peft_adapter(model, adapter_dir, model_config, lora, ckpt)
         save_converted(model, merged_dir, model_config, ckpt)
-        if not ps.is_pipeline_last_stage():
-            return None
-        group = ps.get_tensor_model_parallel_group()
-        shards = [torch.empty_like(kept[0]) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(shards, kept[0].contiguous(), group=group)
-        return torch.cat(shards, dim=-1)[..., :PEFT_VOCAB]
+        return logits
     finally:
         ps.destroy_model_parallel()
 
