@@ -16,11 +16,17 @@ from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint
 from megatron_rpo.convert.layout import global_expert_name, is_expert
 from megatron_rpo.errors import InputError
 
-__all__ = ["load_converted", "canonical_name", "tensor_split", "VOCAB_TENSORS", "ADAPTERS"]
+__all__ = ["load_converted", "canonical_name", "tensor_split", "is_adapter", "VOCAB_TENSORS", "ADAPTERS"]
 
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 ADAPTERS = ("lora_A", "lora_B")
 """The names of low-rank adapters' parameters (megatron_rpo/models/lora.py) on an adapted linear."""
+
+
+def is_adapter(name: str) -> bool:
+    """Whether the parameter ``name`` is an adapter's (``...linear_qkv.lora_A``): not in a converted
+    checkpoint, merged into its weight by the export."""
+    return name.rsplit(".", 1)[-1] in ADAPTERS
 # transformer-engine's layer spec fuses the norms into the following linear layer.
 _TE_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
@@ -87,7 +93,7 @@ def load_converted(model, path: str) -> None:
     """
     ckpt = ConvertedCheckpoint(path)
     for local, param in model.named_parameters():
-        if local.rsplit(".", 1)[-1] in ADAPTERS:
+        if is_adapter(local):
             continue  # an adapter's: not in a converted checkpoint (drawn by the model)
         name = canonical_name(model, local)
         if name == "output_layer.weight" and name not in ckpt.index:

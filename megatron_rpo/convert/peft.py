@@ -28,7 +28,7 @@ from megatron.core import parallel_state
 from megatron_rpo.config import LoRAConfig, ModelConfig
 from megatron_rpo.convert.files import ConvertedCheckpoint, save_tensors
 from megatron_rpo.convert.layout import ATTENTION_MAP, DENSE_MLP_MAP, SPLIT
-from megatron_rpo.convert.load import ADAPTERS, canonical_name
+from megatron_rpo.convert.load import canonical_name, is_adapter
 from megatron_rpo.convert.save import whole
 from megatron_rpo.publish import StagedDirectory
 
@@ -76,7 +76,7 @@ def save_peft_adapter(model, output_dir: str, model_config: ModelConfig, lora: L
     mine: dict[str, torch.Tensor] = {}
     for chunk in chunks:
         for local, param in chunk.named_parameters():
-            if local.rsplit(".", 1)[-1] in ADAPTERS:
+            if is_adapter(local):
                 name = canonical_name(chunk, local)
                 mine[name] = whole(param, name).float()
     writer = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0

@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from megatron_rpo.config import ModelConfig
 from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint, save_tensors
 from megatron_rpo.convert.layout import group_of, is_expert, weights_file
-from megatron_rpo.convert.load import ADAPTERS, VOCAB_TENSORS, canonical_name, tensor_split
+from megatron_rpo.convert.load import VOCAB_TENSORS, canonical_name, is_adapter, tensor_split
 
 __all__ = ["save_converted", "whole"]
 
@@ -68,7 +68,7 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
     tied = not model_config.untie_embeddings_and_output_weights
     chunks = model if isinstance(model, list) else [model]
     for chunk, local, param in ((c, n, p) for c in chunks for n, p in c.named_parameters()
-                                if n.rsplit(".", 1)[-1] not in ADAPTERS):  # merged into their weights
+                                if not is_adapter(n)):  # merged into their weights
         name = canonical_name(chunk, local)
         tensor = whole(param, name)
         expert = is_expert(name)

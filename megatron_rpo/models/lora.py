@@ -44,12 +44,15 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_rpo.config import LoRAConfig
-from megatron_rpo.convert.load import ADAPTERS, canonical_name
+from megatron_rpo.convert.load import canonical_name, is_adapter
 from megatron_rpo.errors import InputError
 
-__all__ = ["apply_lora", "adapters_disabled", "merged_delta", "is_adapter"]
+__all__ = ["apply_lora", "adapters_disabled", "merged_delta"]
 
 
 def _mark(p: torch.nn.Parameter, split: bool, dim: int = 0, stride: int = 1, sequence_parallel: bool = False):
@@ -66,8 +69,6 @@ def _dropout(self, x):
     if not self.training or isinstance(self._lora_dropout, torch.nn.Identity):
         return x
     if self.sequence_parallel:
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
         with get_cuda_rng_tracker().fork():
             return self._lora_dropout(x)
     return self._lora_dropout(x)
@@ -99,17 +100,9 @@ def _row_forward(self, input_, *args, **kwargs):
     return output, bias
 
 
-def is_adapter(name: str) -> bool:
-    """Whether the parameter ``name`` is an adapter's (``...linear_qkv.lora_A``)."""
-    return name.rsplit(".", 1)[-1] in ADAPTERS
-
-
 def _sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
     """The layer's sharded state with its adapters split over TP as they are held (see the module
     docstring); ``B`` of a ``[gate; up]`` linear in megatron's order of its weight."""
-    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
     column = isinstance(self, ColumnParallelLinear)
     axes = {"weight": 0, "bias": 0, "lora_B": 0} if column else {"weight": 1, "lora_A": 1}
     out = make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, axes,

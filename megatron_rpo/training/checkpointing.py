@@ -36,9 +36,8 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 
 from megatron_rpo.config import ModelConfig
 from megatron_rpo.convert.files import ConvertedCheckpoint
-from megatron_rpo.convert.load import load_converted
+from megatron_rpo.convert.load import is_adapter, load_converted
 from megatron_rpo.errors import InputError
-from megatron_rpo.models.lora import is_adapter
 from megatron_rpo.publish import write_text
 from megatron_rpo.training.optimizer import optimizer_parts
 from megatron_rpo.versions import megatron_core_version, refuse_newer_checkpoint

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_rpo.config import LossConfig
 from megatron_rpo.data.packing import context_parallel_indices
@@ -142,13 +143,6 @@ def surrogate_loss_func(scale: float, batch: dict, token_logps: torch.Tensor):
     return surrogate, {}
 
 
-def _unwrapped(model):
-    """The model inside megatron's DDP (and other) wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def forward_step(data_iterator, model, *, loss_fn: LossFn):
     """Megatron's ``forward_step(data_iterator, model) -> (output, loss_func)``; bind the rest with partial.
 
@@ -162,7 +156,7 @@ def forward_step(data_iterator, model, *, loss_fn: LossFn):
             with its leading arguments bound.
     """
     batch = context_parallel_batch(next(data_iterator))
-    packed = packed_seq_params(batch, batch["tokens"].device, getattr(_unwrapped(model), "transformer_engine", None))
+    packed = packed_seq_params(batch, batch["tokens"].device, get_attr_wrapped_model(model, "transformer_engine"))
     # The last stage turns ``labels`` into their [b, s] log-probs (the vocabulary stays split,
     # and is chunked when model.logprob_chunk_tokens says so); the others return hidden states.
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)

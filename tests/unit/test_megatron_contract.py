@@ -70,6 +70,8 @@ USED = [
      "models/lora.py: B of linear_fc1 in its weight's [gate; up] order"),
     ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.fork", ("self",),
      "models/lora.py: an adapter's dropout under SP"),
+    ("megatron.core.utils", "get_attr_wrapped_model", ("model", "attr"),
+     "training/forward_step.py: which layers the model has, through megatron's wrappers"),
     ("megatron.core.tensor_parallel", "ColumnParallelLinear.forward", ("input_",),
      "models/lora.py: the base layer's own forward, called by the adapted one"),
     ("megatron.core.tensor_parallel", "RowParallelLinear.forward", ("input_",),
