@@ -90,17 +90,17 @@ def save_peft_adapter(model, output_dir: str, model_config: ModelConfig, lora: L
         modules = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in tensors})
         kinds = sorted({m.rsplit(".", 1)[-1] for m in modules})
         parents = sorted({m.split(".")[-2] for m in modules})
-        hf_config = ConvertedCheckpoint(source).meta.get("source")
+        base = ConvertedCheckpoint(source).meta  # the base: its Hugging Face folder and its id
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
             "lora_dropout": lora.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
             "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
             # the adapted modules and no other (an expert's gate_proj is not one)
             "target_modules": rf"model\.layers\.\d+\.({'|'.join(parents)})\.({'|'.join(kinds)})",
-            "base_model_name_or_path": hf_config,
+            "base_model_name_or_path": base.get("source"),
         }
         ours = {"base_checkpoint": os.path.abspath(source), "adapted_modules": modules,
-                "base_checkpoint_id": ConvertedCheckpoint(source).meta.get("checkpoint_id")}
+                "base_checkpoint_id": base.get("checkpoint_id")}
         assert all(re.fullmatch(config["target_modules"], m) for m in modules)
         if os.path.exists(output_dir):  # an export of this run that a resume finishes again
             shutil.rmtree(output_dir)
