@@ -88,25 +88,38 @@ def stage_parameters(m: ModelConfig, tp: int = 1, pp: int = 1, stage: int = 0, e
     return {"dense": dense, "expert": expert}
 
 
-def stage_adapters(c: Config, stage: int = 0) -> int:
-    """This rank's adapter parameters on pipeline ``stage`` (0 without ``lora``): per adapted linear
-    ``A`` (rank x in) and ``B`` (out x rank), the TP-split side split (column layers: ``B``'s rows,
-    row layers: ``A``'s columns); in a mixture-of-experts model the attention's only
+def stage_adapters(c: Config, stage: int = 0) -> dict[str, int]:
+    """This rank's adapter parameters on pipeline ``stage`` (0 without ``lora``), by part (``dense``
+    and ``expert``, as :func:`stage_parameters`): per adapted linear ``A`` (rank x in) and ``B``
+    (out x rank), the TP-split side split (column layers: ``B``'s rows, row layers: ``A``'s
+    columns); in a mixture-of-experts layer ``linear_fc1``/``linear_fc2`` are its ``num_moe_experts
+    / EP`` experts' (split by ETP), and a dense MLP layer of such a model has none
     (:func:`megatron_rpo.models.lora.apply_lora`)."""
-    m, lora = c.model, c.lora
+    m, lora, p = c.model, c.lora, c.parallel
     if not lora.enabled:
-        return 0
-    tp, pp = c.parallel.tensor_model_parallel_size, c.parallel.pipeline_model_parallel_size
-    h, d, r = m.hidden_size, m.head_dim, lora.rank
+        return {"dense": 0, "expert": 0}
+    tp, r = p.tensor_model_parallel_size, lora.rank
+    h, d = m.hidden_size, m.head_dim
     qkv = (m.num_attention_heads + 2 * (m.num_query_groups or m.num_attention_heads)) * d
-    per_linear = {  # (in, out, column-parallel)
-        "linear_qkv": (h, qkv, True), "linear_proj": (m.num_attention_heads * d, h, False),
-        "linear_fc1": (h, 2 * m.ffn_hidden_size, True), "linear_fc2": (m.ffn_hidden_size, h, False),
-    }
-    targets = [t for t in lora.targets if not (m.num_moe_experts and t in ("linear_fc1", "linear_fc2"))]
-    layer = sum(r * i + r * o // tp if column else r * i // tp + r * o
-                for i, o, column in (per_linear[t] for t in targets))
-    return layer * len(_stage_layers(m, pp, stage))
+    width = m.moe_ffn_hidden_size or m.ffn_hidden_size
+
+    def count(targets, shapes, split):  # shapes: target -> (in, out, column-parallel)
+        return sum(r * i + r * o // split if column else r * i // split + r * o
+                   for i, o, column in (shapes[t] for t in targets if t in shapes))
+
+    attention = {"linear_qkv": (h, qkv, True), "linear_proj": (m.num_attention_heads * d, h, False)}
+    mlp = {"linear_fc1": (h, 2 * m.ffn_hidden_size, True), "linear_fc2": (m.ffn_hidden_size, h, False)}
+    experts = {"linear_fc1": (h, 2 * width, True), "linear_fc2": (width, h, False)}
+    dense, expert = 0, 0
+    moe = m.moe_layers
+    for layer in _stage_layers(m, p.pipeline_model_parallel_size, stage):
+        dense += count(lora.targets, attention, tp)
+        if m.num_moe_experts is None:
+            dense += count(lora.targets, mlp, tp)
+        elif moe[layer]:
+            expert += m.num_moe_experts // p.expert_model_parallel_size * count(lora.targets, experts,
+                                                                                 p.expert_tensor_size)
+    return {"dense": dense, "expert": expert}
 
 
 def layer_activation_bytes(m: ModelConfig, layer_is_moe: bool, tokens: int, tp: int, sp: bool, element: int,
@@ -242,12 +255,13 @@ def plan(c: Config, gpus: int, gpu_memory_gib: float, *, bf16: bool | None = Non
     for stage in range(pp):
         count = stage_parameters(m, tp, pp, stage, ep, p.expert_tensor_size)
         n = count["dense"] + count["expert"]
-        adapters = stage_adapters(c, stage)
+        lora = stage_adapters(c, stage)
+        adapters = lora["dense"] + lora["expert"]
         # the distributed optimizer shards over data x context parallel ranks (megatron's)
         shards = (dp * p.context_parallel_size, expert_dp) if o.use_distributed_optimizer else (1, 1)
         if adapters:  # the base frozen: gradients and optimizer state for the adapters only
             parts = {"weights": n * element, "adapters": adapters * element, "gradients": adapters * 4,
-                     "optimizer": adapters * state / shards[0]}
+                     "optimizer": lora["dense"] * state / shards[0] + lora["expert"] * state / shards[1]}
         else:
             parts = {
                 "weights": n * element,

@@ -20,7 +20,8 @@ microbatch on every rank, so the single process takes microbatches DP times as l
 samplers hand consecutive microbatches to consecutive ranks, so they hold the same sequences in
 the same order); ``local`` and ``global_batch`` keep the micro batch size. :func:`compare` checks
 every step's loss, rewards and the other metrics, its gradient norm, the rewards of step 1 (0: the
-policy is the reference), the evaluation after training and the exported weights.
+policy is the reference), the evaluation after training and the exported weights (with adapters
+also the adapters, whose A's update the merged weights hide behind B).
 
 Every run, the case's and the single process's, sets Adam's epsilon to :data:`ADAM_EPS` instead of
 the recipe's 1e-8. At 1e-8 Adam's first update is the sign of each gradient element, so an element
@@ -365,6 +366,7 @@ def run_cases(world: dict, runs: list[tuple[Case, tuple[str, ...], str]], refere
     from megatron.core import parallel_state
 
     from megatron_rpo.config import load_config
+    from megatron_rpo.convert.peft import save_peft_adapter
     from megatron_rpo.training.trainer import Trainer
 
     if references:
@@ -391,9 +393,14 @@ def run_cases(world: dict, runs: list[tuple[Case, tuple[str, ...], str]], refere
                 except ValueError as e:
                     out.append({"refused": str(e)})
                     continue
+                c = trainer.config
+                if c.lora.enabled:  # the adapters as drawn, before any step: what their updates start from
+                    save_peft_adapter(trainer.module, os.path.join(save, "adapter_start"), c.model, c.lora,
+                                      c.train.load)
             evaluation = trainer.train()
             out.append({"history": history + trainer.history, "eval": evaluation,
-                        "export": os.path.join(save, "export")})
+                        "export": os.path.join(save, "export")}
+                       | ({"adapter": save} if trainer.config.lora.enabled else {}))
         except Exception as e:  # noqa: BLE001 - reported by the case's test
             # A refusal reaches every rank alike; anything else may leave the ranks out of step.
             out.append({"error": traceback.format_exc(), "fatal": not isinstance(e, ValueError)})
@@ -464,4 +471,19 @@ def compare(case: Case, got: dict, want: dict) -> None:
         if error > 1e-2 * update + 1e-7:
             problems.append(f"exported {name}: its update differs from one process's by {error:.3g} "
                             f"(the update: {update:.3g})")
+    if "adapter" in want:
+        # The adapters themselves: in the merged weights A's update hides behind B (which starts at
+        # 0), so a wrong gradient of A shows only here. The single process's run holds their start.
+        from safetensors.torch import load_file
+
+        x, y, start = (load_file(os.path.join(folder, "adapter_model.safetensors")) for folder in
+                       (os.path.join(want["adapter"], "adapter"), os.path.join(got["adapter"], "adapter"),
+                        os.path.join(want["adapter"], "adapter_start")))
+        assert sorted(x) == sorted(y) == sorted(start)
+        for name in x:
+            a, b, a0 = x[name].double(), y[name].double(), start[name].double()
+            update, error = (a - a0).norm().item(), (b - a).norm().item()
+            if error > 1e-2 * update + 1e-7:
+                problems.append(f"adapter {name}: its update differs from one process's by {error:.3g} "
+                                f"(the update: {update:.3g})")
     assert not problems, f"{case.name}: " + "; ".join(problems[:12])

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from megatron_rpo.config.sections import Config
 
 __all__ = ["check_config", "check_loss_vs_data", "check_layout", "check_experts", "check_context_parallel",
-           "check_recompute", "check_lengths", "check_batch"]
+           "check_recompute", "check_lora", "check_lengths", "check_batch"]
 
 
 def check_config(c: Config) -> None:
@@ -23,6 +23,7 @@ def check_config(c: Config) -> None:
     check_experts(c)
     check_context_parallel(c)
     check_recompute(c)
+    check_lora(c)
 
 
 def check_loss_vs_data(c: Config) -> None:
@@ -105,6 +106,24 @@ def check_experts(c: Config) -> None:
     if width % etp:
         raise InputError(f"the experts' width ({width}, model.moe_ffn_hidden_size) is not divisible by "
                          f"parallel.expert_tensor_parallel_size ({etp})")
+
+
+def check_lora(c: Config) -> None:
+    """Adapters on a mixture-of-experts model's experts (``lora.targets`` with ``linear_fc1`` or
+    ``linear_fc2``): without dropout (PEFT's adapters on experts take none, so an export could not be
+    loaded), and split over ETP 1 or over the tensor-parallel ranks (megatron's gradient norm counts an
+    unsplit parameter on the first tensor-parallel rank; :mod:`megatron_rpo.models.lora`)."""
+    lora, p = c.lora, c.parallel
+    if not (lora.enabled and c.model.num_moe_experts and {"linear_fc1", "linear_fc2"} & set(lora.targets)):
+        return
+    if lora.dropout:
+        raise InputError(f"lora.dropout={lora.dropout} cannot go on the experts (lora.targets has linear_fc1 or "
+                         "linear_fc2 and the model has experts): PEFT's expert adapters take no dropout, so the "
+                         "exported adapter could not be loaded. Set lora.dropout=0, or leave the experts out of "
+                         "lora.targets")
+    if p.expert_tensor_size not in (1, p.tensor_model_parallel_size):
+        raise InputError(f"parallel.expert_tensor_parallel_size={p.expert_tensor_size} with adapters on the experts "
+                         f"must be 1 or parallel.tensor_model_parallel_size ({p.tensor_model_parallel_size})")
 
 
 def check_context_parallel(c: Config) -> None:

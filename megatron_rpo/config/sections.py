@@ -615,7 +615,7 @@ class TrainConfig(_Section):
 
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 """The linears an adapter can go on (megatron's names): attention's fused q/k/v and its output, the
-MLP's fused gate/up and its down projection."""
+MLP's fused gate/up and its down projection (in a mixture-of-experts model every expert's)."""
 
 
 @dataclass
@@ -632,8 +632,8 @@ class LoRAConfig(_Section):
     """Dropout on an adapter's input (PEFT's ``lora_dropout``); off in evaluation and in the reference."""
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """The linears that get adapters, by megatron's names (see :data:`LORA_TARGETS`). In a
-    mixture-of-experts model only the attention's are adapted (not yet the MLP's: experts and
-    dense layers alike)."""
+    mixture-of-experts model ``linear_fc1`` and ``linear_fc2`` are every expert's (without dropout);
+    its dense MLP layers, if any, are not adapted."""
 
     def validate(self) -> None:
         self._positive("rank", "alpha")

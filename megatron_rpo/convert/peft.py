@@ -8,9 +8,15 @@ linears; Hugging Face's are separate, and ``(alpha / r) B A x`` splits by rows e
 * ``linear_qkv`` -> ``q_proj``, ``k_proj``, ``v_proj``: each gets ``A`` whole and its rows of ``B``
   (megatron's per-group ``[q k v]`` order, :func:`~megatron_rpo.convert.layout.split_qkv`);
 * ``linear_fc1`` -> ``gate_proj``, ``up_proj``: ``A`` whole, ``B``'s ``[gate; up]`` halves;
-* ``linear_proj`` -> ``o_proj`` and ``linear_fc2`` -> ``down_proj``: as they are.
+* ``linear_proj`` -> ``o_proj`` and ``linear_fc2`` -> ``down_proj``: as they are;
+* the experts' ``linear_fc1``/``linear_fc2`` -> the fused ``mlp.experts.gate_up_proj``/``down_proj``
+  parameters of transformers 5's mixture-of-experts models, which PEFT adapts through
+  ``target_parameters`` (one adapter per parameter, all its experts: ``lora_A`` their ``A`` stacked,
+  ``(experts x rank, in)``, ``lora_B`` their ``B`` interleaved, column ``j x experts + e`` being
+  expert ``e``'s ``j``-th; PEFT nests the wrappers in the module's order of the parameters, so
+  ``gate_up_proj``'s tensors sit under ``experts.base_layer`` when ``down_proj`` is adapted too).
 
-``target_modules`` is a pattern that matches the adapted modules only (never an expert's), so PEFT
+``target_modules`` is a pattern that matches the adapted modules only (never the experts), so PEFT
 creates no adapter we did not train.
 """
 
@@ -27,7 +33,7 @@ from megatron.core import parallel_state
 
 from megatron_rpo.config import LoRAConfig, ModelConfig
 from megatron_rpo.convert.files import ConvertedCheckpoint, save_tensors
-from megatron_rpo.convert.layout import ATTENTION_MAP, DENSE_MLP_MAP, SPLIT
+from megatron_rpo.convert.layout import ATTENTION_MAP, DENSE_MLP_MAP, SPLIT, is_expert
 from megatron_rpo.convert.load import canonical_name, is_adapter
 from megatron_rpo.convert.save import whole
 from megatron_rpo.publish import StagedDirectory
@@ -43,6 +49,8 @@ _LINEARS = {key.removesuffix(".weight"): ([n.removesuffix(".weight") for n in hf
             for key, (hf, transform) in {**ATTENTION_MAP, **DENSE_MLP_MAP}.items()
             if key.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight"))}
 """megatron's linear (relative to its layer) -> (Hugging Face modules, how its rows split)."""
+_EXPERT_PARAMETERS = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}
+"""An expert's linear -> the fused parameter of ``mlp.experts`` it is a slice of, in the module's order."""
 
 
 def _hf_tensors(name: str, a: torch.Tensor, b: torch.Tensor, model: ModelConfig) -> dict[str, torch.Tensor]:
@@ -56,6 +64,38 @@ def _hf_tensors(name: str, a: torch.Tensor, b: torch.Tensor, model: ModelConfig)
         out[f"{prefix}.lora_A.weight"] = a.clone()  # one copy per module (a file holds no shared tensors)
         out[f"{prefix}.lora_B.weight"] = b_part.contiguous()
     return out
+
+
+def _expert_tensors(layer: str, adapters: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]
+                    ) -> dict[str, torch.Tensor]:
+    """One layer's experts' adapters (linear -> expert -> whole ``A``, ``B``) -> PEFT's tensors."""
+    adapted = [linear for linear in _EXPERT_PARAMETERS if linear in adapters]
+    out = {}
+    for k, linear in enumerate(adapted):
+        experts = [adapters[linear][e] for e in sorted(adapters[linear])]
+        rows = experts[0][1].shape[0]
+        prefix = f"base_model.model.model.layers.{layer}.mlp.experts" + ".base_layer" * (len(adapted) - 1 - k)
+        out[f"{prefix}.lora_A.weight"] = torch.cat([a for a, _ in experts])
+        out[f"{prefix}.lora_B.weight"] = torch.stack([b for _, b in experts], dim=2).reshape(rows, -1).contiguous()
+    return out
+
+
+def _peft_tensors(every: dict[str, torch.Tensor], model: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every adapter of the model (whole, by megatron's global names) -> PEFT's tensors, and the
+    experts' fused parameters they adapt (PEFT's ``target_parameters``)."""
+    tensors, experts = {}, {}
+    for name in sorted({k.rsplit(".", 1)[0] for k in every}):
+        a, b = every[f"{name}.lora_A"], every[f"{name}.lora_B"]
+        if is_expert(name):  # decoder.layers.{i}.mlp.experts.local_experts.{e}.<linear>
+            parts = name.split(".")
+            experts.setdefault(parts[2], {}).setdefault(parts[-1], {})[int(parts[-2])] = (a, b)
+        else:
+            tensors.update(_hf_tensors(name, a, b, model))
+    fused = set()
+    for layer, adapters in experts.items():
+        tensors.update(_expert_tensors(layer, adapters))
+        fused.update(adapters)
+    return tensors, [f"mlp.experts.{_EXPERT_PARAMETERS[k]}" for k in _EXPERT_PARAMETERS if k in fused]
 
 
 @torch.no_grad()
@@ -79,29 +119,34 @@ def save_peft_adapter(model, output_dir: str, model_config: ModelConfig, lora: L
             if is_adapter(local):
                 name = canonical_name(chunk, local)
                 mine[name] = whole(param, name).float()
+    # the first data-parallel, first tensor-parallel rank of each stage sends its layers' adapters; the
+    # first expert-data-parallel, first expert-tensor-parallel rank its experts' (convert/save.py's rule)
     writer = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
+    expert_writer = (parallel_state.get_expert_data_parallel_rank() == 0
+                     and parallel_state.get_expert_tensor_parallel_rank() == 0)
+    mine = {k: v for k, v in mine.items() if (expert_writer if is_expert(k) else writer)}
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine if writer else {}, gathered, dst=0)
+    dist.gather_object(mine, gathered, dst=0)
     if dist.get_rank() == 0:
-        every = {k: v for part in gathered for k, v in part.items()}
-        tensors = {}
-        for name in sorted({k.rsplit(".", 1)[0] for k in every}):
-            tensors.update(_hf_tensors(name, every[f"{name}.lora_A"], every[f"{name}.lora_B"], model_config))
+        tensors, fused = _peft_tensors({k: v for part in gathered for k, v in part.items()}, model_config)
         modules = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in tensors})
-        kinds = sorted({m.rsplit(".", 1)[-1] for m in modules})
-        parents = sorted({m.split(".")[-2] for m in modules})
+        linears = [m for m in modules if not m.split(".base_layer")[0].endswith(".experts")]
+        layers = sorted({m.split(".mlp.experts")[0] for m in modules if m not in linears})
+        kinds = sorted({m.rsplit(".", 1)[-1] for m in linears})
+        parents = sorted({m.split(".")[-2] for m in linears})
         base = ConvertedCheckpoint(source).meta  # the base: its Hugging Face folder and its id
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
             "lora_dropout": lora.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
             "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-            # the adapted modules and no other (an expert's gate_proj is not one)
-            "target_modules": rf"model\.layers\.\d+\.({'|'.join(parents)})\.({'|'.join(kinds)})",
+            # the adapted linears and no other; the experts' fused parameters by name
+            "target_modules": rf"model\.layers\.\d+\.({'|'.join(parents)})\.({'|'.join(kinds)})" if linears else [],
+            "target_parameters": fused or None,
             "base_model_name_or_path": base.get("source"),
         }
-        ours = {"base_checkpoint": os.path.abspath(source), "adapted_modules": modules,
-                "base_checkpoint_id": base.get("checkpoint_id")}
-        assert all(re.fullmatch(config["target_modules"], m) for m in modules)
+        assert all(re.fullmatch(config["target_modules"], m) for m in linears)
+        ours = {"base_checkpoint": os.path.abspath(source), "base_checkpoint_id": base.get("checkpoint_id"),
+                "adapted_modules": linears + [f"{layer}.{p}" for layer in layers for p in fused]}
         if os.path.exists(output_dir):  # an export of this run that a resume finishes again
             shutil.rmtree(output_dir)
         with StagedDirectory(output_dir) as tmp:

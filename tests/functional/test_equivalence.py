@@ -55,7 +55,11 @@ FOUND = [draw(550384, lora=False), draw(733643, lora=False),
          # low-rank adapters resumed at another TP (B of the [gate; up] linear split as its weight)
          # and without VPP
          resumed(draw(2032, lora=True), 2, "parallel.tensor_model_parallel_size=1",
-                 "parallel.virtual_pipeline_model_parallel_size=null")]
+                 "parallel.virtual_pipeline_model_parallel_size=null"),
+         # adapters on the experts: split over ETP 2; at DP 4 x EP 2 (reduced over expert data
+         # parallelism, not DP); and at ETP 1 resumed at EP 1 (the experts' adapters sharded by expert)
+         draw(189, lora=True), draw(152, lora=True),
+         resumed(draw(821, lora=True), 2, "parallel.expert_model_parallel_size=1")]
 CASES = [recipe_case(r) for r in RECIPES] + RESUMED + FOUND + [draw(seed) for seed in SEEDS]
 
 

@@ -59,9 +59,13 @@ USED = [
     ("megatron.core.transformer.transformer_block", "get_num_layers_to_build", ("config", "vp_stage"),
      "models/provider.py"),
     ("megatron.core.tensor_parallel.mappings", "gather_from_sequence_parallel_region",
-     ("input_", "tensor_parallel_output_grad"), "models/lora.py: a column adapter's A x under SP"),
-    ("megatron.core.tensor_parallel.mappings", "reduce_scatter_to_sequence_parallel_region", ("input_",),
+     ("input_", "tensor_parallel_output_grad", "group"), "models/lora.py: a column adapter's A x under SP"),
+    ("megatron.core.tensor_parallel.mappings", "reduce_scatter_to_sequence_parallel_region", ("input_", "group"),
      "models/lora.py: a row adapter's A x under SP"),
+    ("megatron.core.tensor_parallel.mappings", "copy_to_tensor_model_parallel_region", ("input_", "group"),
+     "models/lora.py: a column adapter's A x; an expert adapter's ETP-whole side"),
+    ("megatron.core.tensor_parallel.mappings", "reduce_from_tensor_model_parallel_region", ("input_", "group"),
+     "models/lora.py: a row adapter's A x"),
     ("megatron.core.transformer.utils", "make_sharded_tensors_for_checkpoint",
      ("state_dict", "prefix", "tensor_parallel_layers_axis_map", "sharded_offsets", "tp_group", "dp_cp_group"),
      "models/lora.py: an adapted layer's sharded state"),
@@ -88,6 +92,10 @@ ATTRIBUTES = [
      "training/checkpointing.py: the step count of a resumed schedule"),
     ("megatron.core.dist_checkpointing.strategies.torch", "TorchDistSaveShardedStrategy", ("keep_only_main_replica",),
      "training/checkpointing.py: the in-process save"),
+    ("megatron.core.tensor_parallel", "ColumnParallelLinear", ("is_expert", "tp_group", "sequence_parallel"),
+     "models/lora.py: which group an adapter splits over, and whether the token dispatcher communicates"),
+    ("megatron.core.tensor_parallel", "RowParallelLinear", ("is_expert", "tp_group", "sequence_parallel"),
+     "models/lora.py: which group an adapter splits over, and whether the token dispatcher communicates"),
 ]
 
 

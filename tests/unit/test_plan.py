@@ -34,7 +34,7 @@ PARAMETER_CASES = {
     "moe_ep2": (MOE, {"expert_model_parallel_size": 2}),
     "moe_tp2_sp_etp1": (MOE, dict(TP2_SP, expert_tensor_parallel_size=1)),
 }
-LORA_CASES = {name: PARAMETER_CASES[name] for name in ("tp1", "tp2_sp", "pp2_tied", "moe_ep2")}
+LORA_CASES = {name: PARAMETER_CASES[name] for name in ("tp1", "tp2_sp", "pp2_tied", "moe_ep2", "moe_tp2_sp_etp1")}
 """Built with rank-4 adapters: their count against :func:`megatron_rpo.plan.stage_adapters`."""
 FULL = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 2}
 ACTIVATION_CASES = {
@@ -167,8 +167,10 @@ def _build_all(batch):
         parallel.initialize(config.parallel)
         try:
             module = model_provider(config)
+            trained = [(n, p.numel()) for n, p in module.named_parameters() if p.requires_grad]
             out["adapters", name] = {"stage": ps.get_pipeline_model_parallel_rank(),
-                                     "count": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+                                     "dense": sum(k for n, k in trained if ".experts." not in n),
+                                     "expert": sum(k for n, k in trained if ".experts." in n)}
         finally:
             ps.destroy_model_parallel()
     for name in ACTIVATION_CASES:
@@ -219,7 +221,8 @@ def test_adapter_count_equals_the_built_models(built, case):
     c = _lora(_config(*LORA_CASES[case]))
     for rank in built:
         got = rank["adapters", case]
-        assert stage_adapters(c, got["stage"]) == got["count"] > 0, (case, got["stage"])
+        assert stage_adapters(c, got["stage"]) == {"dense": got["dense"], "expert": got["expert"]}, (case, got["stage"])
+        assert got["dense"] > 0 and (got["expert"] > 0) == bool(c.model.num_moe_experts), (case, got)
 
 
 @pytest.mark.parametrize("case", list(ACTIVATION_CASES))

@@ -238,3 +238,22 @@ def test_adapters_are_off_unless_a_rank_is_given():
     lora = load_config(None, ["lora.rank=8", "lora.alpha=16"]).lora
     assert lora.enabled and lora.scale == 2.0 and lora.targets == ["linear_qkv", "linear_proj", "linear_fc1",
                                                                       "linear_fc2"]
+
+
+MOE_MODEL = ["model.num_moe_experts=4", "model.moe_ffn_hidden_size=64", "lora.rank=4"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["lora.dropout=0.1"], r"lora.dropout=0.1 cannot go on the experts .* Set lora.dropout=0, or leave the experts "
+                           r"out of lora.targets"),
+    (["parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true",
+      "parallel.expert_tensor_parallel_size=2"],
+     r"parallel.expert_tensor_parallel_size=2 with adapters on the experts must be 1 or "
+     r"parallel.tensor_model_parallel_size \(4\)"),
+])
+def test_adapters_on_experts_refuse_what_they_cannot_do(overrides, message):
+    with pytest.raises(InputError, match=message):
+        load_config(None, MOE_MODEL + overrides)
+    # without the experts among the targets, or on a dense model, the same settings are fine
+    load_config(None, MOE_MODEL + overrides + ["lora.targets=[linear_qkv,linear_proj]"])
+    load_config(None, [o for o in MOE_MODEL if "moe" not in o] + overrides)

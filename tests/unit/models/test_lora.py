@@ -3,6 +3,8 @@ adapter gradients at TP 2 (with and without SP), PP 2 and TP 2 x PP 2 as one pro
 layer against its float64 formula and against its merged weight; the base back, exactly, with the
 adapters switched off."""
 
+import json
+
 import pytest
 import torch
 
@@ -117,13 +119,14 @@ def test_adapters_off_give_the_base_and_merged_weights_give_the_adapters():
 PEFT_VOCAB = 100
 PEFT_SIZES = dict(vocab_size=PEFT_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
-# (family, TP, PP, EP, SP): the dense model at TP 1, TP 2 + SP and PP 2, a MoE at EP 2 (its attention
-# adapted, its experts not) and TP 2 + SP x EP 2
-PEFT_LAYOUTS = [("llama", 1, 1, 1, False), ("llama", 2, 1, 1, True), ("llama", 1, 2, 1, False),
-                ("qwen3_moe", 1, 1, 2, False), ("mixtral", 2, 1, 2, True)]
+# (family, TP, PP, EP, ETP, SP): the dense model at TP 1, TP 2 + SP and PP 2; the mixtures of experts
+# (attention and every expert adapted) at EP 2, TP 2 + SP x EP 2 (ETP 2: the experts split too) and
+# TP 2 + SP x EP 2 at ETP 1
+PEFT_LAYOUTS = [("llama", 1, 1, 1, None, False), ("llama", 2, 1, 1, None, True), ("llama", 1, 2, 1, None, False),
+                ("qwen3_moe", 1, 1, 2, None, False), ("mixtral", 2, 1, 2, None, True), ("qwen3_moe", 2, 1, 2, 1, True)]
 
 
-def _peft_run(ckpt, tp, pp, ep, sp, tokens, adapter_dir, merged_dir):
+def _peft_run(ckpt, tp, pp, ep, etp, sp, tokens, adapter_dir, merged_dir):
     """This layout's logits with adapters filled by name (B not 0), its PEFT folder and its merged export."""
     import zlib
 
@@ -141,7 +144,8 @@ def _peft_run(ckpt, tp, pp, ep, sp, tokens, adapter_dir, merged_dir):
     model_config = ConvertedCheckpoint(ckpt).model_config
     config = Config(model=model_config, lora=lora, data=DataConfig(max_prompt_length=16, max_length=32),
                     parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                            expert_model_parallel_size=ep, sequence_parallel=sp))
+                                            expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+                                            sequence_parallel=sp))
     parallel.initialize(config.parallel)
     try:
         model = model_provider(config)
@@ -179,17 +183,18 @@ def converted_families(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family,tp,pp,ep,sp", PEFT_LAYOUTS)
+@pytest.mark.parametrize("family,tp,pp,ep,etp,sp", PEFT_LAYOUTS)
 def test_the_exported_adapters_give_peft_our_logits_and_the_merged_export_too(converted_families, tmp_path,
-                                                                              family, tp, pp, ep, sp):
-    from peft import PeftModel
+                                                                              family, tp, pp, ep, etp, sp):
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from megatron_rpo.convert import convert_megatron_to_hf
 
     root = converted_families[family]
     tokens = torch.randint(0, PEFT_VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
-    ranks = run_ranks(_peft_run, tp * pp * ep, str(root / "megatron"), tp, pp, ep, sp, tokens,
+    ranks = run_ranks(_peft_run, tp * pp * ep, str(root / "megatron"), tp, pp, ep, etp, sp, tokens,
                       str(tmp_path / "adapter"), str(tmp_path / "merged"), timeout=600)
     ours = next(r for r in ranks if r is not None)
     with torch.no_grad():
@@ -197,6 +202,12 @@ def test_the_exported_adapters_give_peft_our_logits_and_the_merged_export_too(co
         plain = base(tokens).logits
         adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
         theirs = adapted(tokens).logits
+    # every tensor of the folder is one peft loaded (a name it did not know would be left at its init)
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    loaded = get_peft_model_state_dict(adapted)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    experts = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_parameters"]
+    assert experts == (["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if ep > 1 else None)
     assert (ours - plain).abs().max() > 1e-2  # the adapters act
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     convert_megatron_to_hf(str(tmp_path / "merged"), str(tmp_path / "merged_hf"), progress=False)
