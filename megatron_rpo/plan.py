@@ -63,8 +63,7 @@ def stage_parameters(m: ModelConfig, tp: int = 1, pp: int = 1, stage: int = 0, e
     """
     etp = tp if etp is None else etp
     h, d = m.hidden_size, m.head_dim
-    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    qkv = (heads + 2 * groups) * d
+    heads, qkv = m.num_attention_heads, m.qkv_width
     attention = h + qkv * h // tp + heads * d * h // tp + (qkv // tp if m.add_qkv_bias else 0) \
         + (2 * d if m.qk_layernorm else 0)
     dense_mlp = h + 3 * m.ffn_hidden_size * h // tp
@@ -100,14 +99,13 @@ def stage_adapters(c: Config, stage: int = 0) -> dict[str, int]:
         return {"dense": 0, "expert": 0}
     tp, r = p.tensor_model_parallel_size, lora.rank
     h, d = m.hidden_size, m.head_dim
-    qkv = (m.num_attention_heads + 2 * (m.num_query_groups or m.num_attention_heads)) * d
     width = m.moe_ffn_hidden_size or m.ffn_hidden_size
 
     def count(targets, shapes, split):  # shapes: target -> (in, out, column-parallel)
         return sum(r * i + r * o // split if column else r * i // split + r * o
                    for i, o, column in (shapes[t] for t in targets if t in shapes))
 
-    attention = {"linear_qkv": (h, qkv, True), "linear_proj": (m.num_attention_heads * d, h, False)}
+    attention = {"linear_qkv": (h, m.qkv_width, True), "linear_proj": (m.num_attention_heads * d, h, False)}
     mlp = {"linear_fc1": (h, 2 * m.ffn_hidden_size, True), "linear_fc2": (m.ffn_hidden_size, h, False)}
     experts = {"linear_fc1": (h, 2 * width, True), "linear_fc2": (width, h, False)}
     dense, expert = 0, 0
@@ -143,7 +141,7 @@ def layer_activation_bytes(m: ModelConfig, layer_is_moe: bool, tokens: int, tp: 
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     seq_split = tp if sp else 1  # what only sequence parallelism splits over TP
     norms = 2 * (2 if transformer_engine else 3) * h / seq_split
-    attention = ((heads + 2 * groups) * d + heads * d + groups * d + heads * d) / tp
+    attention = (m.qkv_width + heads * d + groups * d + heads * d) / tp
     if m.qk_layernorm:
         attention += (heads + groups) * d * (1 if transformer_engine else 2) / tp
     if cp > 1:

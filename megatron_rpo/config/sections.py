@@ -267,6 +267,12 @@ class ModelConfig(_Section):
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
+    def qkv_width(self) -> int:
+        """Output width of the fused q/k/v projection (``linear_qkv``): the query heads and each
+        group's key and value."""
+        return (self.num_attention_heads + 2 * (self.num_query_groups or self.num_attention_heads)) * self.head_dim
+
+    @property
     def moe_layers(self) -> list[int]:
         """Per layer, 1 where it is mixture-of-experts, 0 where dense (all 0 for a dense model)."""
         if self.num_moe_experts is None:
