@@ -56,9 +56,9 @@ FOUND = [draw(550384, lora=False), draw(733643, lora=False),
          # and without VPP
          resumed(draw(2032, lora=True), 2, "parallel.tensor_model_parallel_size=1",
                  "parallel.virtual_pipeline_model_parallel_size=null"),
-         # adapters on the experts: split over ETP 2; at DP 4 x EP 2 (reduced over expert data
-         # parallelism, not DP); and at ETP 1 resumed at EP 1 (the experts' adapters sharded by expert)
-         draw(189, lora=True), draw(152, lora=True),
+         # adapters on the experts: split over ETP 2, resumed at ETP 1; at DP 4 x EP 2 (reduced over
+         # expert data parallelism, not DP); and at ETP 1 resumed at EP 1 (sharded by expert)
+         resumed(draw(189, lora=True), 2, "parallel.expert_tensor_parallel_size=1"), draw(152, lora=True),
          resumed(draw(821, lora=True), 2, "parallel.expert_model_parallel_size=1")]
 CASES = [recipe_case(r) for r in RECIPES] + RESUMED + FOUND + [draw(seed) for seed in SEEDS]
 
