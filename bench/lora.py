@@ -9,6 +9,7 @@ plan's per-GPU figures, full vs LoRA, for the 8B and 70B recipes' models on 8 x 
 
     python bench/lora.py                  # a 12-layer, 1024-wide model; about 2 minutes on 2 cores
     python bench/lora.py --rank 64 --layers 4
+    python bench/lora.py --experts 8      # a mixture of 8 experts (top 2) per layer, every expert adapted
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def _run(rank: int | None, shape: dict, store: str, length: int, pairs: int, ste
 
 def measure(rank: int, shape: dict, length: int, pairs: int, steps: int) -> None:
     ctx = multiprocessing.get_context("spawn")
-    print(f"CPU, fp32, {shape['num_layers']} layers, hidden {shape['hidden_size']}, vocab {shape['vocab_size']}; RPO "
+    experts = (f", {shape['num_moe_experts']} experts (top {shape['moe_router_topk']}) of width "
+               f"{shape['moe_ffn_hidden_size']}" if shape.get("num_moe_experts") else "")
+    print(f"CPU, fp32, {shape['num_layers']} layers, hidden {shape['hidden_size']}{experts}, vocab "
+          f"{shape['vocab_size']}; RPO "
           f"(online reference) on one packed microbatch of {2 * pairs} sequences x {length} tokens, Adam; median of "
           f"{steps} steps; peak RSS from the model's build on")
     print(f"{'':>12}{'trainable':>14}{'ms/step':>10}{'peak MiB':>10}")
@@ -123,10 +127,15 @@ def main() -> None:
     p.add_argument("--length", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--pairs", type=int, default=2, help="pairs in the microbatch (default 2)")
     p.add_argument("--steps", type=int, default=3, help="measured steps (default 3)")
+    p.add_argument("--experts", type=int, default=None,
+                   help="a mixture of this many experts (top 2, each of width hidden / 2) in every layer")
     args = p.parse_args()
     warnings.simplefilter("ignore")
     shape = dict(TINY, num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=int(2.75 * args.hidden),
                  num_attention_heads=16, num_query_groups=4)
+    if args.experts:
+        shape.update(num_moe_experts=args.experts, moe_router_topk=2, moe_ffn_hidden_size=args.hidden // 2,
+                     moe_aux_loss_coeff=0.0)
     measure(args.rank, shape, args.length, args.pairs, args.steps)
     plans()
 
