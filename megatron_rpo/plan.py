@@ -101,9 +101,9 @@ def stage_adapters(c: Config, stage: int = 0) -> dict[str, int]:
     h, d = m.hidden_size, m.head_dim
     width = m.moe_ffn_hidden_size or m.ffn_hidden_size
 
-    def count(targets, shapes, split):  # shapes: target -> (in, out, column-parallel)
+    def count(shapes, split):  # shapes: linear -> (in, out, column-parallel); the targets among them
         return sum(r * i + r * o // split if column else r * i // split + r * o
-                   for i, o, column in (shapes[t] for t in targets if t in shapes))
+                   for i, o, column in (shapes[t] for t in lora.targets if t in shapes))
 
     attention = {"linear_qkv": (h, m.qkv_width, True), "linear_proj": (m.num_attention_heads * d, h, False)}
     mlp = {"linear_fc1": (h, 2 * m.ffn_hidden_size, True), "linear_fc2": (m.ffn_hidden_size, h, False)}
@@ -111,12 +111,11 @@ def stage_adapters(c: Config, stage: int = 0) -> dict[str, int]:
     dense, expert = 0, 0
     moe = m.moe_layers
     for layer in _stage_layers(m, p.pipeline_model_parallel_size, stage):
-        dense += count(lora.targets, attention, tp)
+        dense += count(attention, tp)
         if m.num_moe_experts is None:
-            dense += count(lora.targets, mlp, tp)
+            dense += count(mlp, tp)
         elif moe[layer]:
-            expert += m.num_moe_experts // p.expert_model_parallel_size * count(lora.targets, experts,
-                                                                                 p.expert_tensor_size)
+            expert += m.num_moe_experts // p.expert_model_parallel_size * count(experts, p.expert_tensor_size)
     return {"dense": dense, "expert": expert}
 
 

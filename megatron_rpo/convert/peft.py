@@ -29,13 +29,12 @@ import shutil
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_rpo.config import LoRAConfig, ModelConfig
 from megatron_rpo.convert.files import ConvertedCheckpoint, save_tensors
 from megatron_rpo.convert.layout import ATTENTION_MAP, DENSE_MLP_MAP, SPLIT, is_expert
 from megatron_rpo.convert.load import canonical_name, is_adapter
-from megatron_rpo.convert.save import whole
+from megatron_rpo.convert.save import whole, writes
 from megatron_rpo.publish import StagedDirectory
 
 __all__ = ["save_peft_adapter", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_RECORD"]
@@ -102,8 +101,9 @@ def _peft_tensors(every: dict[str, torch.Tensor], model: ModelConfig) -> tuple[d
 def save_peft_adapter(model, output_dir: str, model_config: ModelConfig, lora: LoRAConfig, source: str) -> None:
     """Write the adapters of ``model`` (this rank's chunks, unwrapped) as a PEFT folder at ``output_dir``.
 
-    Every rank must call it; the first data-parallel, first tensor-parallel rank of each pipeline
-    stage gathers its adapters, global rank 0 writes the folder (published whole).
+    Every rank must call it; the ranks that write a tensor in the merged export
+    (:func:`~megatron_rpo.convert.save.writes`) send their adapters, global rank 0 writes the folder
+    (published whole).
 
     Args:
         model: this rank's model chunks (a GPTModel or megatron's list of them), with adapters.
@@ -118,13 +118,9 @@ def save_peft_adapter(model, output_dir: str, model_config: ModelConfig, lora: L
         for local, param in chunk.named_parameters():
             if is_adapter(local):
                 name = canonical_name(chunk, local)
-                mine[name] = whole(param, name).float()
-    # the first data-parallel, first tensor-parallel rank of each stage sends its layers' adapters; the
-    # first expert-data-parallel, first expert-tensor-parallel rank its experts' (convert/save.py's rule)
-    writer = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
-    expert_writer = (parallel_state.get_expert_data_parallel_rank() == 0
-                     and parallel_state.get_expert_tensor_parallel_rank() == 0)
-    mine = {k: v for k, v in mine.items() if (expert_writer if is_expert(k) else writer)}
+                tensor = whole(param, name).float()  # every rank of its group takes part
+                if writes(name):  # one copy of each, from the ranks that write the merged export's
+                    mine[name] = tensor
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     if dist.get_rank() == 0:

@@ -25,7 +25,7 @@ from megatron_rpo.convert.files import MARKER, ConvertedCheckpoint, save_tensors
 from megatron_rpo.convert.layout import group_of, is_expert, weights_file
 from megatron_rpo.convert.load import VOCAB_TENSORS, canonical_name, is_adapter, tensor_split
 
-__all__ = ["save_converted", "whole"]
+__all__ = ["save_converted", "whole", "writes"]
 
 
 def whole(param: torch.Tensor, name: str) -> torch.Tensor:
@@ -44,6 +44,16 @@ def whole(param: torch.Tensor, name: str) -> torch.Tensor:
     return torch.cat([pieces[r][k] for k in range(stride) for r in range(size)], dim=dim)
 
 
+def writes(name: str) -> bool:
+    """Whether this rank writes the whole tensor ``name`` (after :func:`whole`): a layer's on the first
+    data-parallel, first tensor-parallel rank of its stage, an expert's on the first expert-data-parallel,
+    first expert-tensor-parallel rank of its expert-parallel rank."""
+    if is_expert(name):
+        return (parallel_state.get_expert_data_parallel_rank() == 0
+                and parallel_state.get_expert_tensor_parallel_rank() == 0)
+    return parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
 @torch.no_grad()
 def save_converted(model, output_dir: str, model_config: ModelConfig, source: str) -> None:
     """Write ``model`` (this rank's GPTModel, unwrapped) as a converted checkpoint at ``output_dir``.
@@ -56,9 +66,6 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
             tokenizer are copied, so the export converts back to Hugging Face.
     """
     tmp = f"{os.path.abspath(output_dir)}.tmp"
-    writer = (parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0)
-    expert_writer = (parallel_state.get_expert_data_parallel_rank() == 0
-                     and parallel_state.get_expert_tensor_parallel_rank() == 0)
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -71,13 +78,12 @@ def save_converted(model, output_dir: str, model_config: ModelConfig, source: st
                                 if not is_adapter(n)):  # merged into their weights
         name = canonical_name(chunk, local)
         tensor = whole(param, name)
-        expert = is_expert(name)
-        if not (expert_writer if expert else writer) or (tied and name == "output_layer.weight"):
+        if not writes(name) or (tied and name == "output_layer.weight"):
             continue
         if name in VOCAB_TENSORS:
             tensor = tensor[: model_config.vocab_size]  # drop the padding rows
         # Each expert-parallel rank holds other experts of the same layer: a file of its own.
-        group = f"{group_of(name)}_experts{ep_rank:04d}" if expert else group_of(name)
+        group = f"{group_of(name)}_experts{ep_rank:04d}" if is_expert(name) else group_of(name)
         files.setdefault(weights_file(group), {})[name] = tensor.contiguous()
         if len(files) > 1:  # one layer at a time in memory: flush the finished files
             for path in list(files)[:-1]:
